@@ -1,0 +1,47 @@
+"""surgery: composable interventions and probes on reasoning language models.
+
+    >>> import surgery                                                     # doctest: +SKIP
+    >>> model = surgery.load()               # SmolLM2-135M-Instruct, offline
+    >>> with surgery.trace(model, *blocks) as tr:
+    ...     out = tr.generate(prompts, max_new_tokens=64)
+    >>> out.texts, out.token_ids, out.lengths
+"""
+
+from surgery.blocks import Block, Intervention, Probe, block_class, register_block, registered_blocks
+from surgery.engine import GenerationOutput, encode_prompts, generate, run
+from surgery.loading import EMBEDDED_MODEL, load
+from surgery.model import Model, wrap
+from surgery.sites import Site
+from surgery.step import Step
+from surgery.trace import Trace, trace
+from surgery.triggers import Always, And, InThink, Not, OnText, OnTokens, Or, StepWindow, Trigger
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "Always",
+    "And",
+    "Block",
+    "GenerationOutput",
+    "InThink",
+    "Intervention",
+    "Model",
+    "Not",
+    "OnText",
+    "OnTokens",
+    "Or",
+    "Probe",
+    "Site",
+    "Step",
+    "StepWindow",
+    "Trace",
+    "Trigger",
+    "block_class",
+    "encode_prompts",
+    "generate",
+    "load",
+    "register_block",
+    "registered_blocks",
+    "run",
+    "trace",
+    "wrap",
+]

@@ -1,0 +1,156 @@
+"""The block protocols (interventions and probes) and the one registry of block names.
+
+A block is a small class with a frozen, JSON-serialisable config, registered by name. Inside a
+trace, at each site it declares, the block receives the site's tensor and the current
+:class:`~surgery.step.Step`:
+
+- an :class:`Intervention` returns the (possibly edited) tensor from ``edit(site, value, step)``;
+- a :class:`Probe` only looks, in ``observe(site, value, step)``, and returns what it found from
+  ``result()``.
+
+At one site, interventions run in the order they were added and probes see the value after all
+of them. ``value`` is ``[batch, pos, width]``; in the prefill the engine asks the head for the
+last position only, so at ``logits`` ``pos`` can be shorter than ``step.length``: use
+``step.tail(value.shape[1])`` to align (the trace already does this before calling a block).
+
+Example (a complete intervention):
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class ScaleConfig:
+    ...     site: str = "resid_post.0"
+    ...     factor: float = 1.0
+    >>> @register_block("doc_scale")
+    ... class Scale(Intervention):
+    ...     def __init__(self, site="resid_post.0", factor=1.0):
+    ...         self.config = ScaleConfig(site, factor)
+    ...     def sites(self):
+    ...         return (self.config.site,)
+    ...     def edit(self, site, value, step):
+    ...         return value * self.config.factor
+    >>> block_class("doc_scale") is Scale
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from surgery.step import Step
+
+__all__ = ["Block", "Intervention", "Probe", "block_class", "register_block", "registered_blocks"]
+
+_REGISTRY: dict[str, type[Block]] = {}
+
+
+def register_block(name: str):
+    """Class decorator: register a block class under ``name`` (unique, lower_snake_case)."""
+    if not name or not name.replace("_", "").isalnum() or name != name.lower():
+        raise ValueError(f"block names are lower_snake_case identifiers, got {name!r}")
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, (Intervention, Probe))):
+            raise TypeError(f"@register_block({name!r}) expects an Intervention or Probe subclass, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"block name {name!r} is already taken by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def block_class(name: str) -> type[Block]:
+    """The block class registered as ``name``; the error suggests the closest names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise KeyError(
+            f"no block is registered as {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY)) or 'none'} "
+            "(import interventions and probes to register theirs)"
+        ) from None
+
+
+def registered_blocks() -> dict[str, type[Block]]:
+    """A copy of the registry: name -> class."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+class Block:
+    """What every block has: a registry name, a frozen config, the sites it hooks.
+
+    Subclasses set ``self.config`` (a frozen dataclass of JSON-serialisable fields) in
+    ``__init__`` and override :meth:`sites`; :meth:`bind` checks the block against a model before
+    any hook is installed, so a mismatch leaves the model untouched; :meth:`reset` clears
+    per-run state at the start of every ``generate`` or ``run``.
+    """
+
+    name: ClassVar[str] = ""
+    config: Any
+
+    def sites(self) -> tuple[str, ...]:
+        """The sites this block hooks, as written by the user (negative block indices allowed)."""
+        raise NotImplementedError
+
+    def bind(self, model) -> None:
+        """Validate against ``model`` and precompute (raise ValueError with a fix on mismatch)."""
+
+    def reset(self, batch_size: int) -> None:
+        """Start of a ``generate``/``run`` over ``batch_size`` rows: clear per-run state."""
+
+    def text_patterns(self) -> tuple[str, ...]:
+        """Strings the engine must follow for this block's triggers (found in its config)."""
+        patterns: tuple[str, ...] = ()
+        for f in dataclasses.fields(self.config) if dataclasses.is_dataclass(self.config) else ():
+            value = getattr(self.config, f.name)
+            if hasattr(value, "text_patterns"):
+                patterns += value.text_patterns()
+        return patterns
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Tensor state saved beside the config (e.g. a steering vector); none by default."""
+        return {}
+
+    def to_dict(self) -> dict:
+        """``{"block": name, "config": {...}}``, JSON-serialisable."""
+        config = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
+        return {"block": self.name, "config": _jsonable(config)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def _jsonable(value):
+    if hasattr(value, "to_dict"):
+        return _jsonable(value.to_dict())
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Intervention(Block):
+    """A block that may change the tensor at its sites."""
+
+    def edit(self, site: str, value: Tensor, step: Step) -> Tensor:
+        """Return the value at ``site`` for this step (the same tensor when nothing fires)."""
+        raise NotImplementedError
+
+
+class Probe(Block):
+    """A block that only observes; it must never change the model's output."""
+
+    def observe(self, site: str, value: Tensor, step: Step) -> None:
+        raise NotImplementedError
+
+    def result(self) -> Any:
+        """What the probe found in the last run."""
+        raise NotImplementedError

@@ -1,0 +1,226 @@
+"""Fused ops on hidden states, with a torch reference and optional Triton kernels.
+
+Each op has a plain torch version in :mod:`surgery.kernels.reference` (the specification and the
+CPU path) and may have a Triton kernel. The functions exported here check their inputs and pick
+a backend: Triton for CUDA tensors when triton is installed, torch otherwise. The environment
+variable ``SURGERY_KERNELS`` overrides the choice: ``torch`` always uses torch, ``triton`` always
+uses Triton, and ``auto`` (or unset / empty) picks as above.
+
+The Triton modules import triton at top level, so they are only imported here, lazily, once
+triton is known to be available.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import numbers
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["kernel_backend", "masked_add", "triton_available"]
+
+_ENV_VAR = "SURGERY_KERNELS"
+_ALLOWED_ENV_VALUES = ("", "auto", "torch", "triton")
+_BACKENDS = ("torch", "triton")
+# Storage dtypes the Triton kernels handle; kept here so that choosing a backend does not need
+# to import triton. Must agree with surgery.kernels.triton_masked_add.SUPPORTED_DTYPES.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported. The answer is computed once and cached.
+
+    Returns:
+        True if ``import triton`` succeeds, else False.
+
+    Example:
+        >>> isinstance(triton_available(), bool)
+        True
+    """
+    try:
+        import triton  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def _env_choice() -> str:
+    value = os.environ.get(_ENV_VAR, "")
+    if value not in _ALLOWED_ENV_VALUES:
+        allowed = ", ".join(repr(v) for v in _ALLOWED_ENV_VALUES)
+        raise ValueError(
+            f"{_ENV_VAR}={value!r} is not a valid value; allowed values are {allowed} "
+            f"('' and 'auto' pick Triton for CUDA tensors when triton is installed). "
+            f"Fix the variable or unset it."
+        )
+    return value
+
+
+def _require_triton() -> None:
+    if not triton_available():
+        raise RuntimeError(
+            "the Triton backend was requested but triton cannot be imported; install it "
+            f"(pip install triton), use backend='torch', or set {_ENV_VAR}=torch or auto"
+        )
+
+
+def kernel_backend(tensor: Tensor) -> str:
+    """Name the backend that the ops here use for ``tensor``.
+
+    ``SURGERY_KERNELS`` is read at each call. ``torch`` forces torch and ``triton`` forces
+    Triton. Otherwise (unset, ``""`` or ``auto``) the answer is ``"torch"`` when triton is not
+    installed, when ``tensor`` is not on a CUDA device, or when its dtype has no Triton kernel
+    (only float16, bfloat16 and float32 do), and ``"triton"`` otherwise.
+
+    Args:
+        tensor: The tensor the op will run on (for ``masked_add``, ``hidden``).
+
+    Returns:
+        ``"torch"`` or ``"triton"``.
+
+    Raises:
+        ValueError: ``SURGERY_KERNELS`` has a value other than ``""``, ``"auto"``, ``"torch"``
+            or ``"triton"``.
+        RuntimeError: ``SURGERY_KERNELS=triton`` but triton is not installed.
+
+    Example:
+        >>> import torch
+        >>> kernel_backend(torch.zeros(2, 3))  # a CPU tensor
+        'torch'
+    """
+    choice = _env_choice()
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        _require_triton()
+        return "triton"
+    if not triton_available() or not tensor.is_cuda or tensor.dtype not in _TRITON_DTYPES:
+        return "torch"
+    return "triton"
+
+
+def _check_masked_add_inputs(hidden: Tensor, mask: Tensor, vector: Tensor, alpha: float) -> None:
+    for name, value in (("hidden", hidden), ("mask", mask), ("vector", vector)):
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"masked_add: {name} must be a torch.Tensor, got {type(value).__name__}"
+            )
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(
+            f"masked_add: alpha must be a Python number, got {type(alpha).__name__}; "
+            "for a 0-d tensor pass alpha.item()"
+        )
+    if hidden.ndim != 3:
+        hint = " Add a batch dimension with hidden.unsqueeze(0)." if hidden.ndim == 2 else ""
+        raise ValueError(
+            f"masked_add: hidden must be 3-D [batch, pos, d_model], got shape "
+            f"{tuple(hidden.shape)}.{hint}"
+        )
+    if not hidden.is_floating_point():
+        raise ValueError(
+            f"masked_add: hidden must have a floating dtype, got {hidden.dtype}; "
+            "convert it with hidden.float() (or .to(torch.bfloat16) etc.)"
+        )
+    batch, pos, d_model = hidden.shape
+    if mask.dtype != torch.bool:
+        raise ValueError(
+            f"masked_add: mask must have dtype torch.bool, got {mask.dtype}; convert it with "
+            "mask.bool() (e.g. an attention mask of 0/1 integers), or build it with a comparison "
+            "such as token_ids == token_id"
+        )
+    if tuple(mask.shape) != (batch, pos):
+        raise ValueError(
+            f"masked_add: mask shape {tuple(mask.shape)} does not match hidden's first two dims "
+            f"[batch, pos] = {(batch, pos)}; the mask needs one entry per (batch, position) of "
+            f"hidden (hidden is {tuple(hidden.shape)})"
+        )
+    if vector.ndim != 1:
+        hint = ""
+        if vector.numel() == d_model:
+            hint = " Remove the extra dims with vector.reshape(-1)."
+        raise ValueError(
+            f"masked_add: vector must be 1-D [d_model], got shape {tuple(vector.shape)}.{hint}"
+        )
+    if vector.shape[0] != d_model:
+        raise ValueError(
+            f"masked_add: vector width {vector.shape[0]} does not match hidden's last dim "
+            f"d_model={d_model}; the vector must live in the same residual stream as hidden "
+            "(same model, same hidden size)"
+        )
+    for name, value in (("mask", mask), ("vector", vector)):
+        if value.device != hidden.device:
+            raise ValueError(
+                f"masked_add: {name} is on {value.device} but hidden is on {hidden.device}; "
+                f"move it with {name}.to(hidden.device)"
+            )
+    if vector.dtype != hidden.dtype:
+        raise ValueError(
+            f"masked_add: vector dtype {vector.dtype} does not match hidden dtype {hidden.dtype}; "
+            "cast it with vector.to(hidden.dtype)"
+        )
+
+
+def masked_add(
+    hidden: Tensor,
+    mask: Tensor,
+    vector: Tensor,
+    alpha: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Add ``alpha * vector`` to ``hidden`` at the positions where ``mask`` is True.
+
+    Checks the inputs, then runs :func:`surgery.kernels.reference.masked_add` (torch) or the
+    Triton kernel. Masked positions hold ``hidden + (alpha * vector)``, with ``alpha * vector``
+    rounded to ``hidden``'s dtype first; other positions are copied bit for bit. ``hidden`` is
+    not modified: the result is a new tensor.
+
+    Args:
+        hidden: Hidden states ``[batch, pos, d_model]`` with a floating dtype.
+        mask: Boolean ``[batch, pos]`` on ``hidden``'s device; True where to add.
+        vector: ``[d_model]`` with ``hidden``'s dtype and device.
+        alpha: Scale applied to ``vector`` (a Python number).
+        backend: ``"torch"``, ``"triton"``, or None to let :func:`kernel_backend` choose.
+            ``"triton"`` also accepts CPU tensors when triton runs in its interpreter
+            (``TRITON_INTERPRET=1`` set before triton is imported), which is how tests run it.
+
+    Returns:
+        A new tensor shaped like ``hidden``, same dtype and device.
+
+    Raises:
+        ValueError: Shapes, dtypes or devices do not fit (the message says what was expected
+            and how to fix it), an unknown ``backend``, or a dtype the Triton kernel lacks.
+        TypeError: An argument is not a tensor, or ``alpha`` is not a number.
+        RuntimeError: The Triton backend was requested but triton is not installed.
+
+    Example:
+        >>> import torch
+        >>> hidden = torch.zeros(2, 2, 3)
+        >>> mask = torch.tensor([[True, False], [False, True]])
+        >>> out = masked_add(hidden, mask, torch.ones(3), alpha=0.5)
+        >>> out[:, :, 0]
+        tensor([[0.5000, 0.0000],
+                [0.0000, 0.5000]])
+    """
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"masked_add: backend must be 'torch', 'triton' or None, got {backend!r}")
+    _check_masked_add_inputs(hidden, mask, vector, alpha)
+    alpha = float(alpha)
+    chosen = kernel_backend(hidden) if backend is None else backend
+    if chosen == "torch":
+        return reference.masked_add(hidden, mask, vector, alpha)
+    _require_triton()
+    if hidden.dtype not in _TRITON_DTYPES:
+        raise ValueError(
+            f"masked_add: the Triton kernel has no {hidden.dtype} version (it supports "
+            f"{', '.join(str(d) for d in _TRITON_DTYPES)}); use backend='torch' or "
+            f"{_ENV_VAR}=auto"
+        )
+    launcher = importlib.import_module(f"{__name__}.triton_masked_add").masked_add_triton
+    return launcher(hidden, mask, vector, alpha)

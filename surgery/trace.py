@@ -1,0 +1,158 @@
+"""The Trace: attach blocks to a model for the length of a ``with`` block.
+
+Entering a trace checks every block against the model, then installs one hook per site used;
+leaving it removes every hook, also when the body raises, so the model afterwards computes
+exactly what it computed before. Blocks act only inside ``tr.generate`` and ``tr.run``: a
+forward pass the user makes on ``model.module`` directly inside the ``with`` block passes
+through the hooks untouched (there is no :class:`~surgery.step.Step` to decide triggers).
+
+At one site, interventions run in the order they were added and probes then see the value
+after all of them. One trace at a time per model: a second, nested one is refused (add all the
+blocks to one trace instead).
+
+Example:
+    >>> import surgery, torch
+    >>> from interventions import ResidualAdd
+    >>> from surgery.triggers import OnTokens
+    >>> model = surgery.load()                                                  # doctest: +SKIP
+    >>> add = ResidualAdd(torch.zeros(model.d_model), site="resid_pre.10", when=OnTokens("\\n\\n"))
+    >>> with surgery.trace(model, add) as tr:                                   # doctest: +SKIP
+    ...     out = tr.generate(["What is 7 * 8?"], max_new_tokens=32, chat=True)
+    >>> add.fired()                                                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from surgery import engine
+from surgery.blocks import Block, Intervention, Probe
+from surgery.model import Model
+from surgery.sites import Site, hook_site
+from surgery.step import Step
+
+__all__ = ["Trace", "trace"]
+
+
+class Trace:
+    """A context in which blocks are attached to a model; see the module docstring."""
+
+    def __init__(self, model, blocks=()):
+        if not isinstance(model, Model):
+            raise TypeError(
+                f"surgery.trace expects a surgery Model, got {type(model).__name__}: "
+                "use surgery.load(...) or surgery.wrap(hf_model, tokenizer) first"
+            )
+        self.model = model
+        self.blocks: list[Block] = []
+        self._pending = list(blocks)
+        self._routes: dict[str, tuple[list[Intervention], list[Probe]]] = {}
+        self._handles = []
+        self._step: Step | None = None
+        self._active = False
+
+    # ---- context -----------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        active = self.model._active_trace
+        if active is not None:
+            raise RuntimeError(
+                f"a trace is already active on {self.model.name}: traces do not nest. "
+                "Add all blocks to one trace (surgery.trace(model, a, b) or tr.add(block))."
+            )
+        self.model._active_trace = self
+        self._active = True
+        try:
+            self._attach(self._pending)
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._detach()
+        return False
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._routes.clear()
+        self._step = None
+        self._active = False
+        if self.model._active_trace is self:
+            self.model._active_trace = None
+
+    # ---- blocks ------------------------------------------------------------------------------
+    def add(self, block):
+        """Attach one more block; returns it (handy for probes: ``mi = tr.add(Probe(...))``)."""
+        if not self._active:
+            raise RuntimeError("tr.add(block) works inside the `with surgery.trace(...) as tr:` block")
+        self._attach([block])
+        return block
+
+    def _attach(self, blocks) -> None:
+        # Check every block before installing anything: a bad block leaves the model untouched.
+        plans = []
+        for block in blocks:
+            if not isinstance(block, (Intervention, Probe)):
+                raise TypeError(f"trace blocks are Interventions or Probes, got {type(block).__name__}")
+            if any(block is b for b in self.blocks) or any(block is b for b, _ in plans):
+                raise ValueError(f"{block!r} is already attached to this trace")
+            sites = [str(self.model.resolve_site(s)) for s in block.sites()]
+            block.bind(self.model)
+            plans.append((block, sites))
+        for block, sites in plans:
+            for site in dict.fromkeys(sites):
+                if site not in self._routes:
+                    self._routes[site] = ([], [])
+                    module, kind = self.model.architecture.module_for(self.model.module, Site.parse(site))
+                    self._handles.append(hook_site(module, kind, self._router(site)))
+                interventions, probes = self._routes[site]
+                (interventions if isinstance(block, Intervention) else probes).append(block)
+            self.blocks.append(block)
+
+    def _router(self, site: str):
+        def route(value: Tensor) -> Tensor:
+            step = self._step
+            if step is None:
+                return value
+            step = step.tail(value.shape[1])
+            interventions, probes = self._routes[site]
+            for block in interventions:
+                value = block.edit(site, value, step)
+            for probe in probes:
+                probe.observe(site, value, step)
+            return value
+
+        return route
+
+    def _on_step(self, step: Step | None) -> None:
+        if step is not None and step.is_prefill:
+            for block in self.blocks:
+                block.reset(step.batch_size)
+        self._step = step
+
+    # ---- running -----------------------------------------------------------------------------
+    def _require_active(self) -> None:
+        if not self._active:
+            raise RuntimeError("use tr.generate / tr.run inside the `with surgery.trace(...) as tr:` block")
+
+    def generate(self, prompts, max_new_tokens: int = 64, **options) -> engine.GenerationOutput:
+        """Generate with every attached block active; options as :func:`surgery.generate`."""
+        self._require_active()
+        return engine.generate(
+            self.model, prompts, max_new_tokens, on_step=self._on_step, text_patterns=self._text_patterns(), **options
+        )
+
+    def run(self, prompts, *, chat: bool = False) -> Tensor:
+        """One forward pass with every attached block active: logits ``[batch, pos, vocab]``."""
+        self._require_active()
+        return engine.run(self.model, prompts, chat=chat, on_step=self._on_step, text_patterns=self._text_patterns())
+
+    def _text_patterns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for block in self.blocks for p in block.text_patterns()))
+
+
+def trace(model, *blocks) -> Trace:
+    """Open a trace on ``model`` with ``blocks`` attached: ``with surgery.trace(model, b) as tr:``."""
+    return Trace(model, blocks)

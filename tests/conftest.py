@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny random Llama/Qwen2 models with a tokenizer built here, and SmolLM2."""
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported: set it before anything imports it, so
+# the Triton kernels run in the interpreter on CPU tensors when there is no GPU (that is how CI
+# checks them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import surgery  # noqa: E402
+
+# Qwen2's pre-tokenizer pattern: punctuation keeps the newlines that follow it, so ".\n\n" can be
+# one token, as in the R1-Distill models.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+CORPUS = [
+    "Tom has 3 apples.\n\nHe buys 5 more, so 3 + 5 = 8.\n\nWait, let me check: 3 + 5 = 8.\n\nSo the answer is 8.",
+    "Let me think.\n\nFirst, 7 * 8 = 56.\n\n\nWait, is that right? Yes.\n\nTherefore 56.",
+    "Hmm, the train goes 60 miles in 2 hours.\n\nSo the speed is 30.\n\nAlternatively, 60 / 2 = 30.\n\nWait.",
+    "Okay: 12 - 4 = 8.\n\nThen 8 * 2 = 16.\n\nSo 16.\n\nWait, check again. 16 is right.\n\n",
+    "Now add them\n\n\nThen the total is 20\n\nSo 20",
+]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here on a few reasoning snippets (~400 entries)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+def _tiny_config(kind: str, vocab_size: int):
+    common = dict(vocab_size=vocab_size, max_position_embeddings=128, initializer_range=0.2)
+    if kind == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=None, **common)
+    if kind == "qwen2":
+        return Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=None,
+                           tie_word_embeddings=False, **common)
+    if kind == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=vocab_size,
+                          pad_token_id=0, eos_token_id=2, bos_token_id=None, initializer_range=0.2)
+    raise ValueError(kind)
+
+
+_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel}
+# Random weights rarely emit a separator; scaling the unembedding rows of the "\n\n" tokens makes
+# them come up in roughly a third (Llama) or a sixth (Qwen2) of the generated tokens, so
+# triggers get exercised in decode steps as well as in the prefill.
+_SEPARATOR_BOOST = {"llama": 2.0, "qwen2": 2.5, "gpt2": 1.0}
+
+
+def tiny_model(kind: str, tokenizer, seed: int = 0) -> surgery.Model:
+    """A randomly initialised tiny model of one architecture, wrapped (float32, CPU, eval)."""
+    torch.manual_seed(seed)
+    module = _CLASSES[kind](_tiny_config(kind, len(tokenizer)))
+    module.generation_config.pad_token_id = 0
+    model = surgery.wrap(module, tokenizer, name=f"tiny-{kind}")
+    with torch.no_grad():
+        module.get_output_embeddings().weight[model.vocabulary_mask(("\n\n",))] *= _SEPARATOR_BOOST[kind]
+    return model
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny(request, tokenizer) -> surgery.Model:
+    """Each tiny reasoning-model architecture in turn (Llama, Qwen2)."""
+    return tiny_model(request.param, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer) -> surgery.Model:
+    return tiny_model("llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> surgery.Model:
+    """The embedded default model (slow tests only)."""
+    return surgery.load()
+
+
+PROMPTS = [
+    "Tom has 3 apples.",
+    "Let me think.\n\nFirst, 7 * 8 = 56.",
+    "Wait",
+    "Hmm, the train goes 60 miles in 2 hours.\n\nSo the speed is",
+]

