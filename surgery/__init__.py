@@ -17,10 +17,10 @@ from surgery.trace import Trace, trace
 from surgery.triggers import Always, And, InThink, Not, OnText, OnTokens, Or, StepWindow, Trigger
 
 __all__ = [
-    "EMBEDDED_MODEL",
     "Always",
     "And",
     "Block",
+    "EMBEDDED_MODEL",
     "GenerationOutput",
     "InThink",
     "Intervention",

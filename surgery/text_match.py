@@ -58,6 +58,9 @@ class TextMatcher:
         hit = torch.zeros(n_states, vocabulary, dtype=torch.bool)
         alphabet = set(pattern)
         for token, text in enumerate(texts):
+            if not text:
+                next_state[:, token] = torch.arange(n_states)  # reading nothing changes nothing
+                continue
             if alphabet.isdisjoint(text):
                 continue  # a character outside the pattern sends every state back to 0
             for start in range(n_states):

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama/Qwen2 models with a tokenizer built here, and SmolLM2."""
 
 import os
+import re
 
 import torch
 
@@ -125,3 +126,15 @@ PROMPTS = [
     "Wait",
     "Hmm, the train goes 60 miles in 2 hours.\n\nSo the speed is",
 ]
+
+
+def occurrences_ending_at_each_token(texts, tokens, pattern):
+    """Reference for text triggers: does an occurrence of ``pattern`` end in each token?
+
+    Counts overlapping occurrences in the text up to each token and looks at the difference.
+    """
+    counts, text = [], ""
+    for token in tokens:
+        text += texts[token]
+        counts.append(len(re.findall(f"(?={re.escape(pattern)})", text)))
+    return [(c - p) > 0 for p, c in zip([0] + counts[:-1], counts)]

@@ -10,8 +10,10 @@ from probes import RecordSite
 from surgery.blocks import Intervention
 
 
-def hook_count(module):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+def all_hooks(module):
+    """Every forward (pre-)hook on the module tree. transformers installs a few of its own the
+    first time hidden states are requested, so tests compare with the set before the trace."""
+    return {(id(m), key) for m in module.modules() for key in [*m._forward_hooks, *m._forward_pre_hooks]}
 
 
 def logits_of(model):
@@ -35,23 +37,23 @@ class Scale(Intervention):
 
 
 def test_model_is_bit_identical_after_a_trace(tiny):
-    before = logits_of(tiny)
+    before, hooks = logits_of(tiny), all_hooks(tiny.module)
     add = ResidualAdd(torch.ones(tiny.d_model), site="resid_pre.1", alpha=3.0)
     with surgery.trace(tiny, add, RecordSite("mlp_out.0")) as tr:
         steered = tr.generate(PROMPTS, 8)
-        assert hook_count(tiny.module) == 2
-    assert hook_count(tiny.module) == 0 and tiny._active_trace is None
+        assert len(all_hooks(tiny.module) - hooks) == 2
+    assert all_hooks(tiny.module) == hooks and tiny._active_trace is None
     assert torch.equal(logits_of(tiny), before)
     assert steered.token_ids != surgery.generate(tiny, PROMPTS, 8).token_ids
 
 
 def test_hooks_come_off_when_the_body_raises(tiny_llama):
-    before = logits_of(tiny_llama)
+    before, hooks = logits_of(tiny_llama), all_hooks(tiny_llama.module)
     with pytest.raises(KeyboardInterrupt):
         with surgery.trace(tiny_llama, ResidualAdd(torch.ones(64), site="resid_post.-1")) as tr:
             tr.generate(PROMPTS, 4)
             raise KeyboardInterrupt
-    assert hook_count(tiny_llama.module) == 0 and tiny_llama._active_trace is None
+    assert all_hooks(tiny_llama.module) == hooks and tiny_llama._active_trace is None
     assert torch.equal(logits_of(tiny_llama), before)
 
 
@@ -62,10 +64,11 @@ def test_hooks_come_off_when_a_block_raises_mid_generation(tiny_llama):
                 raise RuntimeError("boom")
             return value
 
+    hooks = all_hooks(tiny_llama.module)
     with pytest.raises(RuntimeError, match="boom"):
         with surgery.trace(tiny_llama, Boom("resid_pre.0", 1.0, [])) as tr:
             tr.generate(PROMPTS, 6)
-    assert hook_count(tiny_llama.module) == 0
+    assert all_hooks(tiny_llama.module) == hooks
 
 
 def test_nothing_attached_equals_plain_generation(tiny):
@@ -91,24 +94,26 @@ def test_interventions_run_in_order_and_probes_see_their_result(tiny_llama):
 
 
 def test_traces_do_not_nest(tiny_llama):
+    hooks = all_hooks(tiny_llama.module)
     with surgery.trace(tiny_llama):
         with pytest.raises(RuntimeError, match="traces do not nest"):
             with surgery.trace(tiny_llama):
                 pass
-    assert hook_count(tiny_llama.module) == 0 and tiny_llama._active_trace is None
+    assert all_hooks(tiny_llama.module) == hooks and tiny_llama._active_trace is None
 
 
 def test_a_bad_block_leaves_the_model_untouched(tiny_llama):
+    hooks = all_hooks(tiny_llama.module)
     good = ResidualAdd(torch.ones(64), site="resid_pre.0")
     bad = ResidualAdd(torch.ones(65), site="resid_pre.1")
     with pytest.raises(ValueError, match="width 65"):
         with surgery.trace(tiny_llama, good, bad):
             pass
-    assert hook_count(tiny_llama.module) == 0 and tiny_llama._active_trace is None
+    assert all_hooks(tiny_llama.module) == hooks and tiny_llama._active_trace is None
     with surgery.trace(tiny_llama, good) as tr:
         with pytest.raises(ValueError, match="out of range"):
             tr.add(ResidualAdd(torch.ones(64), site="resid_pre.4"))
-        assert hook_count(tiny_llama.module) == 1
+        assert len(all_hooks(tiny_llama.module) - hooks) == 1
         with pytest.raises(ValueError, match="already attached"):
             tr.add(good)
         with pytest.raises(TypeError, match="Interventions or Probes"):
