@@ -47,3 +47,11 @@ def test_wrap_names_the_way_for_transformer_lens_and_nnsight(tokenizer):
     assert lm._module is tiny_llama.module
     with pytest.raises(NotImplementedError, match="lm._module"):
         surgery.wrap(lm)
+
+
+def test_the_test_tokenizer_has_the_reasoning_tokens(tokenizer):
+    vocabulary = tokenizer.get_vocab()
+    for token in ("ĊĊ", "<think>", "</think>", "Wait"):  # "ĊĊ" is "\n\n" in byte-level BPE
+        assert token in vocabulary
+    assert tokenizer.decode([vocabulary["ĊĊ"]]) == "\n\n"
+    assert tokenizer.tokenize("<think>\nWait") == ["<think>", "Ċ", "Wait"]
