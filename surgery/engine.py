@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from surgery.model import Model
 from surgery.step import Step
@@ -223,8 +224,6 @@ def generate(
     # How often the loop asks the device whether every row is done: each ask is a host sync.
     check_every = 1 if device.type == "cpu" else 8
 
-    from transformers import DynamicCache
-
     options = _forward_options(module)
     cache = DynamicCache(config=module.config)
     matchers = {text: model.text_matcher(text) for text in dict.fromkeys(text_patterns)}
@@ -248,6 +247,8 @@ def generate(
             for k in range(max_new_tokens):
                 logits = output.logits[:, -1].to(dtype=torch.float32, copy=True)
                 if k == 0:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # once, so the prefill time is real
                     prefill_s = time.perf_counter() - start
                 chosen = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(dim=-1)
                 chosen = torch.where(finished, pad, chosen)

@@ -40,7 +40,8 @@ class Trigger:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        Trigger._kinds[cls.kind] = cls
+        if not cls.kind.startswith("_"):  # abstract helpers are not serialisable kinds
+            Trigger._kinds[cls.kind] = cls
 
     def bind(self, model) -> Trigger:
         """Precompute what the rule needs from ``model`` (vocabulary masks). Returns self."""
@@ -221,36 +222,37 @@ class StepWindow(Trigger):
 
 
 @dataclass(frozen=True)
-class And(Trigger):
-    kind: ClassVar[str] = "and"
+class _Pair(Trigger):
+    """Two triggers combined; subclasses say how."""
+
+    kind: ClassVar[str] = "_pair"
     left: Trigger
     right: Trigger
 
-    def bind(self, model) -> And:
+    def bind(self, model) -> _Pair:
         self.left.bind(model)
         self.right.bind(model)
         return self
 
     def text_patterns(self) -> tuple[str, ...]:
         return self.left.text_patterns() + self.right.text_patterns()
+
+
+@dataclass(frozen=True)
+class And(_Pair):
+    """Fires where both fire (``a & b``)."""
+
+    kind: ClassVar[str] = "and"
 
     def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
         return self.left.mask(step) & self.right.mask(step)
 
 
 @dataclass(frozen=True)
-class Or(Trigger):
+class Or(_Pair):
+    """Fires where either fires (``a | b``)."""
+
     kind: ClassVar[str] = "or"
-    left: Trigger
-    right: Trigger
-
-    def bind(self, model) -> Or:
-        self.left.bind(model)
-        self.right.bind(model)
-        return self
-
-    def text_patterns(self) -> tuple[str, ...]:
-        return self.left.text_patterns() + self.right.text_patterns()
 
     def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
         return self.left.mask(step) | self.right.mask(step)
@@ -258,6 +260,8 @@ class Or(Trigger):
 
 @dataclass(frozen=True)
 class Not(Trigger):
+    """Fires where the inner trigger does not (``~a``); still only at valid positions."""
+
     kind: ClassVar[str] = "not"
     inner: Trigger
 
