@@ -1,10 +1,12 @@
 """surgery: composable interventions and probes on reasoning language models.
 
-    >>> import surgery                                                     # doctest: +SKIP
-    >>> model = surgery.load()               # SmolLM2-135M-Instruct, offline
-    >>> with surgery.trace(model, *blocks) as tr:
-    ...     out = tr.generate(prompts, max_new_tokens=64)
-    >>> out.texts, out.token_ids, out.lengths
+Example::
+
+    import surgery
+    model = surgery.load()                   # SmolLM2-135M-Instruct, offline
+    with surgery.trace(model, *blocks) as tr:
+        out = tr.generate(prompts, max_new_tokens=64)
+    out.texts, out.token_ids, out.lengths
 """
 
 from surgery.blocks import Block, Intervention, Probe, block_class, register_block, registered_blocks

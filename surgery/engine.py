@@ -315,9 +315,10 @@ def run(
     Rows are left-padded (the logits at padding positions are meaningless); the row's last
     position is always ``[:, -1]``.
 
-    Example:
-        >>> logits = surgery.run(model, ["2 + 2 ="])                   # doctest: +SKIP
-        >>> model.tokenizer.decode(logits[0, -1].argmax())             # doctest: +SKIP
+    Example::
+
+        logits = surgery.run(model, ["2 + 2 ="])
+        model.tokenizer.decode(logits[0, -1].argmax())
     """
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     _check_context(model, attention_mask, 0)

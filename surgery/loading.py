@@ -137,9 +137,10 @@ def load(
     Returns:
         The wrapped model, in eval mode, on ``device``.
 
-    Example:
-        >>> model = surgery.load()                         # doctest: +SKIP
-        >>> model.n_layers, model.d_model                  # doctest: +SKIP
+    Example::
+
+        model = surgery.load()
+        model.n_layers, model.d_model
         (30, 576)
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -121,9 +121,10 @@ class Model:
 
         Computed once per (strings, case) and kept on the model's device.
 
-        Example:
-            >>> mask = model.vocabulary_mask(("\\n\\n",))          # doctest: +SKIP
-            >>> mask[model.tokenizer.encode(".\\n\\n")].any()      # doctest: +SKIP
+        Example::
+
+            mask = model.vocabulary_mask(("\\n\\n",))
+            mask[model.tokenizer.encode(".\\n\\n")].any()
             tensor(True)
         """
         key = (tuple(strings), case_sensitive)
@@ -176,10 +177,11 @@ def wrap(model, tokenizer=None, *, name: str | None = None) -> Model:
             underlying HF model instead).
         TypeError: for anything else.
 
-    Example:
-        >>> from transformers import AutoModelForCausalLM, AutoTokenizer   # doctest: +SKIP
-        >>> model = surgery.wrap(AutoModelForCausalLM.from_pretrained(path),
-        ...                      AutoTokenizer.from_pretrained(path))        # doctest: +SKIP
+    Example::
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = surgery.wrap(AutoModelForCausalLM.from_pretrained(path),
+                     AutoTokenizer.from_pretrained(path))
     """
     if isinstance(model, Model):
         return model

@@ -15,7 +15,7 @@ Example:
     >>> from interventions import ResidualAdd
     >>> from surgery.triggers import OnTokens
     >>> model = surgery.load()                                                  # doctest: +SKIP
-    >>> add = ResidualAdd(torch.zeros(model.d_model), site="resid_pre.10", when=OnTokens("\\n\\n"))
+    >>> add = ResidualAdd(torch.zeros(model.d_model), site="resid_pre.10", when=OnTokens("\\n\\n"))  # doctest: +SKIP
     >>> with surgery.trace(model, add) as tr:                                   # doctest: +SKIP
     ...     out = tr.generate(["What is 7 * 8?"], max_new_tokens=32, chat=True)
     >>> add.fired()                                                             # doctest: +SKIP

@@ -155,19 +155,19 @@ class OnTokens(Trigger):
 class OnText(Trigger):
     """Fires at the fed token where an occurrence of ``text`` ends in the row's text.
 
-    Unlike :class:`OnTokens`, this sees across token boundaries: ``OnText("\n\n")`` fires on
-    the second of two "\n" tokens (how SmolLM2 writes a blank line) as well as on one ".\n\n"
+    Unlike :class:`OnTokens`, this sees across token boundaries: ``OnText("\\n\\n")`` fires on
+    the second of two "\\n" tokens (how SmolLM2 writes a blank line) as well as on one ".\\n\\n"
     token. The engine runs a small automaton per row on the device (one gather per step, see
     :mod:`surgery.text_match`); matching is case-sensitive and starts at each row's first
     prompt token. Occurrences may overlap.
 
     Example:
-        >>> OnText("\n\n").text_patterns()
-        ('\n\n',)
+        >>> OnText("\\n\\n").text_patterns()
+        ('\\n\\n',)
     """
 
     kind: ClassVar[str] = "text"
-    text: str = "\n\n"
+    text: str
 
     def __post_init__(self):
         if not isinstance(self.text, str) or not self.text:
