@@ -105,9 +105,10 @@ class Block:
     def reset(self, batch_size: int) -> None:
         """Start of a ``generate``/``run`` over ``batch_size`` rows: clear per-run state."""
 
-    def text_patterns(self) -> tuple[str, ...]:
-        """Strings the engine must follow for this block's triggers (found in its config)."""
-        patterns: tuple[str, ...] = ()
+    def text_patterns(self) -> tuple[tuple[str, bool], ...]:
+        """``(string, case_sensitive)`` keys the engine must follow for this block (by default,
+        those of the triggers in its config)."""
+        patterns: tuple[tuple[str, bool], ...] = ()
         for f in dataclasses.fields(self.config) if dataclasses.is_dataclass(self.config) else ():
             value = getattr(self.config, f.name)
             if hasattr(value, "text_patterns"):

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from surgery.model import Model
 from surgery.step import Step
+from surgery.text_match import text_key
 
 __all__ = ["GenerationOutput", "encode_prompts", "generate", "run"]
 
@@ -124,6 +125,11 @@ def _check_context(model: Model, attention_mask: Tensor, extra: int) -> None:
         )
 
 
+def _matchers(model: Model, text_patterns) -> dict:
+    keys = dict.fromkeys(text_key(p) for p in text_patterns)
+    return {key: model.text_matcher(*key) for key in keys}
+
+
 def _forward_options(module) -> dict:
     options = {"use_cache": True, "return_dict": True}
     if "logits_to_keep" in inspect.signature(module.forward).parameters:
@@ -182,7 +188,7 @@ def generate(
     chat: bool = False,
     progress: bool | None = None,
     on_step: Callable[[Step | None], None] | None = None,
-    text_patterns: Sequence[str] = (),
+    text_patterns: Sequence = (),
 ) -> GenerationOutput:
     """Generate from a batch of prompts with the toolkit's decode loop.
 
@@ -201,8 +207,9 @@ def generate(
         progress: show a progress bar; default: when stderr is a terminal and the run is long.
         on_step: called with each :class:`Step` just before its forward pass, and with None at
             the end (the trace uses it to route hooks).
-        text_patterns: strings whose occurrences in each row's text every step reports in
-            ``Step.text_hits`` (the trace passes those its blocks' ``OnText`` triggers need).
+        text_patterns: strings (or ``(string, case_sensitive)`` keys) whose occurrences in each
+            row's text every step reports in ``Step.text_hits`` (the trace passes those its
+            blocks' triggers need).
 
     Returns:
         A :class:`GenerationOutput`.
@@ -226,7 +233,7 @@ def generate(
 
     options = _forward_options(module)
     cache = DynamicCache(config=module.config)
-    matchers = {text: model.text_matcher(text) for text in dict.fromkeys(text_patterns)}
+    matchers = _matchers(model, text_patterns)
     step = Step.prefill(input_ids, attention_mask, think_ids, matchers)
     # model.generate drops an all-ones mask (the model then builds a plain causal mask)
     mask = None if bool(attention_mask.all()) else attention_mask
@@ -308,7 +315,7 @@ def run(
     *,
     chat: bool = False,
     on_step: Callable[[Step | None], None] | None = None,
-    text_patterns: Sequence[str] = (),
+    text_patterns: Sequence = (),
 ) -> Tensor:
     """One forward pass over the prompts, no generation: logits ``[batch, pos, vocab]``.
 
@@ -324,7 +331,7 @@ def run(
     _check_context(model, attention_mask, 0)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    matchers = {text: model.text_matcher(text) for text in dict.fromkeys(text_patterns)}
+    matchers = _matchers(model, text_patterns)
     step = Step.prefill(input_ids, attention_mask, model.think_token_ids, matchers)
     mask = None if bool(attention_mask.all()) else attention_mask
     try:

@@ -46,7 +46,7 @@ class Model:
         self.name = name or getattr(config, "_name_or_path", None) or type(module).__name__
         self._active_trace = None
         self._vocabulary_masks: dict[tuple, torch.Tensor] = {}
-        self._text_matchers: dict[str, TextMatcher] = {}
+        self._text_matchers: dict[tuple[str, bool], TextMatcher] = {}
 
     # ---- facts -------------------------------------------------------------------------------
     @property
@@ -137,11 +137,13 @@ class Model:
             self._vocabulary_masks[key] = mask
         return mask
 
-    def text_matcher(self, text: str) -> TextMatcher:
+    def text_matcher(self, text: str, case_sensitive: bool = True) -> TextMatcher:
         """The streaming matcher of ``text`` over this vocabulary (built once, on the device)."""
-        matcher = self._text_matchers.get(text)
+        key = (text, case_sensitive)
+        matcher = self._text_matchers.get(key)
         if matcher is None or matcher.hit.device != self.device:
-            matcher = self._text_matchers[text] = TextMatcher(text, self.vocabulary_texts, self.device)
+            matcher = TextMatcher(text, self.vocabulary_texts, self.device, case_sensitive=case_sensitive)
+            self._text_matchers[key] = matcher
         return matcher
 
     # ---- sites -------------------------------------------------------------------------------

@@ -61,8 +61,9 @@ class Step:
         valid: False at left padding and for rows already finished, ``[batch, pos]``.
         in_think: inside a ``<think>`` span, ``[batch, pos]``.
         finished: rows that had stopped before this step, ``[batch]``.
-        text_hits: for each string the engine tracks (see :class:`~surgery.triggers.OnText`),
-            whether an occurrence of it ends at each fed token, ``[batch, pos]``.
+        text_hits: for each string the engine tracks, keyed ``(string, case_sensitive)`` (see
+            :class:`~surgery.triggers.OnText`), whether an occurrence of it ends at each fed
+            token, ``[batch, pos]``.
         text_states: each tracked string's matcher state per row after this step, ``[batch]``.
     """
 
@@ -72,8 +73,8 @@ class Step:
     valid: Bool[Tensor, "batch pos"]
     in_think: Bool[Tensor, "batch pos"]
     finished: Bool[Tensor, " batch"]
-    text_hits: dict[str, Tensor] = field(default_factory=dict)
-    text_states: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    text_hits: dict[tuple[str, bool], Tensor] = field(default_factory=dict)
+    text_states: dict[tuple[str, bool], Tensor] = field(default_factory=dict, repr=False)
     _tails: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

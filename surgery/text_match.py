@@ -23,7 +23,15 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-__all__ = ["TextMatcher"]
+__all__ = ["TextKey", "TextMatcher", "text_key"]
+
+TextKey = tuple[str, bool]
+"""A tracked string and whether it is matched with case: ``("\\n\\n", True)``."""
+
+
+def text_key(pattern: str | TextKey) -> TextKey:
+    """Normalise a tracked string to its key: a bare string is matched with case."""
+    return (pattern, True) if isinstance(pattern, str) else (pattern[0], bool(pattern[1]))
 
 
 def _failure(pattern: str) -> list[int]:
@@ -46,11 +54,14 @@ class TextMatcher:
         pattern: the string to find (non-empty).
         texts: the decoded text of every token id.
         device: where the tables live.
+        case_sensitive: False matches the lower-cased pattern in lower-cased text.
     """
 
-    def __init__(self, pattern: str, texts: list[str], device: str | torch.device):
+    def __init__(self, pattern: str, texts: list[str], device: str | torch.device, case_sensitive: bool = True):
         if not pattern:
             raise ValueError("TextMatcher needs a non-empty string")
+        if not case_sensitive:
+            pattern, texts = pattern.lower(), [text.lower() for text in texts]
         self.pattern = pattern
         fail = _failure(pattern)
         n_states, vocabulary = len(pattern), len(texts)
@@ -76,6 +87,10 @@ class TextMatcher:
                 hit[start, token] = fired
         self.next_state = next_state.to(device)
         self.hit = hit.to(device)
+
+    def completions(self, state: Int[Tensor, " batch"]) -> Bool[Tensor, "batch vocab"]:
+        """Per row, the tokens that would complete an occurrence if read next."""
+        return self.hit[state]
 
     def initial(self, batch: int) -> Int[Tensor, " batch"]:
         """The state of rows that have read nothing yet."""

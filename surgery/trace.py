@@ -149,7 +149,7 @@ class Trace:
         self._require_active()
         return engine.run(self.model, prompts, chat=chat, on_step=self._on_step, text_patterns=self._text_patterns())
 
-    def _text_patterns(self) -> tuple[str, ...]:
+    def _text_patterns(self) -> tuple[tuple[str, bool], ...]:
         return tuple(dict.fromkeys(p for block in self.blocks for p in block.text_patterns()))
 
 

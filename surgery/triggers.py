@@ -50,8 +50,8 @@ class Trigger:
     def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
         raise NotImplementedError
 
-    def text_patterns(self) -> tuple[str, ...]:
-        """Strings the engine must track through the generated text for this trigger."""
+    def text_patterns(self) -> tuple[tuple[str, bool], ...]:
+        """``(string, case_sensitive)`` keys the engine must track through the text for this trigger."""
         return ()
 
     def __call__(self, step: Step) -> Bool[Tensor, "batch pos"]:
@@ -158,26 +158,27 @@ class OnText(Trigger):
     Unlike :class:`OnTokens`, this sees across token boundaries: ``OnText("\\n\\n")`` fires on
     the second of two "\\n" tokens (how SmolLM2 writes a blank line) as well as on one ".\\n\\n"
     token. The engine runs a small automaton per row on the device (one gather per step, see
-    :mod:`surgery.text_match`); matching is case-sensitive and starts at each row's first
-    prompt token. Occurrences may overlap.
+    :mod:`surgery.text_match`); matching starts at each row's first prompt token, with case
+    unless ``case_sensitive=False``. Occurrences may overlap.
 
     Example:
         >>> OnText("\\n\\n").text_patterns()
-        ('\\n\\n',)
+        (('\\n\\n', True),)
     """
 
     kind: ClassVar[str] = "text"
     text: str
+    case_sensitive: bool = True
 
     def __post_init__(self):
         if not isinstance(self.text, str) or not self.text:
             raise ValueError(f"OnText needs a non-empty string, got {self.text!r}")
 
-    def text_patterns(self) -> tuple[str, ...]:
-        return (self.text,)
+    def text_patterns(self) -> tuple[tuple[str, bool], ...]:
+        return ((self.text, self.case_sensitive),)
 
     def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
-        hits = step.text_hits.get(self.text)
+        hits = step.text_hits.get((self.text, self.case_sensitive))
         if hits is None:
             raise RuntimeError(
                 f"OnText({self.text!r}) is not tracked in this step: use it inside a block's config "
@@ -234,7 +235,7 @@ class _Pair(Trigger):
         self.right.bind(model)
         return self
 
-    def text_patterns(self) -> tuple[str, ...]:
+    def text_patterns(self) -> tuple[tuple[str, bool], ...]:
         return self.left.text_patterns() + self.right.text_patterns()
 
 
@@ -269,7 +270,7 @@ class Not(Trigger):
         self.inner.bind(model)
         return self
 
-    def text_patterns(self) -> tuple[str, ...]:
+    def text_patterns(self) -> tuple[tuple[str, bool], ...]:
         return self.inner.text_patterns()
 
     def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:

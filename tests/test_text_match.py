@@ -59,7 +59,7 @@ def test_on_text_fires_where_the_generated_text_reaches_the_string(tiny):
 def test_on_text_fires_on_smollm2_style_split_newlines(tiny_llama):
     newline = tiny_llama.tokenizer.convert_tokens_to_ids("Ċ")
     step = surgery.Step.prefill(torch.tensor([[5, newline, newline, 5]]), torch.ones(1, 4, dtype=torch.long),
-                                matchers={"\n\n": tiny_llama.text_matcher("\n\n")})
+                                matchers={("\n\n", True): tiny_llama.text_matcher("\n\n")})
     assert OnText("\n\n")(step).tolist() == [[False, False, True, False]]
     assert not surgery.OnTokens("\n\n").bind(tiny_llama)(step).any()
 
