@@ -97,7 +97,8 @@ class ResidualAdd(Intervention):
 
     def edit(self, site: str, value: Tensor, step: Step) -> Tensor:
         fire = self.config.when(step)
-        self._fired.append((step.positions, fire))  # device tensors: no sync while decoding
+        if not step.is_rerun:  # a recomputed position was already recorded
+            self._fired.append((step.positions, fire))  # device tensors: no sync while decoding
         return masked_add(value, fire, self.vector, self.config.alpha)
 
     def fired(self) -> list[list[int]]:

@@ -139,11 +139,22 @@ def _jsonable(value):
 
 
 class Intervention(Block):
-    """A block that may change the tensor at its sites."""
+    """A block that may change the tensor at its sites, or the tokens the engine emits.
+
+    Override :meth:`edit` to change site tensors, :meth:`choose` to change tokens (forcing,
+    replacing, stopping rows), or both. Token edits run in the order the blocks were added.
+    """
 
     def edit(self, site: str, value: Tensor, step: Step) -> Tensor:
         """Return the value at ``site`` for this step (the same tensor when nothing fires)."""
         raise NotImplementedError
+
+    def choose(self, choice) -> None:
+        """Change the tokens about to be emitted (a :class:`surgery.engine.TokenChoice`)."""
+
+    @property
+    def edits_tokens(self) -> bool:
+        return type(self).choose is not Intervention.choose
 
 
 class Probe(Block):

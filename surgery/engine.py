@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 import time
@@ -31,9 +32,10 @@ from surgery.model import Model
 from surgery.step import Step
 from surgery.text_match import text_key
 
-__all__ = ["GenerationOutput", "encode_prompts", "generate", "run"]
+__all__ = ["GenerationOutput", "TokenChoice", "encode_prompts", "generate", "run"]
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]]
+STOP_REASONS = ("length", "eos", "stop_string", "block")
 
 
 @dataclass
@@ -46,7 +48,8 @@ class GenerationOutput:
             the one that completed a stop string), as ``model.generate`` returns them.
         lengths: ``len(token_ids[i])``.
         prompt_lengths: number of prompt tokens per row (padding excluded).
-        stop_reasons: ``"eos"``, ``"stop_string"`` or ``"length"``.
+        stop_reasons: ``"eos"``, ``"stop_string"``, ``"length"``, or ``"block"`` (a block
+            ended the row, e.g. thinking-token insertion after its answer budget).
         timings: seconds for ``prefill_s``, ``decode_s``, ``total_s``, plus ``new_tokens`` and
             ``tokens_per_s`` (new tokens over total time).
     """
@@ -57,6 +60,55 @@ class GenerationOutput:
     prompt_lengths: list[int]
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TokenChoice:
+    """The tokens one decode step is about to emit; interventions may change them.
+
+    The engine builds one per generated token and hands it to each intervention's ``choose``
+    in the order they were added (see :class:`surgery.blocks.Intervention`). Everything is a
+    ``[batch]`` tensor on the model's device.
+
+    Attributes:
+        index: which generated token this is (0 = the first).
+        step: the :class:`Step` whose forward pass produced ``logits``.
+        logits: the last position's logits, float32, ``[batch, vocab]``.
+        chosen: the tokens about to be emitted.
+        stops: rows that would stop on their token (EOS or a stop string).
+        finished: rows that had stopped before (they emit padding whatever happens here).
+        forced_stop: set by blocks to end rows on this token (stop reason ``"block"``).
+    """
+
+    index: int
+    step: Step
+    logits: Tensor
+    chosen: Tensor
+    stops: Tensor
+    finished: Tensor
+    forced_stop: Tensor
+    _eos: Tensor = field(repr=False, default=None)
+    _recompute: Callable | None = field(repr=False, default=None)
+
+    def replace(self, rows: Tensor, tokens: Tensor, stop: bool | None = None) -> None:
+        """Emit ``tokens`` instead for ``rows`` (bool ``[batch]``).
+
+        ``stop=None`` re-derives whether those rows stop (the new token is an EOS);
+        ``stop=False``/``True`` says it outright (forced tokens never stop a row).
+        """
+        rows = rows & ~self.finished
+        self.chosen = torch.where(rows, tokens, self.chosen)
+        new_stop = torch.isin(tokens, self._eos) if stop is None else torch.full_like(rows, stop)
+        self.stops = torch.where(rows, new_stop, self.stops)
+
+    def recompute(self, install: Callable[[], list]) -> Tensor:
+        """Re-run this step's last position with extra hooks; return its new logits ``[batch, vocab]``.
+
+        The KV cache is rolled back by one position first, so the recomputed keys and values
+        replace the old ones. ``install`` registers the extra hooks and returns their handles;
+        they are removed afterwards. Blocks see the re-run with ``step.is_rerun`` set.
+        """
+        return self._recompute(install)
 
 
 def encode_prompts(model: Model, prompts: Prompts, *, chat: bool = False) -> tuple[Tensor, Tensor]:
@@ -149,15 +201,17 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator) -> Tens
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def _stop_string_hits(tokenizer, history: list[list[int]], stop_strings: Sequence[str], live: list[bool]) -> list[bool]:
-    """Rows whose newest token completes one of ``stop_strings`` (decoding only a short tail)."""
-    window = max(len(s) for s in stop_strings) + 1
+def _stop_string_hits(
+    tokenizer, history: list[list[int]], candidates: list[int], stop_strings: Sequence[str], live: list[bool]
+) -> list[bool]:
+    """Rows whose candidate token completes one of ``stop_strings`` (decoding only a short tail)."""
+    window = max(len(s) for s in stop_strings)
     hits = []
-    for row, alive in zip(history, live):
+    for row, candidate, alive in zip(history, candidates, live):
         if not alive:
             hits.append(False)
             continue
-        tail = row[-window:]
+        tail = row[-window:] + [candidate]
         now, before = tokenizer.decode(tail), tokenizer.decode(tail[:-1])
         hits.append(any(s in now and s not in before for s in stop_strings))
     return hits
@@ -188,6 +242,7 @@ def generate(
     chat: bool = False,
     progress: bool | None = None,
     on_step: Callable[[Step | None], None] | None = None,
+    on_choose: Callable[[TokenChoice], None] | None = None,
     text_patterns: Sequence = (),
 ) -> GenerationOutput:
     """Generate from a batch of prompts with the toolkit's decode loop.
@@ -207,6 +262,8 @@ def generate(
         progress: show a progress bar; default: when stderr is a terminal and the run is long.
         on_step: called with each :class:`Step` just before its forward pass, and with None at
             the end (the trace uses it to route hooks).
+        on_choose: called with each :class:`TokenChoice` before its tokens are emitted (the
+            trace hands it to the interventions that edit the token stream).
         text_patterns: strings (or ``(string, case_sensitive)`` keys) whose occurrences in each
             row's text every step reports in ``Step.text_hits`` (the trace passes those its
             blocks' triggers need).
@@ -240,9 +297,28 @@ def generate(
     generated = torch.full((batch, max_new_tokens), model.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     kept = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
-    reason = torch.zeros(batch, dtype=torch.long, device=device)  # 0 length, 1 eos, 2 stop string
+    reason = torch.zeros(batch, dtype=torch.long, device=device)  # index into STOP_REASONS
     history: list[list[int]] = [[] for _ in range(batch)]
     steps_run = 0
+
+    def recompute(install) -> Tensor:
+        """Roll the cache back one position and re-run the current step's last position."""
+        cache.crop(-1)
+        handles = install()
+        last = step.tail(1)
+        try:
+            if on_step is not None:
+                on_step(dataclasses.replace(last, is_rerun=True))
+            rerun = module(
+                input_ids=last.token_ids, attention_mask=mask, position_ids=last.positions, past_key_values=cache, **options
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+            if on_step is not None:
+                on_step(step)
+        return rerun.logits[:, -1].to(dtype=torch.float32, copy=True)
+
     bar = tqdm(total=max_new_tokens, desc=f"generating ({batch} rows)", unit="tok", disable=not progress, leave=False)
     start = time.perf_counter()
     prefill_s = 0.0
@@ -259,17 +335,25 @@ def generate(
                     prefill_s = time.perf_counter() - start
                 chosen = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(dim=-1)
                 chosen = torch.where(finished, pad, chosen)
-                generated[:, k] = chosen
-                steps_run = k + 1
                 stops = torch.isin(chosen, eos) & ~finished
                 if stop_strings:
-                    live = (~finished).tolist()
+                    candidates, live = chosen.tolist(), (~finished).tolist()
+                    hits = _stop_string_hits(tokenizer, history, candidates, stop_strings, live)
+                    stops = stops | torch.tensor(hits, device=device)
+                forced = torch.zeros_like(finished)
+                if on_choose is not None:
+                    choice = TokenChoice(k, step, logits, chosen, stops, finished, forced, eos, recompute)
+                    on_choose(choice)
+                    chosen = torch.where(finished, pad, choice.chosen)
+                    forced = choice.forced_stop & ~finished
+                    stops = (choice.stops | forced) & ~finished
+                if stop_strings:
                     for row, token in zip(history, chosen.tolist()):
                         row.append(token)
-                    hits = torch.tensor(_stop_string_hits(tokenizer, history, stop_strings, live), device=device)
-                    reason = torch.where(hits & ~stops & ~finished, 2, reason)
-                    stops = stops | (hits & ~finished)
-                reason = torch.where(stops & (reason == 0), 1, reason)
+                generated[:, k] = chosen
+                steps_run = k + 1
+                cause = torch.where(forced, 3, torch.where(torch.isin(chosen, eos), 1, 2))
+                reason = torch.where(stops, cause, reason)
                 kept = torch.where(stops, k + 1, kept)
                 was_finished, finished = finished, finished | stops
                 bar.update(1)
@@ -298,7 +382,7 @@ def generate(
         token_ids=token_ids,
         lengths=lengths,
         prompt_lengths=attention_mask.sum(dim=1).tolist(),
-        stop_reasons=[("length", "eos", "stop_string")[r] for r in reason.tolist()],
+        stop_reasons=[STOP_REASONS[r] for r in reason.tolist()],
         timings={
             "prefill_s": prefill_s,
             "decode_s": total_s - prefill_s,

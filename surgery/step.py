@@ -65,6 +65,8 @@ class Step:
             :class:`~surgery.triggers.OnText`), whether an occurrence of it ends at each fed
             token, ``[batch, pos]``.
         text_states: each tracked string's matcher state per row after this step, ``[batch]``.
+        is_rerun: True while the engine recomputes this step's last position (representation
+            recycling); blocks that record what they did skip re-runs, so nothing counts twice.
     """
 
     index: int
@@ -75,7 +77,8 @@ class Step:
     finished: Bool[Tensor, " batch"]
     text_hits: dict[tuple[str, bool], Tensor] = field(default_factory=dict)
     text_states: dict[tuple[str, bool], Tensor] = field(default_factory=dict, repr=False)
-    _tails: dict = field(default_factory=dict, repr=False, compare=False)
+    is_rerun: bool = False
+    _tails: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def is_prefill(self) -> bool:
@@ -107,6 +110,7 @@ class Step:
                 finished=self.finished,
                 text_hits={text: hits[:, -length:] for text, hits in self.text_hits.items()},
                 text_states=self.text_states,
+                is_rerun=self.is_rerun,
             )
         return self._tails[length]
 

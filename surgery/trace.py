@@ -140,8 +140,20 @@ class Trace:
     def generate(self, prompts, max_new_tokens: int = 64, **options) -> engine.GenerationOutput:
         """Generate with every attached block active; options as :func:`surgery.generate`."""
         self._require_active()
+        choosers = [b for b in self.blocks if isinstance(b, Intervention) and b.edits_tokens]
+
+        def on_choose(choice) -> None:
+            for block in choosers:
+                block.choose(choice)
+
         return engine.generate(
-            self.model, prompts, max_new_tokens, on_step=self._on_step, text_patterns=self._text_patterns(), **options
+            self.model,
+            prompts,
+            max_new_tokens,
+            on_step=self._on_step,
+            on_choose=on_choose if choosers else None,
+            text_patterns=self._text_patterns(),
+            **options,
         )
 
     def run(self, prompts, *, chat: bool = False) -> Tensor:

@@ -138,3 +138,26 @@ def occurrences_ending_at_each_token(texts, tokens, pattern):
         text += texts[token]
         counts.append(len(re.findall(f"(?={re.escape(pattern)})", text)))
     return [(c - p) > 0 for p, c in zip([0] + counts[:-1], counts)]
+
+
+def separator_positions(model, prompts, out, chat=True):
+    """Reference: position ids of the fed tokens containing "\\n\\n" inside <think>, per row.
+
+    Fed tokens are the prompt and every generated token but the last (which is never fed).
+    """
+    open_id, close_id = model.think_token_ids
+    texts = model.vocabulary_texts
+    rows = []
+    for i, prompt in enumerate(prompts):
+        ids, _ = surgery.encode_prompts(model, [prompt], chat=chat)
+        fed = ids[0].tolist() + out.token_ids[i][:-1]
+        inside, hits = False, []
+        for position, token in enumerate(fed):
+            if token == open_id:
+                inside = True
+            elif token == close_id:
+                inside = False
+            if inside and "\n\n" in texts[token]:
+                hits.append(position)
+        rows.append(hits)
+    return rows

@@ -2,34 +2,11 @@
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, separator_positions
 
 import surgery
 from interventions import ResidualAdd
 from surgery.triggers import InThink, OnTokens
-
-
-def separator_positions(model, prompts, out, chat=True):
-    """Independently: position ids of the fed tokens containing "\\n\\n" inside <think>.
-
-    Fed tokens are the prompt and every generated token but the last (which is never fed).
-    """
-    open_id, close_id = model.think_token_ids
-    texts = model.vocabulary_texts
-    rows = []
-    for i, prompt in enumerate(prompts):
-        ids, _ = surgery.encode_prompts(model, [prompt], chat=chat)
-        fed = ids[0].tolist() + out.token_ids[i][:-1]
-        inside, hits = False, []
-        for position, token in enumerate(fed):
-            if token == open_id:
-                inside = True
-            elif token == close_id:
-                inside = False
-            if inside and "\n\n" in texts[token]:
-                hits.append(position)
-        rows.append(hits)
-    return rows
 
 
 def test_fires_exactly_at_separators_inside_think_in_prefill_and_decode(tiny):

@@ -1,0 +1,264 @@
+"""SteeringVector: SEAL's latent steering at thought separators, and its extraction.
+
+SEAL (arXiv 2504.07986, §3; METHODS.md §1) adds ``alpha * S`` to the residual stream entering
+block ``layer`` at every decoding step whose fed token is a separator ("\\n\\n") inside the think
+span, where ``S = mean(execution states) - mean(reflection ∪ transition states)`` pooled over
+the separators of many reasoning traces. The steered keys and values land in the KV cache, so
+later tokens attend to them; there is no extra forward pass.
+
+Paper-compatible defaults: site ``resid_pre`` (input to block ``layer``), ``alpha=1``, trigger
+``OnTokens("\\n\\n") & InThink()`` (tokens whose text contains "\\n\\n", inside ``<think>``),
+no normalisation of ``S``. Deviations, all opt-in: any site kind, any trigger. For models that
+write a blank line as two "\\n" tokens (SmolLM2) pass ``when=OnText("\\n\\n")``; for models
+without think tokens drop ``InThink()``.
+
+Extraction (:meth:`SteeringVector.from_thoughts`) runs each trace through the model once,
+labels its thoughts with :mod:`surgery.thoughts` (SEAL's keyword rules, the "think differently"
+typo fixed) and keeps one vector per thought (the state at the token that completes its
+opening "\\n\\n"), never every hidden state.
+
+Example:
+    >>> import torch
+    >>> steer = SteeringVector(torch.zeros(576), layer=20)
+    >>> steer.config.site, steer.config.alpha
+    ('resid_pre.20', 1.0)
+    >>> model = surgery.load()                                                   # doctest: +SKIP
+    >>> traces = [("What is 7 * 8?", "7 * 8 = 56.\\n\\nWait, let me check.\\n\\nSo 56.")]
+    >>> steer = SteeringVector.from_thoughts(model, traces, layer=15, chat=True)  # doctest: +SKIP
+    >>> steer.metadata["class_counts"]                                            # doctest: +SKIP
+    {'execution': 1, 'reflection': 1, 'transition': 0}
+    >>> steer.save("seal.safetensors")                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interventions.residual_add import ResidualAdd
+from surgery.blocks import register_block
+from surgery.engine import encode_prompts
+from surgery.sites import Site, hook_site
+from surgery.step import think_state
+from surgery.thoughts import THOUGHT_CLASSES, split_thoughts
+from surgery.triggers import InThink, OnTokens, Trigger
+
+__all__ = ["SteeringVector", "seal_trigger", "states_at", "thought_positions"]
+
+_FORMAT = "surgery.steering_vector/1"
+
+
+def seal_trigger() -> Trigger:
+    """SEAL's trigger: the fed token contains "\\n\\n" and the row is inside ``<think>``."""
+    return OnTokens("\n\n") & InThink()
+
+
+def thought_positions(model, prompt_ids: list[int], completion_ids: list[int]) -> list[tuple[int, str]]:
+    """``(position, label)`` of each SEAL thought of a completion, positions in prompt + completion.
+
+    The position is the token that completes the thought's opening "\\n\\n"; labels follow
+    :func:`surgery.thoughts.split_thoughts`. The text is rebuilt from the tokens' own texts, so
+    character offsets map onto tokens exactly. When the prompt ends inside ``<think>`` (a
+    reasoning chat template), the completion is read as inside the think span.
+    """
+    texts = model.vocabulary_texts
+    prefix = ""
+    open_id, close_id = model.think_token_ids
+    if open_id is not None and prompt_ids:
+        ids = torch.tensor([prompt_ids])
+        inside = think_state(ids, torch.ones_like(ids, dtype=torch.bool), (open_id, close_id))[0, -1]
+        prefix = "<think>" if bool(inside) else ""
+    ends, total = [], len(prefix)
+    for token in completion_ids:
+        total += len(texts[token])
+        ends.append(total)  # ends[i]: offset just past token i
+    text = prefix + "".join(texts[t] for t in completion_ids)
+    positions = []
+    for thought in split_thoughts(text):
+        second_newline = thought.separator_start + 1
+        token = bisect.bisect_right(ends, second_newline)
+        positions.append((len(prompt_ids) + token, thought.label))
+    return positions
+
+
+@register_block("steering_vector")
+class SteeringVector(ResidualAdd):
+    """Add ``alpha * vector`` to ``site``'s input of block ``layer`` where ``when`` fires.
+
+    Args:
+        vector: ``[d_model]``, finite, on the model's device and in its dtype.
+        layer: block index (negative counts from the end). SEAL: 20 of 28 for
+            R1-Distill-Qwen-1.5B/7B, 55 of 64 for QwQ-32B.
+        alpha: scale (SEAL: 1.0).
+        site: site kind, default ``"resid_pre"`` (SEAL's "input to block ``layer``").
+        when: trigger, default :func:`seal_trigger`.
+        metadata: where the vector came from (model, architecture, width, class counts);
+            checked against the model when the vector is attached.
+    """
+
+    def __init__(
+        self,
+        vector: Tensor,
+        layer: int,
+        alpha: float = 1.0,
+        site: str = "resid_pre",
+        when: Trigger | None = None,
+        metadata: dict | None = None,
+    ):
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ValueError(f"layer must be a block index (int), got {layer!r}")
+        kind = Site.parse(f"{site}.{layer}").kind
+        super().__init__(vector, site=f"{kind}.{layer}", alpha=alpha, when=when if when is not None else seal_trigger())
+        self.metadata = dict(metadata or {})
+
+    def bind(self, model) -> None:
+        made_for = self.metadata.get("architecture")
+        if made_for is not None and made_for != model.architecture.name:
+            raise ValueError(
+                f"this steering vector was extracted from a {made_for} model ({self.metadata.get('model')}), "
+                f"not from {model.name} ({model.architecture.name}): extract one for this model"
+            )
+        super().bind(model)
+
+    # ---- extraction ------------------------------------------------------------------------
+    @classmethod
+    def from_thoughts(
+        cls,
+        model,
+        traces: Sequence[tuple[str, str]],
+        layer: int,
+        *,
+        site: str = "resid_pre",
+        chat: bool = False,
+        batch_size: int = 8,
+        progress: bool | None = None,
+        **options,
+    ) -> SteeringVector:
+        """Build SEAL's vector from reasoning traces: mean(execution) - mean(reflection ∪ transition).
+
+        Args:
+            model: the wrapped model.
+            traces: ``(prompt, completion)`` pairs: the completion is the generated reasoning.
+            layer: block index; the states are read at ``site.layer`` (default ``resid_pre``).
+            chat: wrap prompts in the chat template (as they were when the traces were made).
+            batch_size: traces per forward pass.
+            progress: show a progress bar (default: when there are several batches).
+            **options: passed to the constructor (``alpha``, ``when``).
+
+        Returns:
+            The vector, with ``metadata`` naming the model, site, width and class counts.
+
+        Raises:
+            ValueError: no traces, or no execution thought, or no reflection/transition thought.
+        """
+        traces = list(traces)
+        if not traces:
+            raise ValueError("from_thoughts needs at least one (prompt, completion) trace")
+        resolved = model.resolve_site(f"{site}.{layer}")
+        sums = {label: torch.zeros(model.d_model, dtype=torch.float64, device=model.device) for label in THOUGHT_CLASSES}
+        counts = dict.fromkeys(THOUGHT_CLASSES, 0)
+        batches = range(0, len(traces), batch_size)
+        show = len(batches) > 1 if progress is None else progress
+        for start in tqdm(batches, desc="extracting thought states", disable=not show, leave=False):
+            rows, positions, labels = [], [], []
+            for prompt, completion in traces[start : start + batch_size]:
+                prompt_ids, attention = encode_prompts(model, [prompt], chat=chat)
+                prompt_row = prompt_ids[0][attention[0].bool()].tolist()
+                completion_row = model.tokenizer(completion, add_special_tokens=False)["input_ids"]
+                found = thought_positions(model, prompt_row, completion_row)
+                rows.append(prompt_row + completion_row)
+                positions.append([p for p, _ in found])
+                labels.extend(label for _, label in found)
+            for label, vector in zip(labels, states_at(model, resolved, rows, positions)):
+                sums[label] += vector.double()
+                counts[label] += 1
+        if counts["execution"] == 0 or counts["reflection"] + counts["transition"] == 0:
+            raise ValueError(
+                f"SEAL needs both execution and reflection/transition thoughts; the traces gave {counts}. "
+                "Pass more traces, or traces whose reasoning has blank-line separated steps."
+            )
+        execution = sums["execution"] / counts["execution"]
+        other = (sums["reflection"] + sums["transition"]) / (counts["reflection"] + counts["transition"])
+        vector = (execution - other).to(model.dtype)
+        metadata = {
+            "model": model.name,
+            "architecture": model.architecture.name,
+            "d_model": model.d_model,
+            "site": str(resolved),
+            "class_counts": counts,
+            "n_traces": len(traces),
+        }
+        return cls(vector, layer=resolved.layer, site=resolved.kind, metadata=metadata, **options)
+
+    # ---- saving ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the vector and its config/metadata as safetensors; returns the path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        header = {
+            "format": _FORMAT,
+            "config": json.dumps(self.to_dict()["config"]),
+            "metadata": json.dumps(self.metadata),
+        }
+        save_file({"vector": self.vector.detach().to("cpu").contiguous()}, str(path), metadata=header)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SteeringVector:
+        """Read a vector written by :meth:`save` (config, trigger and metadata included)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            header = file.metadata() or {}
+            if header.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a surgery steering vector (format {header.get('format')!r})")
+            vector = file.get_tensor("vector")
+        config = json.loads(header["config"])
+        site = Site.parse(config["site"])
+        vector = vector.to(device=device, dtype=dtype or vector.dtype)
+        return cls(vector, layer=site.layer, alpha=config["alpha"], site=site.kind,
+                   when=Trigger.from_dict(config["when"]), metadata=json.loads(header["metadata"]))
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once the site has been read."""
+
+
+def states_at(model, site: Site, rows: list[list[int]], positions: list[list[int]]) -> Tensor:
+    """The value at ``site`` at the given positions of token-id rows: ``[n, width]``, in order.
+
+    One forward pass over the left-padded rows, stopped right after ``site`` is read, keeping
+    only the requested vectors (row by row, positions ascending).
+    """
+    ids, attention = encode_prompts(model, rows)
+    width = ids.shape[1]
+    wanted = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (tokens, places) in enumerate(zip(rows, positions)):
+        for place in places:
+            wanted[row, width - len(tokens) + place] = True
+    wanted = wanted.to(model.device)
+    kept: list[Tensor] = []
+
+    def capture(value: Tensor) -> Tensor:
+        kept.append(value[wanted].detach().clone())
+        raise _Captured
+
+    module, kind = model.architecture.module_for(model.module, site)
+    handle = hook_site(module, kind, capture)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    try:
+        with torch.inference_mode():
+            model.module(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                         position_ids=position_ids.to(model.device), use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return kept[0]

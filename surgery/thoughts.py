@@ -1,0 +1,204 @@
+"""SEAL's thoughts: splitting a reasoning trace at blank lines and labelling each piece by keywords.
+
+SEAL (Chen et al., "SEAL: Steerable Reasoning Calibration of Large Language Models for Free",
+arXiv 2504.07986, "Thoughts" and "Thought classes" as summarised in METHODS.md section 1) cuts
+the reasoning span of a trace into *thoughts* at the separators "\\n\\n" and sorts each thought
+into one of three classes by keyword rules: reflection ("Wait, let me check ..."), transition
+("Alternatively, ...") and execution (everything else). The steering vector is the mean state
+at execution separators minus the mean state at reflection and transition separators. This
+module does the text side only: no model, no tokenizer, pure Python.
+
+Rules:
+    * The reasoning span is the text after the first ``<think>`` up to the first ``</think>``
+      after it, or to the end of the text when that ``</think>`` is missing. A second
+      ``<think>`` inside the span is plain text.
+    * With no ``<think>`` at all (models without think tokens, e.g. SmolLM2, or a completion
+      whose ``<think>`` sat in the prompt), the span starts at the beginning of the text; it
+      still ends at the first ``</think>`` if there is one, so the answer after it is not cut
+      into thoughts.
+    * A separator is a maximal run of two or more newlines inside the span. Thought j is the
+      text after separator j up to separator j+1 (or to the end of the span). Text before the
+      first separator is not a thought; a thought that is empty once stripped is skipped.
+    * Classes, checked in this order on the thought lower-cased and stripped: ``reflection``
+      (starts with one of :data:`REFLECTION_PREFIXES` or contains one of
+      :data:`REFLECTION_KEYWORDS`), ``transition`` (same with the ``TRANSITION_`` tuples),
+      else ``execution``. Prefixes are plain string prefixes: "waiting" starts with "wait".
+
+Deviations:
+    * The released SEAL code misspells "think differently", so that keyword never matches
+      there; here it is spelled correctly and does match.
+    * SEAL finds separators token by token (any token whose text holds "\\n\\n"). On text,
+      "\\n\\n\\n" holds two overlapping "\\n\\n"; here a maximal run of newlines counts as ONE
+      separator, which begins where the run begins (:attr:`Thought.separator_start`).
+
+Example:
+    >>> trace = "<think>Okay.\\n\\nWait, 2 + 2 = 4?\\n\\nSo 4.\\n\\n\\nAlternatively, count.</think>\\n\\n4"
+    >>> [(t.index, t.label) for t in split_thoughts(trace)]
+    [(0, 'reflection'), (1, 'execution'), (2, 'transition')]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "REFLECTION_KEYWORDS",
+    "REFLECTION_PREFIXES",
+    "THOUGHT_CLASSES",
+    "TRANSITION_KEYWORDS",
+    "TRANSITION_PREFIXES",
+    "Thought",
+    "classify_thought",
+    "split_thoughts",
+]
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+THOUGHT_CLASSES = ("execution", "reflection", "transition")
+"""The three labels :func:`classify_thought` returns, sorted."""
+
+REFLECTION_PREFIXES = ("wait",)
+"""A thought starting with one of these (lower-cased, stripped) is a reflection."""
+
+REFLECTION_KEYWORDS = (
+    "verify",
+    "make sure",
+    "hold on",
+    "think again",
+    "'s correct",
+    "'s incorrect",
+    "let me check",
+    "seems right",
+)
+"""A thought containing one of these (lower-cased) is a reflection."""
+
+TRANSITION_PREFIXES = ("alternatively",)
+"""A thought starting with one of these (lower-cased, stripped) is a transition, unless a reflection."""
+
+TRANSITION_KEYWORDS = (
+    "think differently",
+    "another way",
+    "another approach",
+    "another method",
+    "another solution",
+    "another strategy",
+    "another technique",
+)
+"""A thought containing one of these (lower-cased) is a transition, unless a reflection.
+
+"think differently" is misspelled in the released SEAL code and never matches there.
+"""
+
+_SEPARATOR = re.compile(r"\n{2,}")
+
+
+def classify_thought(text: str) -> str:
+    """SEAL's class of one thought, by keywords (see the module docstring).
+
+    Reflection is checked before transition, so a thought with keywords of both is a
+    reflection; a thought with neither (an empty one included) is an execution.
+
+    Args:
+        text: the thought's text; case and surrounding whitespace do not matter.
+
+    Returns:
+        One of :data:`THOUGHT_CLASSES`: ``"reflection"``, ``"transition"`` or ``"execution"``.
+
+    Example:
+        >>> classify_thought("  WAIT, that is off by one.")
+        'reflection'
+        >>> classify_thought("Let's try another approach: let me check the base case.")
+        'reflection'
+        >>> classify_thought("Alternatively, use the formula.")
+        'transition'
+        >>> classify_thought("So 3 + 5 = 8.")
+        'execution'
+    """
+    lowered = text.lower().strip()
+    if lowered.startswith(REFLECTION_PREFIXES) or any(k in lowered for k in REFLECTION_KEYWORDS):
+        return "reflection"
+    if lowered.startswith(TRANSITION_PREFIXES) or any(k in lowered for k in TRANSITION_KEYWORDS):
+        return "transition"
+    return "execution"
+
+
+@dataclass(frozen=True)
+class Thought:
+    """One labelled thought of a trace, with its place in the original text.
+
+    Attributes:
+        index: position among the thoughts :func:`split_thoughts` returned (0, 1, 2, ...;
+            skipped empty thoughts take no index).
+        label: its class, one of :data:`THOUGHT_CLASSES`.
+        text: the thought as it stands in the trace, not stripped: ``trace[start:end]``.
+        start: offset in the original text of the thought's first character (just after its
+            opening separator run).
+        end: offset just past its last character (where the next separator run, the
+            ``</think>`` or the end of the text begins).
+        separator_start: offset where the newline run that opens the thought begins: the
+            "\\n\\n" whose state SEAL takes as the thought's representative.
+    """
+
+    index: int
+    label: str
+    text: str
+    start: int
+    end: int
+    separator_start: int
+
+
+def _reasoning_span(text: str) -> tuple[int, int]:
+    """``(begin, end)`` offsets of the reasoning span in ``text`` (see the module docstring)."""
+    opened = text.find(THINK_OPEN)
+    begin = 0 if opened < 0 else opened + len(THINK_OPEN)
+    closed = text.find(THINK_CLOSE, begin)
+    return begin, len(text) if closed < 0 else closed
+
+
+def split_thoughts(text: str) -> list[Thought]:
+    """Cut the reasoning span of a trace into SEAL thoughts and label each one.
+
+    The span runs from just after the first ``<think>`` (or from the beginning when there is
+    none, e.g. SmolLM2, which has no think tokens) to the first ``</think>`` after that (or to
+    the end). Each maximal run of two or more newlines inside the span opens a thought that
+    ends where the next run (or the span) ends. Text before the first run is not a thought;
+    thoughts that are blank once stripped are skipped.
+
+    Args:
+        text: a whole trace (prompt and completion, or completion alone).
+
+    Returns:
+        The non-empty thoughts in order, with offsets into ``text`` itself (not into the span);
+        empty when the span holds no separator.
+
+    Example:
+        >>> trace = "<think>Let me see.\\n\\nFirst 7 * 8 = 56.\\n\\nWait, is that right?</think>\\n\\nDone."
+        >>> for thought in split_thoughts(trace):
+        ...     print(thought.index, thought.label, repr(thought.text), thought.separator_start)
+        0 execution 'First 7 * 8 = 56.' 18
+        1 reflection 'Wait, is that right?' 37
+        >>> split_thoughts("No blank line here.")
+        []
+    """
+    begin, end = _reasoning_span(text)
+    runs = list(_SEPARATOR.finditer(text, begin, end))
+    thoughts: list[Thought] = []
+    for j, run in enumerate(runs):
+        start = run.end()
+        stop = runs[j + 1].start() if j + 1 < len(runs) else end
+        body = text[start:stop]
+        if not body.strip():
+            continue
+        thoughts.append(
+            Thought(
+                index=len(thoughts),
+                label=classify_thought(body),
+                text=body,
+                start=start,
+                end=stop,
+                separator_start=run.start(),
+            )
+        )
+    return thoughts
