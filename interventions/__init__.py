@@ -2,5 +2,6 @@
 
 from interventions.residual_add import ResidualAdd, ResidualAddConfig
 from interventions.steering import SteeringVector, seal_trigger
+from interventions.token_mask import TokenMask, TokenMaskConfig
 
-__all__ = ["ResidualAdd", "ResidualAddConfig", "SteeringVector", "seal_trigger"]
+__all__ = ["ResidualAdd", "ResidualAddConfig", "SteeringVector", "TokenMask", "TokenMaskConfig", "seal_trigger"]

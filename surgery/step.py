@@ -64,7 +64,8 @@ class Step:
         text_hits: for each string the engine tracks, keyed ``(string, case_sensitive)`` (see
             :class:`~surgery.triggers.OnText`), whether an occurrence of it ends at each fed
             token, ``[batch, pos]``.
-        text_states: each tracked string's matcher state per row after this step, ``[batch]``.
+        text_states: each tracked string's matcher state after each fed token, ``[batch, pos]``
+            (what :meth:`~surgery.text_match.TextMatcher.completions` needs).
         is_rerun: True while the engine recomputes this step's last position (representation
             recycling); blocks that record what they did skip re-runs, so nothing counts twice.
     """
@@ -109,7 +110,7 @@ class Step:
                 in_think=self.in_think[:, -length:],
                 finished=self.finished,
                 text_hits={text: hits[:, -length:] for text, hits in self.text_hits.items()},
-                text_states=self.text_states,
+                text_states={text: states[:, -length:] for text, states in self.text_states.items()},
                 is_rerun=self.is_rerun,
             )
         return self._tails[length]
@@ -150,7 +151,7 @@ class Step:
         valid = ~finished[:, None]
         text_states, text_hits = {}, {}
         for text, matcher in (matchers or {}).items():
-            text_states[text], text_hits[text] = matcher.scan(self.text_states[text], fed[:, None], valid)
+            text_states[text], text_hits[text] = matcher.scan(self.text_states[text][:, -1], fed[:, None], valid)
         return Step(
             index=self.index + 1,
             token_ids=fed[:, None],

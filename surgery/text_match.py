@@ -11,7 +11,7 @@ Occurrences may overlap ("\\n\\n\\n" holds two "\\n\\n").
 Example:
     >>> import torch
     >>> matcher = TextMatcher("\\n\\n", ["a", "\\n", ".\\n\\n"], device="cpu")
-    >>> state, hits = matcher.scan(torch.zeros(1, dtype=torch.long), torch.tensor([[1, 1, 0, 2]]),
+    >>> states, hits = matcher.scan(torch.zeros(1, dtype=torch.long), torch.tensor([[1, 1, 0, 2]]),
     ...                            torch.ones(1, 4, dtype=torch.bool))
     >>> hits.tolist()
     [[False, True, False, True]]
@@ -88,8 +88,9 @@ class TextMatcher:
         self.next_state = next_state.to(device)
         self.hit = hit.to(device)
 
-    def completions(self, state: Int[Tensor, " batch"]) -> Bool[Tensor, "batch vocab"]:
-        """Per row, the tokens that would complete an occurrence if read next."""
+    def completions(self, state: Int[Tensor, "*shape"]) -> Bool[Tensor, "*shape vocab"]:
+        """For each state (e.g. per row and position), the tokens that would complete an
+        occurrence if read next."""
         return self.hit[state]
 
     def initial(self, batch: int) -> Int[Tensor, " batch"]:
@@ -98,15 +99,17 @@ class TextMatcher:
 
     def scan(
         self, state: Int[Tensor, " batch"], token_ids: Int[Tensor, "batch pos"], valid: Bool[Tensor, "batch pos"]
-    ) -> tuple[Int[Tensor, " batch"], Bool[Tensor, "batch pos"]]:
+    ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
         """Read ``token_ids`` left to right from ``state``; invalid positions are skipped.
 
-        Returns the state after the last position and, per position, whether an occurrence of
-        the string ended in that token. One gather per position, vectorised over rows.
+        Returns, per position, the state after reading it and whether an occurrence of the
+        string ended in that token. One gather per position, vectorised over rows.
         """
         hits = torch.zeros_like(valid)
+        states = torch.zeros_like(token_ids)
         for column in range(token_ids.shape[1]):
             tokens, ok = token_ids[:, column], valid[:, column]
             hits[:, column] = self.hit[state, tokens] & ok
             state = torch.where(ok, self.next_state[state, tokens], state)
-        return state, hits
+            states[:, column] = state
+        return states, hits

@@ -8,7 +8,7 @@ PACKAGES = ["surgery", "surgery.kernels", "interventions", "probes"]
 MODULES = [
     "surgery.blocks", "surgery.engine", "surgery.loading", "surgery.model", "surgery.sites", "surgery.step",
     "surgery.trace", "surgery.triggers", "surgery.kernels.reference", "surgery.cli", "surgery.demo",
-    "surgery.text_match", "surgery.thoughts", "interventions.steering",
+    "surgery.text_match", "surgery.thoughts", "interventions.steering", "interventions.token_mask",
     "interventions.residual_add", "probes.record",
 ]
 

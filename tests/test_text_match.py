@@ -15,7 +15,7 @@ def test_matcher_equals_a_string_search_on_random_token_streams(pattern):
     generator = torch.Generator().manual_seed(len(pattern))
     tokens = torch.randint(0, len(texts), (6, 50), generator=generator)
     matcher = TextMatcher(pattern, texts, "cpu")
-    state, hits = matcher.scan(matcher.initial(6), tokens, torch.ones(6, 50, dtype=torch.bool))
+    _, hits = matcher.scan(matcher.initial(6), tokens, torch.ones(6, 50, dtype=torch.bool))
     for row in range(6):
         assert hits[row].tolist() == occurrences_ending_at_each_token(texts, tokens[row].tolist(), pattern)
 
@@ -28,7 +28,8 @@ def test_streaming_in_pieces_equals_one_scan():
     _, whole = matcher.scan(matcher.initial(1), tokens, valid)
     state, pieces = matcher.initial(1), []
     for column in range(tokens.shape[1]):
-        state, hits = matcher.scan(state, tokens[:, column : column + 1], valid[:, column : column + 1])
+        states, hits = matcher.scan(state, tokens[:, column : column + 1], valid[:, column : column + 1])
+        state = states[:, -1]
         pieces.append(hits)
     assert torch.equal(torch.cat(pieces, dim=1), whole)
 
