@@ -2,6 +2,16 @@
 
 from interventions.residual_add import ResidualAdd, ResidualAddConfig
 from interventions.steering import SteeringVector, seal_trigger
+from interventions.thinking_tokens import ThinkingTokenInsertion, ThinkingTokenInsertionConfig
 from interventions.token_mask import TokenMask, TokenMaskConfig
 
-__all__ = ["ResidualAdd", "ResidualAddConfig", "SteeringVector", "TokenMask", "TokenMaskConfig", "seal_trigger"]
+__all__ = [
+    "ResidualAdd",
+    "ResidualAddConfig",
+    "SteeringVector",
+    "ThinkingTokenInsertion",
+    "ThinkingTokenInsertionConfig",
+    "TokenMask",
+    "TokenMaskConfig",
+    "seal_trigger",
+]

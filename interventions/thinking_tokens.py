@@ -1,0 +1,180 @@
+"""ThinkingTokenInsertion: Thinking-Token Test-time Scaling (TTTS) from the MI-peaks paper.
+
+arXiv 2506.02867 §5 (METHODS.md §2 "TTTS"): generate normally; where the model would stop, put
+a thinking word (" Wait", " Hmm", ...) in its place and let it keep reasoning for an extra
+budget; then force an answer prompt (" Final Answer within \\boxed{}:") and a short answer.
+
+Here a row "would stop" when its next token is an EOS or completes a stop string, when it is
+``</think>``, or (``first_budget``) when it has generated that many tokens. At such a point,
+while the row has insertions and budget left, the stop token is replaced by the thinking word
+(all its tokens, forced in order) and decoding goes on. ``budget`` counts the tokens a row may
+emit after its first insertion; when they run out, or the row would stop with no insertion
+left, ``answer_prompt`` is forced (if given) and the row gets ``answer_tokens`` more tokens,
+then stops (reason ``"block"``); without an answer prompt a row whose budget ran out stops there.
+Rows insert independently; :meth:`insertions` tells where.
+
+Paper-compatible: ``max_insertions=1`` (the released code inserts once) with ``first_budget``
+set to the first pass's length. ``max_insertions > 1`` re-inserts each time the model would
+stop while budget remains (the natural generalisation). ``budget=0`` changes nothing.
+
+Example:
+    >>> tts = ThinkingTokenInsertion(words=(" Wait",), budget=128, answer_prompt=" Final Answer:")
+    >>> tts.config.max_insertions, tts.config.answer_tokens
+    (1, 16)
+    >>> model = surgery.load()                                            # doctest: +SKIP
+    >>> with surgery.trace(model, tts) as tr:                             # doctest: +SKIP
+    ...     out = tr.generate(["What is 7 * 8?"], max_new_tokens=256, chat=True)
+    >>> tts.insertions()                                                  # doctest: +SKIP
+    [[23]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from surgery.blocks import Intervention, register_block
+
+__all__ = ["ThinkingTokenInsertion", "ThinkingTokenInsertionConfig"]
+
+NORMAL, EXTENDED, ANSWERING = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ThinkingTokenInsertionConfig:
+    words: tuple[str, ...] = field(default=("Wait",), metadata={"help": "thinking words, used in turn"})
+    budget: int = field(default=256, metadata={"help": "tokens a row may emit after its first insertion"})
+    max_insertions: int = field(default=1, metadata={"help": "insertions per row"})
+    answer_prompt: str | None = field(default=None, metadata={"help": "forced when the budget runs out"})
+    answer_tokens: int = field(default=16, metadata={"help": "tokens generated after the answer prompt"})
+    first_budget: int | None = field(default=None, metadata={"help": "treat reaching this many tokens as a stop"})
+
+
+def _tokens(model, text: str, what: str) -> list[int]:
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids or model.tokenizer.decode(ids) != text:
+        raise ValueError(f"ThinkingTokenInsertion cannot encode {what} {text!r} with {model.name}'s tokenizer")
+    return ids
+
+
+@register_block("thinking_token_insertion")
+class ThinkingTokenInsertion(Intervention):
+    """Replace a row's stop by a thinking word while it has budget, then force the answer.
+
+    Args:
+        words: the thinking words, inserted in turn (each encoded exactly as given: include a
+            leading space, " Wait", to write it as a new word).
+        budget: tokens a row may emit after its first insertion (>= 0; 0 disables the block).
+        max_insertions: insertions per row (>= 0).
+        answer_prompt: text forced when the budget runs out, or None.
+        answer_tokens: tokens generated after the answer prompt before the row stops (> 0).
+        first_budget: if set, a row reaching this many generated tokens counts as stopping.
+    """
+
+    def __init__(
+        self,
+        words=("Wait",),
+        budget: int = 256,
+        max_insertions: int = 1,
+        answer_prompt: str | None = None,
+        answer_tokens: int = 16,
+        first_budget: int | None = None,
+    ):
+        words = (words,) if isinstance(words, str) else tuple(words)
+        if not words or any(not isinstance(w, str) or not w for w in words):
+            raise ValueError(f"ThinkingTokenInsertion needs non-empty words, got {words!r}")
+        for name, value, low in (("budget", budget, 0), ("max_insertions", max_insertions, 0), ("answer_tokens", answer_tokens, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if first_budget is not None and (isinstance(first_budget, bool) or not isinstance(first_budget, int) or first_budget < 1):
+            raise ValueError(f"first_budget must be a positive integer or None, got {first_budget!r}")
+        if answer_prompt is not None and (not isinstance(answer_prompt, str) or not answer_prompt):
+            raise ValueError(f"answer_prompt must be a non-empty string or None, got {answer_prompt!r}")
+        self.config = ThinkingTokenInsertionConfig(words, budget, max_insertions, answer_prompt, answer_tokens, first_budget)
+        self._records: list[tuple[int, Tensor]] = []
+
+    def sites(self) -> tuple[str, ...]:
+        return ()
+
+    def bind(self, model) -> None:
+        encoded = [_tokens(model, w, "the word") for w in self.config.words]
+        answer = _tokens(model, self.config.answer_prompt, "the answer prompt") if self.config.answer_prompt else []
+        width = max(max(map(len, encoded)), len(answer), 1)
+        device = model.device
+        self._words = torch.full((len(encoded), width), model.pad_token_id, dtype=torch.long, device=device)
+        for i, ids in enumerate(encoded):
+            self._words[i, : len(ids)] = torch.tensor(ids, device=device)
+        self._word_lengths = torch.tensor([len(ids) for ids in encoded], device=device)
+        self._answer = torch.full((width,), model.pad_token_id, dtype=torch.long, device=device)
+        self._answer[: len(answer)] = torch.tensor(answer, dtype=torch.long, device=device)
+        self._answer_length = len(answer)
+        self._close = model.think_token_ids[1]
+        self._width = width
+
+    def reset(self, batch_size: int) -> None:
+        device = self._words.device
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._queue = torch.zeros(batch_size, self._width, dtype=torch.long, device=device)
+        self._queue_length, self._queue_position = zeros.clone(), zeros.clone()
+        self._inserted, self._extra, self._answer_left, self._phase = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+        self._records = []
+
+    def _force(self, choice, rows: Tensor, tokens: Tensor, lengths) -> None:
+        """Emit ``tokens[:, 0]`` now for ``rows`` and queue the rest."""
+        self._queue = torch.where(rows[:, None], tokens, self._queue)
+        self._queue_length = torch.where(rows, lengths, self._queue_length)
+        self._queue_position = torch.where(rows, 1, self._queue_position)
+        choice.replace(rows, tokens[:, 0], stop=False)
+
+    def choose(self, choice) -> None:
+        config = self.config
+        active = ~choice.finished
+        # 1. keep forcing the words or answer prompt already queued
+        pending = active & (self._queue_position < self._queue_length)
+        queued = self._queue.gather(1, self._queue_position.clamp(max=self._width - 1)[:, None]).squeeze(1)
+        choice.replace(pending, queued, stop=False)
+        self._queue_position = self._queue_position + pending.long()
+        free = active & ~pending
+        # 2. where the row would stop, insert a thinking word while insertions and budget remain
+        stop_point = choice.stops.clone()
+        if self._close is not None:
+            stop_point |= choice.chosen == self._close
+        if config.first_budget is not None and choice.index >= config.first_budget:
+            stop_point |= self._phase == NORMAL
+        stop_point &= free
+        over = free & (self._phase == EXTENDED) & (self._extra >= config.budget)
+        insert = stop_point & ~over & (self._phase <= EXTENDED) & (self._inserted < config.max_insertions)
+        if config.budget == 0:
+            insert = torch.zeros_like(insert)
+        word = self._inserted % len(config.words)
+        self._force(choice, insert, self._words[word], self._word_lengths[word])
+        self._records.append((choice.index, insert))
+        self._extra = torch.where(insert & (self._phase == NORMAL), 0, self._extra)
+        self._inserted = self._inserted + insert.long()
+        self._phase = torch.where(insert, EXTENDED, self._phase)
+        # 3. out of budget (or stopping with nothing left to insert): the answer, or the end
+        done = over | (choice.stops & free & ~insert & (self._phase == EXTENDED))
+        if self._answer_length:
+            answer = self._answer.expand(len(done), -1)
+            self._force(choice, done, answer, torch.full_like(self._queue_length, self._answer_length))
+            self._phase = torch.where(done, ANSWERING, self._phase)
+            self._answer_left = torch.where(done, config.answer_tokens, self._answer_left)
+        # 4. the answer's own budget, counted on the model's tokens after the prompt
+        answering = free & ~done & (self._phase == ANSWERING)
+        self._answer_left = self._answer_left - answering.long()
+        choice.forced_stop = choice.forced_stop | (answering & (self._answer_left <= 0))
+        self._extra = self._extra + (active & (self._phase == EXTENDED)).long()
+        if not self._answer_length:  # no answer to force: the budget's last token ends the row
+            choice.forced_stop = choice.forced_stop | (active & (self._phase == EXTENDED) & (self._extra >= config.budget))
+
+    def insertions(self) -> list[list[int]]:
+        """Per row of the last run, the generated-token indices where a thinking word starts."""
+        if not self._records:
+            return []
+        rows: list[list[int]] = [[] for _ in range(len(self._records[0][1]))]
+        for index, inserted in self._records:
+            for row in inserted.nonzero().flatten().tolist():
+                rows[row].append(index)
+        return rows
