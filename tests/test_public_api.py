@@ -9,7 +9,7 @@ MODULES = [
     "surgery.blocks", "surgery.engine", "surgery.loading", "surgery.model", "surgery.sites", "surgery.step",
     "surgery.trace", "surgery.triggers", "surgery.kernels.reference", "surgery.cli", "surgery.demo",
     "surgery.text_match", "surgery.thoughts", "interventions.steering", "interventions.token_mask",
-    "interventions.thinking_tokens",
+    "interventions.thinking_tokens", "interventions.recycling",
     "interventions.residual_add", "probes.record",
 ]
 
