@@ -2,6 +2,7 @@
 
 import os
 import re
+from collections import Counter
 
 import torch
 
@@ -161,3 +162,11 @@ def separator_positions(model, prompts, out, chat=True):
                 hits.append(position)
         rows.append(hits)
     return rows
+
+
+def frequent_words(model, n=3):
+    """Words the plain run emits as whole tokens, so token triggers fire often on random weights."""
+    out = surgery.generate(model, PROMPTS, 24, chat=True)
+    texts = model.vocabulary_texts
+    counts = Counter(texts[t].strip() for ids in out.token_ids for t in ids if texts[t].strip().isalpha())
+    return tuple(w for w, _ in counts.most_common(n))

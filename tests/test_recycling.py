@@ -1,22 +1,12 @@
 """RepresentationRecycling: the cached re-run against a slow, obvious full-sequence reference."""
 
-from collections import Counter
-
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, frequent_words
 
 import surgery
 from interventions import RepresentationRecycling
 from interventions.recycling import coin
-
-
-def frequent_words(model, n=3):
-    """Words the plain run emits as whole tokens, so recycling fires often on random weights."""
-    out = surgery.generate(model, PROMPTS, 24, chat=True)
-    texts = model.vocabulary_texts
-    counts = Counter(texts[t].strip() for ids in out.token_ids for t in ids if texts[t].strip().isalpha())
-    return tuple(w for w, _ in counts.most_common(n))
 
 
 def reference_tokens(model, prompt, generated, layer, recycled):

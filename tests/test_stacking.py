@@ -1,0 +1,42 @@
+"""All four interventions in one trace, with a probe: batched rows behave as they would alone."""
+
+import torch
+from conftest import PROMPTS, frequent_words
+
+import surgery
+from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask
+from probes import RecordSite
+from surgery.triggers import OnText
+
+
+def stacked_run(model, prompts, eos, words):
+    vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 5
+    blocks = [
+        SteeringVector(vector, layer=1),  # SEAL default: "\n\n" tokens inside <think>
+        TokenMask(["Hmm", "let me check"], penalty=-4.0),
+        RepresentationRecycling(layer=0, trigger_words=words, probability=0.7, seed=1),
+        ThinkingTokenInsertion(words=(" Wait",), budget=6, answer_prompt=" So", answer_tokens=2),
+    ]
+    probe = RecordSite("resid_post.-1", when=OnText("\n\n"))
+    with surgery.trace(model, *blocks, probe) as tr:
+        out = tr.generate(prompts, 32, chat=True, eos_token_ids=[eos])
+    return out, blocks, probe.result()
+
+
+def test_all_four_stack_and_each_row_behaves_as_alone(tiny):
+    eos = surgery.generate(tiny, PROMPTS, 12, chat=True).token_ids[0][5]
+    words = frequent_words(tiny)
+    out, blocks, recorded = stacked_run(tiny, PROMPTS, eos, words)
+    steer, _, rr, tts = blocks
+    assert sum(map(len, steer.fired())) > 0 and sum(map(len, rr.fired())) > 0
+    assert out.token_ids != surgery.generate(tiny, PROMPTS, 32, chat=True, eos_token_ids=[eos]).token_ids
+    for i, prompt in enumerate(PROMPTS):
+        alone, alone_blocks, alone_recorded = stacked_run(tiny, [prompt], eos, words)
+        assert alone.token_ids[0] == out.token_ids[i]
+        assert alone_blocks[0].fired()[0] == steer.fired()[i]
+        assert alone_blocks[2].fired()[0] == rr.fired()[i]
+        assert alone_blocks[3].insertions()[0] == tts.insertions()[i]
+        positions, values = recorded.for_row(i)
+        alone_positions, alone_values = alone_recorded.for_row(0)
+        assert positions.tolist() == alone_positions.tolist()
+        torch.testing.assert_close(values, alone_values, rtol=1e-4, atol=1e-4)
