@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_interventions.py
 	$(PY) benchmarks/bench_kernels.py
 
 clean:

@@ -157,6 +157,10 @@ class RepresentationRecycling(Intervention):
 
         return hook
 
+    def reruns(self) -> int:
+        """How many decode steps of the last run were re-run (rows firing together share one)."""
+        return sum(bool(fire.any()) for _, fire in self._records)
+
     def fired(self) -> list[list[int]]:
         """Per row of the last run, the position ids that were recycled."""
         if not self._records:

@@ -127,10 +127,13 @@ class Trace:
         return route
 
     def _on_step(self, step: Step | None) -> None:
-        if step is not None and step.is_prefill:
-            for block in self.blocks:
-                block.reset(step.batch_size)
         self._step = step
+
+    def _begin(self, prompts) -> None:
+        """Clear every block's per-run state before a run over ``prompts``."""
+        batch = 1 if isinstance(prompts, str) else len(prompts)
+        for block in self.blocks:
+            block.reset(batch)
 
     # ---- running -----------------------------------------------------------------------------
     def _require_active(self) -> None:
@@ -140,6 +143,7 @@ class Trace:
     def generate(self, prompts, max_new_tokens: int = 64, **options) -> engine.GenerationOutput:
         """Generate with every attached block active; options as :func:`surgery.generate`."""
         self._require_active()
+        self._begin(prompts)
         choosers = [b for b in self.blocks if isinstance(b, Intervention) and b.edits_tokens]
 
         def on_choose(choice) -> None:
@@ -159,6 +163,7 @@ class Trace:
     def run(self, prompts, *, chat: bool = False) -> Tensor:
         """One forward pass with every attached block active: logits ``[batch, pos, vocab]``."""
         self._require_active()
+        self._begin(prompts)
         return engine.run(self.model, prompts, chat=chat, on_step=self._on_step, text_patterns=self._text_patterns())
 
     def _text_patterns(self) -> tuple[tuple[str, bool], ...]:

@@ -10,8 +10,14 @@ from interventions.recycling import coin
 
 
 def reference_tokens(model, prompt, generated, layer, recycled):
+    """The reference's greedy token at every generated position (see :func:`reference_logits`)."""
+    return reference_logits(model, prompt, generated, layer, recycled).argmax(-1).tolist()
+
+
+def reference_logits(model, prompt, generated, layer, recycled):
     """Full sequence, no cache: before block ``layer`` runs, each recycled position (in order)
-    gets the block's own output there as its input, so the block is applied twice at it."""
+    gets the block's own output there as its input, so the block is applied twice at it.
+    Returns the logits that predict each generated token, ``[n_generated, vocab]``."""
     ids, _ = surgery.encode_prompts(model, [prompt], chat=True)
     full = torch.tensor([ids[0].tolist() + generated])
     block = model.architecture.block_list(model.module)[layer]
@@ -30,7 +36,7 @@ def reference_tokens(model, prompt, generated, layer, recycled):
             logits = model.module(input_ids=full, use_cache=False).logits[0]
     finally:
         handle.remove()
-    return logits[ids.shape[1] - 1 : -1].argmax(-1).tolist()
+    return logits[ids.shape[1] - 1 : -1]
 
 
 @pytest.mark.parametrize("layer", [0, 1, -1])
@@ -45,6 +51,19 @@ def test_matches_the_full_sequence_reference_token_for_token(tiny, layer):
         recycled_any |= bool(fired)
         assert out.token_ids[0] == reference_tokens(tiny, prompt, out.token_ids[0], layer % tiny.n_layers, fired)
     assert recycled_any
+
+
+def test_the_first_token_can_be_recycled_and_is_recorded(tiny):
+    texts = tiny.vocabulary_texts
+    firsts = surgery.generate(tiny, PROMPTS, 1, chat=True).token_ids
+    prompt, first = next((p, ids[0]) for p, ids in zip(PROMPTS, firsts) if texts[ids[0]].strip())
+    word = texts[first].strip()
+    rr = RepresentationRecycling(layer=1, trigger_words=(word,))
+    with surgery.trace(tiny, rr) as tr:
+        out = tr.generate([prompt], 8, chat=True)
+    prompt_length = out.prompt_lengths[0]
+    assert rr.fired()[0][0] == prompt_length - 1  # the prefill's last position
+    assert out.token_ids[0] == reference_tokens(tiny, prompt, out.token_ids[0], 1, rr.fired()[0])
 
 
 def test_recycling_changes_tokens_and_rows_match_alone(tiny):

@@ -1,0 +1,120 @@
+"""Tokens per second of the decode engine plain vs each intervention alone vs all four stacked.
+
+Run: python benchmarks/bench_interventions.py [--batch 8] [--new-tokens 128] [--reps 3] [--device cpu]
+
+SmolLM2-135M-Instruct on the first GSM8K test questions (chat template), greedy. Rows, timed
+``--reps`` times in interleaved order after one warm-up, medians:
+  plain          the engine, nothing attached
+  steering       SteeringVector at resid_pre.15 where the text reaches "\\n\\n" (OnText)
+  token_mask     TokenMask(["wait", "alternatively"], penalty=-3)   (SEAL's baseline)
+  tts            ThinkingTokenInsertion(" Wait", budget 32, answer prompt + 8 tokens)
+  recycling      RepresentationRecycling(layer 20, the released trigger words)
+  all_four       the four stacked in one trace
+tok/s is new tokens over wall time; ratios are to ``plain`` (1.00 = as fast). Recycling re-runs
+the whole model for the recomputed position (the simple form; blocks below the layer compute
+the same values again), so its cost per firing is reported as a fraction of a plain decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+
+import surgery  # noqa: E402
+from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask  # noqa: E402
+from surgery.demo import PROBLEMS  # noqa: E402
+
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def questions(batch: int) -> list[str]:
+    if not GSM8K.exists():
+        return (PROBLEMS * batch)[:batch]
+    with GSM8K.open() as lines:
+        return [json.loads(line)["question"] for _, line in zip(range(batch), lines)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+
+    model = surgery.load(device=args.device)
+    prompts = questions(args.batch)
+    cuda = model.device.type == "cuda"
+    vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype) * 20
+
+    def blocks(name: str) -> list:
+        make = {
+            "steering": lambda: SteeringVector(vector, layer=15, when=surgery.OnText("\n\n")),
+            "token_mask": lambda: TokenMask(["wait", "alternatively"], penalty=-3.0),
+            "tts": lambda: ThinkingTokenInsertion(words=(" Wait",), budget=32, answer_prompt=" So the answer is", answer_tokens=8),
+            "recycling": lambda: RepresentationRecycling(layer=20),
+        }
+        if name == "plain":
+            return []
+        if name == "all_four":
+            return [make[key]() for key in ("steering", "token_mask", "recycling", "tts")]
+        return [make[name]()]
+
+    def run(name: str):
+        attached = blocks(name)
+        with surgery.trace(model, *attached) as tr:
+            out = tr.generate(prompts, args.new_tokens, chat=True, progress=False)
+        return out, attached
+
+    names = ["plain", "steering", "token_mask", "tts", "recycling", "all_four"]
+    facts = {}
+    for name in names:  # warm-up; what each row does
+        out, attached = run(name)
+        fires = sum(len(row) for block in attached if hasattr(block, "fired") for row in block.fired())
+        inserted = sum(len(row) for block in attached if hasattr(block, "insertions") for row in block.insertions())
+        reruns = sum(block.reruns() for block in attached if hasattr(block, "reruns"))
+        facts[name] = {"tokens": sum(out.lengths), "steps": max(out.lengths), "fires": fires, "inserted": inserted,
+                       "reruns": reruns}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.reps):
+        for name in names:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run(name)
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; batch {args.batch}, up to {args.new_tokens} new tokens, "
+          f"median of {args.reps}")
+    plain_rate = facts["plain"]["tokens"] / statistics.median(times["plain"])
+    print(f"{'row':<12}{'median s':>10}{'tokens':>8}{'tok/s':>9}{'vs plain':>10}{'fires':>7}{'inserted':>10}")
+    for name in names:
+        median = statistics.median(times[name])
+        rate = facts[name]["tokens"] / median
+        print(f"{name:<12}{median:>10.3f}{facts[name]['tokens']:>8}{rate:>9.1f}{rate / plain_rate:>9.2f}x"
+              f"{facts[name]['fires']:>7}{facts[name]['inserted']:>10}")
+    step = statistics.median(times["plain"]) / facts["plain"]["steps"]
+    recycling = facts["recycling"]
+    extra = statistics.median(times["recycling"]) - step * recycling["steps"]
+    if recycling["reruns"]:
+        print(f"recycling: {recycling['fires']} firings in {recycling['reruns']} re-run steps (rows firing together "
+              f"share one) over {recycling['steps']} decode steps; cost per re-run "
+              f"{extra / recycling['reruns'] / step:.2f} of a plain decode step, per firing "
+              f"{extra / recycling['fires'] / step:.2f} (batch {args.batch}; the whole model is re-run for the "
+              "recomputed position)")
+
+
+if __name__ == "__main__":
+    main()
