@@ -116,3 +116,26 @@ def test_extraction_errors(tiny):
         SteeringVector.from_thoughts(tiny, TRACES, layer=40)
     with pytest.raises(ValueError, match="block index"):
         SteeringVector(torch.ones(4), layer=True)
+
+
+def test_steered_logits_equal_a_plain_hook_over_the_full_sequence(tiny):
+    """Cached, triggered decoding vs one uncached pass with the vector added by a plain hook."""
+    steer = SteeringVector(torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(4)) * 4, layer=2)
+    prompts = [p + "\n\n<think>\nSo.\n\n" for p in PROMPTS]
+    layer = tiny.architecture.block_list(tiny.module)[2]
+    for prompt in prompts:
+        with surgery.trace(tiny, steer) as tr:
+            out = tr.generate([prompt], 16, chat=True)
+        ids, _ = surgery.encode_prompts(tiny, [prompt], chat=True)
+        full = torch.tensor([ids[0].tolist() + out.token_ids[0]])
+        fire = torch.zeros_like(full, dtype=torch.bool)
+        fire[0, steer.fired()[0]] = True
+        handle = layer.register_forward_pre_hook(
+            lambda m, a, k: ((a[0] + fire[:, :, None] * steer.vector,), k), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                logits = tiny.module(input_ids=full).logits[0]
+        finally:
+            handle.remove()
+        assert logits[ids.shape[1] - 1 : -1].argmax(-1).tolist() == out.token_ids[0]
+        assert steer.fired()[0] == separator_positions(tiny, [prompt], out)[0]
