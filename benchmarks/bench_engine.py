@@ -16,7 +16,6 @@ HF generate's before timing, and prints ratios to hf_generate (> 1 means faster)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,22 +25,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import surgery  # noqa: E402
+from _data import gsm8k_questions  # noqa: E402
 from interventions import ResidualAdd  # noqa: E402
-from surgery.demo import PROBLEMS  # noqa: E402
-
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-
-
-def prompts(batch: int) -> list[str]:
-    if GSM8K.exists():
-        with GSM8K.open() as lines:
-            questions = [json.loads(line)["question"] for _, line in zip(range(batch), lines)]
-    else:
-        questions = (PROBLEMS * batch)[:batch]
-    return questions
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -53,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = surgery.load(device=args.device)
-    texts = prompts(args.batch)
+    texts = gsm8k_questions(args.batch)
     input_ids, attention_mask = surgery.encode_prompts(model, texts, chat=True)
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)

@@ -18,7 +18,6 @@ the same values again), so its cost per firing is reported as a fraction of a pl
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,20 +27,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import surgery  # noqa: E402
+from _data import gsm8k_questions  # noqa: E402
 from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask  # noqa: E402
-from surgery.demo import PROBLEMS  # noqa: E402
-
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-
-
-def questions(batch: int) -> list[str]:
-    if not GSM8K.exists():
-        return (PROBLEMS * batch)[:batch]
-    with GSM8K.open() as lines:
-        return [json.loads(line)["question"] for _, line in zip(range(batch), lines)]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -52,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = surgery.load(device=args.device)
-    prompts = questions(args.batch)
+    prompts = gsm8k_questions(args.batch)
     cuda = model.device.type == "cuda"
     vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype) * 20
 

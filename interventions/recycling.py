@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention, register_block
+from surgery.blocks import Intervention, per_row, register_block
 
 __all__ = ["RR_TRIGGER_WORDS", "RepresentationRecycling", "RepresentationRecyclingConfig"]
 
@@ -163,10 +163,4 @@ class RepresentationRecycling(Intervention):
 
     def fired(self) -> list[list[int]]:
         """Per row of the last run, the position ids that were recycled."""
-        if not self._records:
-            return []
-        rows: list[list[int]] = [[] for _ in range(len(self._records[0][1]))]
-        for positions, fire in self._records:
-            for row in fire.nonzero().flatten().tolist():
-                rows[row].append(int(positions[row]))
-        return rows
+        return per_row(self._records)

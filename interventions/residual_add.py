@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention, register_block
+from surgery.blocks import Intervention, per_row, register_block
 from surgery.kernels import masked_add
 from surgery.sites import Site
 from surgery.step import Step
@@ -107,14 +107,7 @@ class ResidualAdd(Intervention):
         Position ``p`` is the row's ``p``-th token (0-based, padding not counted): a prompt
         token when ``p < prompt_length``, else generated token ``p - prompt_length``.
         """
-        if not self._fired:
-            return []
-        batch = self._fired[0][0].shape[0]
-        rows: list[list[int]] = [[] for _ in range(batch)]
-        for positions, fire in self._fired:
-            for row, column in fire.nonzero().tolist():
-                rows[row].append(int(positions[row, column]))
-        return rows
+        return per_row(self._fired)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"vector": self.vector}

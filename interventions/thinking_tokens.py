@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention, register_block
+from surgery.blocks import Intervention, per_row, register_block
 
 __all__ = ["ThinkingTokenInsertion", "ThinkingTokenInsertionConfig"]
 
@@ -171,10 +171,4 @@ class ThinkingTokenInsertion(Intervention):
 
     def insertions(self) -> list[list[int]]:
         """Per row of the last run, the generated-token indices where a thinking word starts."""
-        if not self._records:
-            return []
-        rows: list[list[int]] = [[] for _ in range(len(self._records[0][1]))]
-        for index, inserted in self._records:
-            for row in inserted.nonzero().flatten().tolist():
-                rows[row].append(index)
-        return rows
+        return per_row(self._records)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from surgery.step import Step
 
-__all__ = ["Block", "Intervention", "Probe", "block_class", "register_block", "registered_blocks"]
+__all__ = ["Block", "Intervention", "Probe", "block_class", "per_row", "register_block", "registered_blocks"]
 
 _REGISTRY: dict[str, type[Block]] = {}
 
@@ -126,6 +126,33 @@ class Block:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def per_row(records: list[tuple[Tensor | int, Tensor]]) -> list[list[int]]:
+    """Turn what a block recorded per step into one list per batch row.
+
+    Each record is ``(values, mask)``: ``mask`` is bool ``[batch]`` or ``[batch, pos]`` (where the
+    block acted) and ``values`` a tensor of the same shape (e.g. position ids) or one int for
+    the whole step. Returns, per row, the values where the mask is True, in record order.
+    Blocks keep device tensors while decoding and convert only here (no sync per step).
+
+    Example:
+        >>> import torch
+        >>> per_row([(torch.tensor([[0, 1], [0, 1]]), torch.tensor([[True, False], [True, True]])),
+        ...          (5, torch.tensor([False, True]))])
+        [[0], [0, 1, 5]]
+    """
+    if not records:
+        return []
+    rows: list[list[int]] = [[] for _ in range(records[0][1].shape[0])]
+    for values, mask in records:
+        mask2d = mask if mask.ndim == 2 else mask[:, None]
+        for row, column in mask2d.nonzero().tolist():
+            if isinstance(values, Tensor):
+                rows[row].append(int(values[row, column] if values.ndim == 2 else values[row]))
+            else:
+                rows[row].append(int(values))
+    return rows
 
 
 def _jsonable(value):
