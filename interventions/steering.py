@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import bisect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,11 +44,10 @@ from interventions.residual_add import ResidualAdd
 from surgery.blocks import register_block
 from surgery.engine import encode_prompts
 from surgery.sites import Site, hook_site
-from surgery.step import think_state
-from surgery.thoughts import THOUGHT_CLASSES, split_thoughts
+from surgery.thoughts import THOUGHT_CLASSES, thought_positions
 from surgery.triggers import InThink, OnTokens, Trigger
 
-__all__ = ["SteeringVector", "seal_trigger", "states_at", "thought_positions"]
+__all__ = ["SteeringVector", "seal_trigger", "states_at"]
 
 _FORMAT = "surgery.steering_vector/1"
 
@@ -57,34 +55,6 @@ _FORMAT = "surgery.steering_vector/1"
 def seal_trigger() -> Trigger:
     """SEAL's trigger: the fed token contains "\\n\\n" and the row is inside ``<think>``."""
     return OnTokens("\n\n") & InThink()
-
-
-def thought_positions(model, prompt_ids: list[int], completion_ids: list[int]) -> list[tuple[int, str]]:
-    """``(position, label)`` of each SEAL thought of a completion, positions in prompt + completion.
-
-    The position is the token that completes the thought's opening "\\n\\n"; labels follow
-    :func:`surgery.thoughts.split_thoughts`. The text is rebuilt from the tokens' own texts, so
-    character offsets map onto tokens exactly. When the prompt ends inside ``<think>`` (a
-    reasoning chat template), the completion is read as inside the think span.
-    """
-    texts = model.vocabulary_texts
-    prefix = ""
-    open_id, close_id = model.think_token_ids
-    if open_id is not None and prompt_ids:
-        ids = torch.tensor([prompt_ids])
-        inside = think_state(ids, torch.ones_like(ids, dtype=torch.bool), (open_id, close_id))[0, -1]
-        prefix = "<think>" if bool(inside) else ""
-    ends, total = [], len(prefix)
-    for token in completion_ids:
-        total += len(texts[token])
-        ends.append(total)  # ends[i]: offset just past token i
-    text = prefix + "".join(texts[t] for t in completion_ids)
-    positions = []
-    for thought in split_thoughts(text):
-        second_newline = thought.separator_start + 1
-        token = bisect.bisect_right(ends, second_newline)
-        positions.append((len(prompt_ids) + token, thought.label))
-    return positions
 
 
 @register_block("steering_vector")

@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ __all__ = [
     "Thought",
     "classify_thought",
     "split_thoughts",
+    "thought_positions",
 ]
 
 THINK_OPEN = "<think>"
@@ -202,3 +204,32 @@ def split_thoughts(text: str) -> list[Thought]:
             )
         )
     return thoughts
+
+
+def thought_positions(model, prompt_ids: list[int], completion_ids: list[int]) -> list[tuple[int, str]]:
+    """``(position, label)`` of each SEAL thought of a completion, positions in prompt + completion.
+
+    The position is the token that completes the thought's opening "\\n\\n"; labels follow
+    :func:`surgery.thoughts.split_thoughts`. The text is rebuilt from the tokens' own texts, so
+    character offsets map onto tokens exactly. When the prompt ends inside ``<think>`` (a
+    reasoning chat template), the completion is read as inside the think span.
+    """
+    texts = model.vocabulary_texts
+    prefix = ""
+    open_id, close_id = model.think_token_ids
+    if open_id is not None:
+        inside = False  # the last of <think> / </think> in the prompt decides
+        for token in prompt_ids:
+            inside = True if token == open_id else False if token == close_id else inside
+        prefix = THINK_OPEN if inside else ""
+    ends, total = [], len(prefix)
+    for token in completion_ids:
+        total += len(texts[token])
+        ends.append(total)  # ends[i]: offset just past token i
+    text = prefix + "".join(texts[t] for t in completion_ids)
+    positions = []
+    for thought in split_thoughts(text):
+        second_newline = thought.separator_start + 1
+        token = bisect.bisect_right(ends, second_newline)
+        positions.append((len(prompt_ids) + token, thought.label))
+    return positions

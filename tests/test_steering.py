@@ -8,7 +8,7 @@ from conftest import PROMPTS, separator_positions, tiny_model
 
 import surgery
 from interventions import SteeringVector, seal_trigger
-from interventions.steering import thought_positions
+from surgery.thoughts import thought_positions
 
 TRACES = [
     ("Tom has 3 apples.", "Let me see.\n\nHe buys 5 more, so 8.\n\nWait, let me check: 3 + 5 = 8.\n\nSo 8.</think>\n\nIt is 8."),
