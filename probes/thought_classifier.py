@@ -1,0 +1,463 @@
+"""ThoughtClassifier: SEAL's thoughts, labelled by keywords and paired with their hidden states.
+
+SEAL (Chen et al., "SEAL: Steerable Reasoning Calibration of Large Language Models for Free",
+arXiv 2504.07986, §3 "thoughts" and "thought classes"; METHODS.md §1) cuts a reasoning trace
+into thoughts at blank lines, labels each one execution, reflection or transition by keyword
+rules, and represents it by the hidden state at the separator that opens it. This module is
+the probe side of that recipe:
+
+* :class:`ThoughtClassifier` (mode 1, keyword rules) records, while the model generates (or in
+  ``tr.run``), the site's value at every token where the text reaches ``"\\n\\n"``
+  (:class:`~surgery.triggers.OnText`, so a blank line written as two ``"\\n"`` tokens counts),
+  and the fed token ids; its :meth:`~ThoughtClassifier.result` rebuilds each row's text, splits
+  and labels it with :mod:`surgery.thoughts` and keeps, per thought, the state at the token
+  :func:`surgery.thoughts.thought_positions` names.
+* :func:`fit_linear_probe` (mode 2) trains a multinomial logistic regression (scikit-learn) from
+  states to labels on a held-out split; passed as ``linear_probe=`` to the classifier it also
+  labels every separator state online, one small matmul on the device per step.
+
+Which text is read:
+    * ``tr.generate``: the completion (the generated tokens that were fed back), read as
+      :func:`~surgery.thoughts.thought_positions` reads it: inside ``<think>`` when the prompt
+      ends inside one (reasoning chat templates), else from its beginning (models without
+      think tokens, e.g. SmolLM2), up to the first ``</think>``. Separators in the prompt are
+      never thoughts.
+    * ``tr.run`` (no decode step): the prompt itself, from just after its first ``<think>``
+      (or from its beginning when it has none) to the first ``</think>`` after it. A
+      ``tr.generate`` whose rows all stopped at their first token is read the same way.
+
+Deviations from SEAL:
+    * The "think differently" keyword is spelled correctly (the released code misspells it,
+      so it never matches there); see :mod:`surgery.thoughts`.
+    * A maximal run of newlines is ONE separator (SEAL: every token containing "\\n\\n"); its
+      state is taken at the token that completes the run's first "\\n\\n". ``OnText`` fires at
+      every occurrence (twice in "\\n\\n\\n" written as three "\\n" tokens); the extra states are
+      recorded while decoding and dropped in :meth:`~ThoughtClassifier.result`.
+    * Default site ``resid_pre.-1`` (input to the last block); SEAL reads block 20 of 28
+      (R1-Distill-Qwen) or 55 of 64 (QwQ-32B): pass ``site="resid_pre.20"`` to match.
+    * The linear probe (mode 2) is not in the paper; it standardises features before the
+      logistic regression (folded into the weights for online use).
+
+Example::
+
+    import surgery
+    from probes import ThoughtClassifier, fit_linear_probe
+
+    model = surgery.load("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    with surgery.trace(model, ThoughtClassifier("resid_pre.20")) as tr:
+        tr.generate(prompts, max_new_tokens=2048, chat=True)
+    found = tr.blocks[0].result()
+    found.counts()                      # {'execution': 812, 'reflection': 95, 'transition': 17}
+    probe = fit_linear_probe(found.all_states(), found.labels())
+    probe.held_out_accuracy             # 0.9...
+    online = ThoughtClassifier("resid_pre.20", linear_probe=probe)
+    with surgery.trace(model, online) as tr:
+        tr.generate(new_prompts, max_new_tokens=2048, chat=True)
+    [(t.label, t.predicted) for t in online.result().thoughts[0]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from surgery.blocks import Probe, register_block
+from surgery.step import Step
+from surgery.thoughts import THINK_OPEN, THOUGHT_CLASSES, Thought, split_thoughts, thought_positions
+from surgery.triggers import OnText, Trigger
+
+__all__ = [
+    "ClassifiedThought",
+    "ClassifiedThoughts",
+    "LinearThoughtProbe",
+    "ThoughtClassifier",
+    "ThoughtClassifierConfig",
+    "classify_text",
+    "fit_linear_probe",
+]
+
+
+def classify_text(text: str) -> list[Thought]:
+    """SEAL's thoughts of a trace, labelled by keywords: :func:`surgery.thoughts.split_thoughts`.
+
+    Args:
+        text: a whole trace; the reasoning span is read as :mod:`surgery.thoughts` documents.
+
+    Returns:
+        The labelled thoughts, with offsets into ``text``.
+
+    Example:
+        >>> [(t.label, t.text) for t in classify_text("<think>Hi.\\n\\nWait, no.\\n\\nAnother way: 3.</think>")]
+        [('reflection', 'Wait, no.'), ('transition', 'Another way: 3.')]
+    """
+    return split_thoughts(text)
+
+
+# ---- mode 2: the linear probe ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearThoughtProbe:
+    """A multinomial logistic regression from thought states to thought labels.
+
+    Made by :func:`fit_linear_probe`; pass it to ``ThoughtClassifier(linear_probe=...)`` to
+    label separators online.
+
+    Attributes:
+        classes: the labels, sorted (as scikit-learn orders them).
+        pipeline: the fitted scikit-learn pipeline (``StandardScaler`` then
+            ``LogisticRegression``); :meth:`predict` calls it.
+        weight: ``[n_classes, d_model]`` float64, the pipeline folded into one affine map
+            (two rows for two classes: zeros, then the binary coefficients), so that
+            ``argmax(states @ weight.T + bias)`` indexes :attr:`classes` like ``predict``.
+        bias: ``[n_classes]`` float64.
+        held_out_accuracy: accuracy on the held-out split.
+        chance_accuracy: accuracy of always answering the held-out split's commonest label.
+        train_counts: label -> number of training samples.
+        test_counts: label -> number of held-out samples.
+        stratified: whether the split kept the label proportions (needs at least two samples
+            of every label and room for each label on both sides).
+    """
+
+    classes: tuple[str, ...]
+    pipeline: object = field(repr=False)
+    weight: Tensor = field(repr=False)
+    bias: Tensor = field(repr=False)
+    held_out_accuracy: float
+    chance_accuracy: float
+    train_counts: dict[str, int]
+    test_counts: dict[str, int]
+    stratified: bool
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.shape[1]
+
+    def predict(self, states: Float[Tensor, "n d_model"]) -> list[str]:
+        """The predicted label of each state (scikit-learn's ``predict``).
+
+        Args:
+            states: ``[n, d_model]``, any device and float dtype.
+
+        Returns:
+            ``n`` labels, each one of :attr:`classes`.
+        """
+        if states.shape[0] == 0:
+            return []
+        return [str(label) for label in self.pipeline.predict(_as_numpy(states))]
+
+    def scores(self, states: Float[Tensor, "n d_model"]) -> Float[Tensor, "n n_classes"]:
+        """The logits ``states @ weight.T + bias`` in float64 (what the online path computes)."""
+        weight = self.weight.to(states.device)
+        return states.to(weight.dtype) @ weight.T + self.bias.to(states.device)
+
+
+def _as_numpy(states: Tensor) -> np.ndarray:
+    return states.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def fit_linear_probe(
+    states: Float[Tensor, "n d_model"], labels: Sequence[str], test_size: float = 0.25, seed: int = 0, max_iter: int = 5000
+) -> LinearThoughtProbe:
+    """Train a linear probe from thought states to labels and report its held-out accuracy.
+
+    A ``StandardScaler`` then a multinomial ``LogisticRegression`` (lbfgs, L2, ``C=1``) are fit
+    on a random split of ``1 - test_size`` of the samples, stratified by label when every label
+    has at least two samples and both sides have room for every label; the rest is held out.
+
+    Args:
+        states: ``[n, d_model]``, e.g. ``ClassifiedThoughts.all_states()``.
+        labels: ``n`` labels, e.g. ``ClassifiedThoughts.labels()``.
+        test_size: fraction held out, in (0, 1); the held-out side gets ``ceil(test_size * n)``.
+        seed: seeds the split (the fit itself is deterministic).
+        max_iter: lbfgs iterations.
+
+    Returns:
+        The fitted :class:`LinearThoughtProbe`.
+
+    Raises:
+        ValueError: fewer than two distinct labels, lengths that differ, a ``test_size``
+            outside (0, 1), or too few samples for a split with two labels to train on.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> states = torch.cat([torch.randn(20, 4) + 5, torch.randn(20, 4) - 5])
+        >>> probe = fit_linear_probe(states, ["execution"] * 20 + ["reflection"] * 20)
+        >>> probe.held_out_accuracy, probe.test_counts
+        (1.0, {'execution': 5, 'reflection': 5})
+        >>> probe.predict(torch.full((1, 4), 5.0))
+        ['execution']
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = [str(label) for label in labels]
+    n = len(labels)
+    if states.shape[0] != n:
+        raise ValueError(f"fit_linear_probe got {states.shape[0]} states but {n} labels: pass one label per state")
+    counts = Counter(labels)
+    if len(counts) < 2:
+        raise ValueError(
+            f"fit_linear_probe needs at least two distinct labels, got {dict(counts) or 'none'}: "
+            "collect more traces (reflections and transitions are rarer than executions)"
+        )
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size is the held-out fraction, in (0, 1); got {test_size}")
+    n_test = math.ceil(test_size * n)
+    n_train = n - n_test
+    if n_train < 2 or n_test < 1:
+        raise ValueError(
+            f"{n} samples are too few to split with test_size={test_size} ({n_train} to train, {n_test} held out): "
+            "collect more thoughts or lower test_size"
+        )
+    stratified = min(counts.values()) >= 2 and n_test >= len(counts) and n_train >= len(counts)
+    x, y = _as_numpy(states), np.array(labels)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=n_test, random_state=seed, stratify=y if stratified else None
+    )
+    if len(set(y_train)) < 2:
+        raise ValueError(
+            f"the training split holds only the label {y_train[0]!r} ({n} samples, labels {dict(counts)}): "
+            "collect more samples of the rarer labels so a split can keep two of each"
+        )
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    pipeline.fit(x_train, y_train)
+    scaler, regression = pipeline[0], pipeline[-1]
+    coef = regression.coef_ / scaler.scale_  # fold the scaling into the weights
+    intercept = regression.intercept_ - coef @ scaler.mean_
+    if coef.shape[0] == 1:  # binary: the decision is coef . x + b > 0, i.e. argmax over [0, that]
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    test_counts = Counter(y_test.tolist())
+    return LinearThoughtProbe(
+        classes=tuple(str(c) for c in regression.classes_),
+        pipeline=pipeline,
+        weight=torch.from_numpy(np.ascontiguousarray(coef, dtype=np.float64)),
+        bias=torch.from_numpy(np.ascontiguousarray(intercept, dtype=np.float64)),
+        held_out_accuracy=float(pipeline.score(x_test, y_test)),
+        chance_accuracy=max(test_counts.values()) / n_test,
+        train_counts=dict(sorted(Counter(y_train.tolist()).items())),
+        test_counts=dict(sorted(test_counts.items())),
+        stratified=stratified,
+    )
+
+
+# ---- mode 1: the probe -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifiedThought:
+    """One thought of one row.
+
+    Attributes:
+        index: its place among the row's thoughts (0, 1, ...).
+        label: SEAL's keyword class, one of ``surgery.thoughts.THOUGHT_CLASSES``.
+        text: the thought's text (not stripped).
+        position: position id (0 at the row's first prompt token) of the token completing its
+            opening "\\n\\n"; its state is the row's ``states[index]``.
+        predicted: the linear probe's label for that state, or None without a probe.
+    """
+
+    index: int
+    label: str
+    text: str
+    position: int
+    predicted: str | None = None
+
+
+@dataclass
+class ClassifiedThoughts:
+    """What :class:`ThoughtClassifier` found in the last run, per batch row.
+
+    Attributes:
+        thoughts: per row, its thoughts in order.
+        states: per row, ``[n_thoughts, d_model]``: row ``i``'s ``states[i][j]`` is the site's
+            value at ``thoughts[i][j].position`` (on the model's device, in its dtype).
+        site: the site read (resolved, e.g. ``"resid_pre.3"``).
+        n_recorded: vectors kept while decoding (one per ``OnText`` hit, prompt included),
+            before the selection of one per thought.
+    """
+
+    thoughts: list[list[ClassifiedThought]]
+    states: list[Tensor]
+    site: str
+    n_recorded: int
+
+    def labels(self) -> list[str]:
+        """Every thought's keyword label, rows concatenated."""
+        return [t.label for row in self.thoughts for t in row]
+
+    def predicted(self) -> list[str | None]:
+        """Every thought's linear-probe label (None without a probe), rows concatenated."""
+        return [t.predicted for row in self.thoughts for t in row]
+
+    def all_states(self) -> Float[Tensor, "n d_model"]:
+        """Every thought's state, rows concatenated: ``[n, d_model]`` (aligned with :meth:`labels`)."""
+        return torch.cat(self.states)
+
+    def states_by_label(self) -> dict[str, Tensor]:
+        """Label -> ``[n_label, d_model]`` states of that label over all rows (every class, maybe empty)."""
+        states, labels = self.all_states(), self.labels()
+        return {c: states[[i for i, label in enumerate(labels) if label == c]] for c in THOUGHT_CLASSES}
+
+    def counts(self) -> dict[str, int]:
+        """Label -> number of thoughts over all rows (every class, zeros included)."""
+        found = Counter(self.labels())
+        return {c: found[c] for c in THOUGHT_CLASSES}
+
+
+@dataclass(frozen=True)
+class ThoughtClassifierConfig:
+    site: str = field(default="resid_pre.-1", metadata={"help": "where to read each thought's state"})
+    separator: str = field(default="\n\n", metadata={"help": 'the thought separator (only "\\n\\n": surgery.thoughts splits at newline runs)'})
+    when: Trigger = field(default_factory=lambda: OnText("\n\n"), metadata={"help": "where states are recorded (OnText(separator))"})
+    probe_classes: tuple[str, ...] = field(default=(), metadata={"help": "the linear probe's labels (empty: no probe)"})
+
+
+@register_block("thought_classifier")
+class ThoughtClassifier(Probe):
+    """Label SEAL's thoughts by keywords and keep each thought's state at ``site``.
+
+    Paper: SEAL, arXiv 2504.07986, §3 (thoughts, classes, representative states); see the
+    module docstring for the text that is read and the deviations.
+
+    While the model runs it keeps only the vectors at the tokens where the text reaches the
+    separator (``OnText``) and the fed token ids; :meth:`result` labels the thoughts and pairs
+    each with its state. With ``linear_probe`` every recorded state is also labelled on the
+    device as it is recorded, reported as ``ClassifiedThought.predicted``.
+
+    Args:
+        site: any site but ``logits`` (default ``"resid_pre.-1"``; SEAL: ``"resid_pre.20"`` for
+            R1-Distill-Qwen-1.5B/7B).
+        separator: ``"\\n\\n"``, the only separator :mod:`surgery.thoughts` knows.
+        linear_probe: a :class:`LinearThoughtProbe` (from :func:`fit_linear_probe`) of the same
+            width as the site, to label separators online.
+
+    Example::
+
+        with surgery.trace(model, ThoughtClassifier("resid_pre.20")) as tr:
+            tr.generate(["What is 7 * 8?"], max_new_tokens=256, chat=True)
+        found = tr.blocks[0].result()
+        [(t.label, t.position) for t in found.thoughts[0]], found.states[0].shape
+    """
+
+    def __init__(self, site: str = "resid_pre.-1", separator: str = "\n\n", linear_probe: LinearThoughtProbe | None = None):
+        if separator != "\n\n":
+            raise ValueError(
+                f'ThoughtClassifier supports only separator="\\n\\n", got {separator!r}: SEAL thoughts '
+                "(surgery.thoughts) are split at runs of two or more newlines"
+            )
+        if linear_probe is not None and not isinstance(linear_probe, LinearThoughtProbe):
+            raise TypeError(f"linear_probe must be a LinearThoughtProbe (from fit_linear_probe), got {type(linear_probe).__name__}")
+        self.config = ThoughtClassifierConfig(
+            site=site,
+            separator=separator,
+            when=OnText(separator),
+            probe_classes=linear_probe.classes if linear_probe is not None else (),
+        )
+        self.linear_probe = linear_probe
+        self._model = None
+        self.reset(0)
+
+    def sites(self) -> tuple[str, ...]:
+        return (self.config.site,)
+
+    def bind(self, model) -> None:
+        site = model.resolve_site(self.config.site)
+        if site.kind == "logits":
+            raise ValueError(
+                "ThoughtClassifier cannot read 'logits' (the prefill computes them at the last position only): "
+                "pick a residual site such as 'resid_pre.-1'"
+            )
+        width = model.site_width(site)
+        if self.linear_probe is not None:
+            if self.linear_probe.d_model != width:
+                raise ValueError(
+                    f"the linear probe was fit on {self.linear_probe.d_model}-wide states, but {site} of "
+                    f"{model.name} is {width} wide: fit it on states from this site"
+                )
+            self._weight = self.linear_probe.weight.to(device=model.device, dtype=torch.float32)
+            self._bias = self.linear_probe.bias.to(device=model.device, dtype=torch.float32)
+        self.config.when.bind(model)
+        self._model, self._site, self._width = model, str(site), width
+
+    def reset(self, batch_size: int) -> None:
+        self._prompt: tuple[Tensor, Tensor] | None = None  # (token ids, valid), [batch, pos]
+        self._fed: list[tuple[Tensor, Tensor]] = []  # per decode step: (token ids, valid), [batch]
+        self._hits: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []  # rows, positions, values, predicted
+
+    def observe(self, site: str, value: Tensor, step: Step) -> None:
+        if step.is_rerun:  # representation recycling re-runs a position: keep its first pass
+            return
+        if step.is_prefill:
+            self._prompt = (step.token_ids, step.valid)
+        else:
+            self._fed.append((step.token_ids[:, 0], step.valid[:, 0]))
+        rows, columns = self.config.when(step).nonzero(as_tuple=True)
+        values = value[rows, columns].clone()
+        predicted = None
+        if self.linear_probe is not None:
+            predicted = (values.float() @ self._weight.T + self._bias).argmax(dim=-1)
+        self._hits.append((rows, step.positions[rows, columns], values, predicted))
+
+    def result(self) -> ClassifiedThoughts:
+        if self._model is None or self._prompt is None:
+            raise RuntimeError("ThoughtClassifier has no result yet: run tr.generate(...) or tr.run(...) in a trace first")
+        model = self._model
+        prompt_ids, prompt_valid = (t.cpu() for t in self._prompt)
+        batch = prompt_ids.shape[0]
+        prompts = [prompt_ids[i][prompt_valid[i]].tolist() for i in range(batch)]
+        if self._fed:
+            fed = torch.stack([t for t, _ in self._fed], dim=1).cpu()
+            fed_valid = torch.stack([v for _, v in self._fed], dim=1).cpu()
+            completions = [fed[i][fed_valid[i]].tolist() for i in range(batch)]
+        else:  # tr.run: the prompt is the trace
+            completions, prompts = prompts, [[] for _ in range(batch)]
+
+        rows, positions, values, predicted = (list(parts) for parts in zip(*self._hits))
+        rows, positions = torch.cat(rows).tolist(), torch.cat(positions).tolist()
+        values = torch.cat(values)
+        predicted = torch.cat(predicted).tolist() if self.linear_probe is not None else None
+        where = {(row, position): k for k, (row, position) in enumerate(zip(rows, positions))}
+
+        texts = model.vocabulary_texts
+        all_thoughts, all_states = [], []
+        for i in range(batch):
+            found = thought_positions(model, prompts[i], completions[i])
+            text = _read_as(model, prompts[i]) + "".join(texts[t] for t in completions[i])
+            pieces = split_thoughts(text)
+            if [label for _, label in found] != [p.label for p in pieces]:  # same rules, same text
+                raise RuntimeError("ThoughtClassifier: thought_positions and split_thoughts disagree; please report this")
+            keep, thoughts = [], []
+            for piece, (position, label) in zip(pieces, found):
+                k = where.get((i, position))
+                if k is None:
+                    raise RuntimeError(
+                        f"ThoughtClassifier recorded no state at row {i}, position {position} (a thought's separator); "
+                        "please report this"
+                    )
+                keep.append(k)
+                guess = self.linear_probe.classes[predicted[k]] if predicted is not None else None
+                thoughts.append(ClassifiedThought(len(thoughts), label, piece.text, position, guess))
+            all_thoughts.append(thoughts)
+            all_states.append(values[torch.tensor(keep, dtype=torch.long, device=values.device)])
+        return ClassifiedThoughts(all_thoughts, all_states, self._site, len(rows))
+
+
+def _read_as(model, prompt_ids: list[int]) -> str:
+    """``"<think>"`` when the prompt ends inside a think span, as ``thought_positions`` reads it."""
+    open_id, close_id = model.think_token_ids
+    inside = False
+    for token in prompt_ids:
+        inside = True if token == open_id else False if token == close_id else inside
+    return THINK_OPEN if open_id is not None and inside else ""
