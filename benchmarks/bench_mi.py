@@ -6,8 +6,10 @@ Random vectors (scale 30, like residual streams), no model. All rows use float64
 probe computes in (float32 is off by 1e-2..1e-1 relative, see probes/mi.py). Rows, each timed
 ``--reps`` times in interleaved order after one warm-up, median reported:
 
-  batched           probes.mi: one batched LU for all tokens, Ry computed once and kept as a
-                    truncated SVD (rank r): ≈ ⅔·d³ + O(d²·r) FLOPs per token
+  batched           probes.mi: Ry computed once and kept as a truncated SVD (rank r); each
+                    token's Kx factored by a batched pivoted Cholesky (rank q, ~24 on real
+                    SmolLM2 states) and the trace taken through the push-through identity:
+                    O(d·q² + d·q·r + q³) per token; an exact batched LU when q would be large
   loop_cached_ry    a Python loop over tokens of the literal formula with Ry computed once:
                     Rx = K̃x · inv(K̃x + εmI), tr(Rx · Ry)  (≈ 6.7·d³ per token)
   loop_as_released  the same loop recomputing Ry for every token, as the released code does

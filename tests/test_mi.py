@@ -47,6 +47,21 @@ def test_batched_nhsic_equals_float64_transcription(d, scale):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("scale, low_rank", [(30.0, True), (1000.0, False)])
+def test_both_token_side_paths_equal_the_transcription(scale, low_rank):
+    """Residual-like vectors take the low-rank (pivoted Cholesky) path; very spread ones fall
+    back to the exact LU solve. Both must give the formula's value."""
+    from probes.mi import KX_MAX_RANK, _kernel_factor
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 576, generator=g, dtype=torch.float64) * scale
+    x[:, :3] *= 15  # a few outlier coordinates
+    y = torch.randn(576, generator=g, dtype=torch.float64) * 30
+    assert (_kernel_factor(x, 50.0, KX_MAX_RANK) is not None) == low_rank
+    want = torch.tensor([reference_nhsic(xi, y) for xi in x], dtype=torch.float64)
+    torch.testing.assert_close(nhsic(x, y), want, rtol=1e-4, atol=0)
+
+
 def test_nhsic_broadcasts_a_batch_of_answers():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 48, generator=g) * 20, torch.randn(4, 48, generator=g) * 20
