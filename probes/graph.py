@@ -58,6 +58,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from surgery.blocks import Probe, register_block
+from surgery.results import SavedResult
 from surgery.step import Step
 
 __all__ = [
@@ -601,7 +602,7 @@ def cycle_detection_ratio(metrics: Sequence[GraphMetrics]) -> float:
 
 
 @dataclass
-class GraphAnalysis:
+class GraphAnalysis(SavedResult):
     """Everything :func:`analyse` found.
 
     Attributes:

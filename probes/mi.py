@@ -55,6 +55,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from surgery.blocks import Probe, register_block
+from surgery.results import SavedResult
 from surgery.engine import encode_prompts
 from surgery.sites import hook_site
 from surgery.step import Step
@@ -333,7 +334,7 @@ class MIEstimatorConfig:
 
 
 @dataclass
-class MIResult:
+class MIResult(SavedResult):
     """What :class:`MIEstimator` measured, one entry per prompt row.
 
     Attributes:

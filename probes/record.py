@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from surgery.blocks import Probe, register_block
+from surgery.results import SavedResult
 from surgery.step import Step
 from surgery.triggers import Always, Trigger
 
@@ -36,7 +37,7 @@ class RecordSiteConfig:
 
 
 @dataclass
-class RecordedStates:
+class RecordedStates(SavedResult):
     """Recorded vectors, one per fired (row, position), in the order they were seen.
 
     Attributes:

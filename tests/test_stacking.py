@@ -40,3 +40,29 @@ def test_all_four_stack_and_each_row_behaves_as_alone(tiny):
         alone_positions, alone_values = alone_recorded.for_row(0)
         assert positions.tolist() == alone_positions.tolist()
         torch.testing.assert_close(values, alone_values, rtol=1e-4, atol=1e-4)
+
+
+def probes_run(model, prompts, answers, words, eos):
+    from probes import MIEstimator, ReasoningGraph, ThoughtClassifier
+
+    mi, thoughts, graph = MIEstimator(answers=answers), ThoughtClassifier("resid_pre.1"), ReasoningGraph(n_clusters=2)
+    steer = SteeringVector(torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 5, layer=1)
+    rr = RepresentationRecycling(layer=0, trigger_words=words)
+    with surgery.trace(model, steer, mi, rr, thoughts, graph) as tr:
+        out = tr.generate(prompts, 28, chat=True, eos_token_ids=[eos])
+    return out, mi.result(out), thoughts.result(), graph.result()
+
+
+def test_the_three_probes_stack_with_interventions_and_rows_behave_as_alone(tiny):
+    eos = surgery.generate(tiny, PROMPTS, 12, chat=True).token_ids[0][5]
+    words, answers = frequent_words(tiny), ["8", "56", "Wait", "30"]
+    out, mi, thoughts, steps = probes_run(tiny, PROMPTS, answers, words, eos)
+    assert sum(len(v) for v in mi.values) == sum(out.lengths)
+    assert sum(map(len, thoughts.thoughts)) > 0 and sum(len(s) for s in steps) > 0
+    for i, prompt in enumerate(PROMPTS):
+        alone, alone_mi, alone_thoughts, alone_steps = probes_run(tiny, [prompt], [answers[i]], words, eos)
+        assert alone.token_ids[0] == out.token_ids[i]
+        torch.testing.assert_close(alone_mi.values[0], mi.values[i], rtol=1e-4, atol=1e-6)
+        assert [(t.label, t.position) for t in alone_thoughts.thoughts[0]] == [(t.label, t.position) for t in thoughts.thoughts[i]]
+        torch.testing.assert_close(alone_thoughts.states[0], thoughts.states[i], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(alone_steps[0], steps[i], rtol=1e-4, atol=1e-4)
