@@ -31,6 +31,8 @@ bench: setup
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_interventions.py
 	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_mi.py
+	$(PY) benchmarks/bench_graph.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
