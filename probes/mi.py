@@ -55,9 +55,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from surgery.blocks import Probe, register_block
+from surgery.capture import states_at
 from surgery.results import SavedResult
-from surgery.engine import encode_prompts
-from surgery.sites import hook_site
 from surgery.step import Step
 
 __all__ = [
@@ -382,10 +381,6 @@ class MIResult(SavedResult):
             plt.close(fig)
 
 
-class _Captured(Exception):
-    """Stops the answer forward once the site has been read."""
-
-
 @register_block("mi_estimator")
 class MIEstimator(Probe):
     """Per-token MI between the emitting state ``h_t`` and the answer state ``h_y`` (MI peaks).
@@ -439,30 +434,9 @@ class MIEstimator(Probe):
 
     @staticmethod
     def _last_token_states(model, site, texts: list[str]) -> Float[Tensor, "n d"]:
-        """The site's value at each text's last token, one left-padded forward (float64)."""
-        ids, attention = encode_prompts(model, texts)
-        kept: list[Tensor] = []
-
-        def capture(value: Tensor) -> Tensor:
-            kept.append(value[:, -1].detach().to(torch.float64, copy=True))  # left padding: last = last token
-            raise _Captured
-
-        module, kind = model.architecture.module_for(model.module, site)
-        handle = hook_site(module, kind, capture)
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        try:
-            with torch.inference_mode():
-                model.module(
-                    input_ids=ids.to(model.device),
-                    attention_mask=attention.to(model.device),
-                    position_ids=position_ids.to(model.device),
-                    use_cache=False,
-                )
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        return kept[0]
+        """The site's value at each text's last token, one forward (float64)."""
+        rows = [model.tokenizer(text)["input_ids"] for text in texts]
+        return states_at(model, site, rows, [[len(row) - 1] for row in rows]).to(torch.float64)
 
     def reset(self, batch_size: int) -> None:
         n = len(self.config.answers or ())

@@ -10,7 +10,7 @@ MODULES = [
     "surgery.trace", "surgery.triggers", "surgery.kernels.reference", "surgery.cli", "surgery.demo",
     "surgery.text_match", "surgery.thoughts", "interventions.steering", "interventions.token_mask",
     "interventions.thinking_tokens", "interventions.recycling",
-    "probes.mi", "probes.graph", "probes.thought_classifier", "surgery.results",
+    "probes.mi", "probes.graph", "probes.thought_classifier", "surgery.results", "surgery.capture",
     "interventions.residual_add", "probes.record",
 ]
 
