@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,6 +70,33 @@ def _load_gguf(path: Path):
     return module, tokenizer
 
 
+def _fill_cache(module, tokenizer, target: Path, source: Path) -> None:
+    """Save the weights to ``target`` atomically (staging folder, then rename).
+
+    A cache that cannot be written is skipped with a warning: the weights in memory still serve.
+    An interruption leaves no partial cache behind.
+    """
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        module.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "complete").write_text(str(source) + "\n")
+        if target.exists():  # a stale, incomplete copy
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except OSError as error:
+        warnings.warn(
+            f"could not cache the dequantised weights in {target.parent} ({error}); the next load will "
+            "dequantise again. Set SURGERY_CACHE to a writable folder.",
+            stacklevel=3,
+        )
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _cached_gguf(path: Path):
     """Load a GGUF file through the float32 cache (filled on first use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,22 +108,7 @@ def _cached_gguf(path: Path):
         # the dequantised weights are plain float32 now: drop the GGUF marker so they can be saved
         module.hf_quantizer = None
         module.config.quantization_config = None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-        try:
-            module.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / "complete").write_text(str(path) + "\n")
-            if target.exists():  # a stale, incomplete copy
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not (target / "complete").exists():
-                return module, tokenizer  # a read-only cache: use the weights in memory
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        _fill_cache(module, tokenizer, target, source=path)
         return module, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(target)
     module = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)

@@ -61,3 +61,31 @@ def test_embedded_model_loads_from_the_wheel_and_then_from_the_cache(monkeypatch
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert first.tokenizer("a\n\nWait")["input_ids"] == second.tokenizer("a\n\nWait")["input_ids"]
     assert first.tokenizer.chat_template == second.tokenizer.chat_template
+
+
+def test_an_unwritable_cache_warns_and_still_loads(monkeypatch, tmp_path, tiny_llama):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not read: _load_gguf is replaced")
+    monkeypatch.setattr(loading, "_load_gguf", lambda path: (tiny_llama.module, tiny_llama.tokenizer))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SURGERY_CACHE", str(blocker / "cache"))  # its parent is a file: mkdir fails
+    with pytest.warns(UserWarning, match="could not cache the dequantised weights"):
+        module, tokenizer = loading._cached_gguf(gguf)
+    assert module is tiny_llama.module
+
+
+def test_the_cache_is_written_whole_and_then_read(monkeypatch, tmp_path, tokenizer):
+    from conftest import tiny_model
+
+    model = tiny_model("llama", tokenizer)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"x")
+    monkeypatch.setattr(loading, "_load_gguf", lambda path: (model.module, model.tokenizer))
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    loading._cached_gguf(gguf)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert (entry / "complete").exists() and not list((tmp_path / "cache").glob(".staging-*"))
+    monkeypatch.setattr(loading, "_load_gguf", lambda path: pytest.fail("the cache should be used"))
+    again, _ = loading._cached_gguf(gguf)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.module.state_dict().values()))
