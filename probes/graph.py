@@ -208,7 +208,7 @@ class ReasoningGraph(Probe):
         self._steps = None
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
-        if step.is_prefill or step.is_rerun:
+        if step.is_prefill:
             return
         self._steps = None
         tokens, valid = step.token_ids[:, -1], step.valid[:, -1]

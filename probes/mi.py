@@ -26,7 +26,8 @@ Deviations from the released code:
   (push-through identity): ``O(d·q² + d·q·r + q³)`` per token instead of ≈ 12·d³. When q would
   exceed ``min(KX_MAX_RANK, d/3)`` the step falls back to one exact batched LU. The tests check
   both paths against the literal float64 formula to 1e-4 relative.
-- representation-recycling re-runs (``step.is_rerun``) are ignored: the first pass is kept.
+- representation-recycling re-runs are not observed (the trace calls no probe for them): the
+  first pass is kept.
 - rows that have finished are still computed in the batched solve (no host sync per step) and
   dropped in :meth:`MIEstimator.result`; pass the generation output, ``result(out)``, to cut
   each row to exactly its generated tokens.
@@ -47,7 +48,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -448,8 +448,6 @@ class MIEstimator(Probe):
         self._records = []
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
-        if step.is_rerun:  # representation recycling re-runs a position: keep its first pass
-            return
         # The last position of every forward emits the next token (prompts are left-padded).
         mi = _nhsic_given_factors(value[:, -1], *self._ry, self.config.sigma, self.config.epsilon)
         self._records.append((mi, step.valid[:, -1]))

@@ -84,8 +84,6 @@ class RecordSite(Probe):
         self._parts = []
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
-        if step.is_rerun:  # representation recycling re-runs a position: keep its first pass
-            return
         fire = self.config.when(step)
         rows, columns = fire.nonzero(as_tuple=True)
         self._parts.append(

@@ -423,8 +423,6 @@ class ThoughtClassifier(Probe):
         self._hits: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []  # rows, positions, values, predicted
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
-        if step.is_rerun:  # representation recycling re-runs a position: keep its first pass
-            return
         if step.is_prefill:
             self._prompt = (step.token_ids, step.valid)
         else:

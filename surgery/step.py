@@ -67,7 +67,8 @@ class Step:
         text_states: each tracked string's matcher state after each fed token, ``[batch, pos]``
             (what :meth:`~surgery.text_match.TextMatcher.completions` needs).
         is_rerun: True while the engine recomputes this step's last position (representation
-            recycling); blocks that record what they did skip re-runs, so nothing counts twice.
+            recycling). Probes are not called for re-runs; interventions that record where they
+            acted skip them, so nothing counts twice.
     """
 
     index: int

@@ -7,7 +7,8 @@ forward pass the user makes on ``model.module`` directly inside the ``with`` blo
 through the hooks untouched (there is no :class:`~surgery.step.Step` to decide triggers).
 
 At one site, interventions run in the order they were added and probes then see the value
-after all of them. One trace at a time per model: a second, nested one is refused (add all the
+after all of them. When the engine recomputes a position (representation recycling), the
+interventions edit the re-run too, but probes are not called again: they keep the first pass. One trace at a time per model: a second, nested one is refused (add all the
 blocks to one trace instead).
 
 Example:
@@ -120,8 +121,9 @@ class Trace:
             interventions, probes = self._routes[site]
             for block in interventions:
                 value = block.edit(site, value, step)
-            for probe in probes:
-                probe.observe(site, value, step)
+            if not step.is_rerun:  # probes see a recomputed position's first pass only
+                for probe in probes:
+                    probe.observe(site, value, step)
             return value
 
         return route

@@ -118,3 +118,17 @@ def test_bad_settings_are_clear_errors(tiny_llama):
         RepresentationRecycling(layer=0, probability=0.0)
     with pytest.raises(ValueError, match="non-empty trigger words"):
         RepresentationRecycling(layer=0, trigger_words=())
+
+
+def test_probes_see_each_recycled_position_once(tiny):
+    from probes import RecordSite
+
+    rr = RepresentationRecycling(layer=1, trigger_words=frequent_words(tiny))
+    record = RecordSite("resid_post.0")
+    with surgery.trace(tiny, rr, record) as tr:
+        out = tr.generate(PROMPTS, 16, chat=True)
+    assert sum(map(len, rr.fired())) > 0
+    found = record.result()
+    pairs = list(zip(found.rows.tolist(), found.positions.tolist()))
+    assert len(pairs) == len(set(pairs))  # no position recorded twice
+    assert len(pairs) == sum(out.prompt_lengths) + sum(n - 1 for n in out.lengths)
