@@ -1,20 +1,9 @@
-"""Interventions: blocks that change what the model computes, inside a surgery trace."""
+"""Interventions: blocks that change what the model computes, inside a surgery trace.
 
-from interventions.recycling import RepresentationRecycling, RepresentationRecyclingConfig
-from interventions.residual_add import ResidualAdd, ResidualAddConfig
-from interventions.steering import SteeringVector, seal_trigger
-from interventions.thinking_tokens import ThinkingTokenInsertion, ThinkingTokenInsertionConfig
-from interventions.token_mask import TokenMask, TokenMaskConfig
+Every public name of every module here is exported (see :mod:`surgery.discovery`): a new
+intervention is its module and its test file, nothing else.
+"""
 
-__all__ = [
-    "RepresentationRecycling",
-    "RepresentationRecyclingConfig",
-    "ResidualAdd",
-    "ResidualAddConfig",
-    "SteeringVector",
-    "ThinkingTokenInsertion",
-    "ThinkingTokenInsertionConfig",
-    "TokenMask",
-    "TokenMaskConfig",
-    "seal_trigger",
-]
+from surgery.discovery import export_modules
+
+__all__ = export_modules(__name__, __path__, globals())

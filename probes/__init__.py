@@ -1,69 +1,9 @@
-"""Probes: blocks that observe a model inside a surgery trace and report a result."""
+"""Probes: blocks that observe a model inside a surgery trace and report a result.
 
-from probes.graph import (
-    GraphAnalysis,
-    GraphMetrics,
-    ReasoningGraph,
-    ReasoningGraphConfig,
-    StepClusters,
-    analyse,
-    build_graph,
-    cycle_detection_ratio,
-    fit_clusters,
-    graph_metrics,
-    kmeans_torch,
-    plot_trajectory,
-)
-from probes.mi import (
-    RY_RANK_TOLERANCE,
-    MIEstimator,
-    MIEstimatorConfig,
-    MIResult,
-    PeakStats,
-    hsic_across_examples,
-    nhsic,
-    tukey_peaks,
-)
-from probes.record import RecordedStates, RecordSite, RecordSiteConfig
-from probes.thought_classifier import (
-    ClassifiedThought,
-    ClassifiedThoughts,
-    LinearThoughtProbe,
-    ThoughtClassifier,
-    ThoughtClassifierConfig,
-    classify_text,
-    fit_linear_probe,
-)
+Every public name of every module here is exported (see :mod:`surgery.discovery`): a new probe
+is its module and its test file, nothing else.
+"""
 
-__all__ = [
-    "ClassifiedThought",
-    "ClassifiedThoughts",
-    "GraphAnalysis",
-    "GraphMetrics",
-    "LinearThoughtProbe",
-    "MIEstimator",
-    "MIEstimatorConfig",
-    "MIResult",
-    "PeakStats",
-    "RY_RANK_TOLERANCE",
-    "ReasoningGraph",
-    "ReasoningGraphConfig",
-    "RecordSite",
-    "RecordSiteConfig",
-    "RecordedStates",
-    "StepClusters",
-    "ThoughtClassifier",
-    "ThoughtClassifierConfig",
-    "analyse",
-    "build_graph",
-    "classify_text",
-    "cycle_detection_ratio",
-    "fit_clusters",
-    "fit_linear_probe",
-    "graph_metrics",
-    "hsic_across_examples",
-    "kmeans_torch",
-    "nhsic",
-    "plot_trajectory",
-    "tukey_peaks",
-]
+from surgery.discovery import export_modules
+
+__all__ = export_modules(__name__, __path__, globals())
