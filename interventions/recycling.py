@@ -79,6 +79,8 @@ class RepresentationRecycling(Intervention):
         seed: seed of the coin flips.
     """
 
+    config_class = RepresentationRecyclingConfig
+
     def __init__(self, layer: int, trigger_words=RR_TRIGGER_WORDS, probability: float = 1.0, seed: int = 0):
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"layer must be a block index (int), got {layer!r}")

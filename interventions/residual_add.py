@@ -53,6 +53,8 @@ class ResidualAdd(Intervention):
         when: a trigger (default: every position).
     """
 
+    config_class = ResidualAddConfig
+
     # `vector` is checked here with errors for people (not by jaxtyping), hence the plain annotation
     def __init__(self, vector: Tensor, site: str = "resid_pre.0", alpha: float = 1.0, when: Trigger | None = None):
         if not isinstance(vector, Tensor) or vector.ndim != 1:

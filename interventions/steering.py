@@ -32,8 +32,8 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,16 +46,23 @@ from surgery.engine import encode_prompts
 from surgery.capture import states_at
 from surgery.sites import Site
 from surgery.thoughts import THOUGHT_CLASSES, thought_positions
-from surgery.triggers import InThink, OnTokens, Trigger
+from surgery.saving import load_blocks, save_blocks
+from surgery.triggers import InThink, OnText, OnTokens, Trigger
 
-__all__ = ["SteeringVector", "seal_trigger"]
-
-_FORMAT = "surgery.steering_vector/1"
+__all__ = ["SteeringVector", "SteeringVectorConfig", "seal_trigger"]
 
 
 def seal_trigger() -> Trigger:
     """SEAL's trigger: the fed token contains "\\n\\n" and the row is inside ``<think>``."""
     return OnTokens("\n\n") & InThink()
+
+
+@dataclass(frozen=True)
+class SteeringVectorConfig:
+    site: str = field(default="resid_pre.0", metadata={"help": "where to add: resid_pre.L (SEAL) or another residual site"})
+    alpha: float = field(default=1.0, metadata={"help": "scale of the vector (SEAL: 1.0)"})
+    when: Trigger = field(default_factory=seal_trigger, metadata={"help": "where it fires (SEAL: '\\n\\n' inside <think>)"})
+    metadata: dict = field(default_factory=dict, metadata={"help": "where the vector came from (model, site, class counts)"})
 
 
 @register_block("steering_vector")
@@ -73,6 +80,8 @@ class SteeringVector(ResidualAdd):
             checked against the model when the vector is attached.
     """
 
+    config_class = SteeringVectorConfig
+
     def __init__(
         self,
         vector: Tensor,
@@ -86,7 +95,25 @@ class SteeringVector(ResidualAdd):
             raise ValueError(f"layer must be a block index (int), got {layer!r}")
         kind = Site.parse(f"{site}.{layer}").kind
         super().__init__(vector, site=f"{kind}.{layer}", alpha=alpha, when=when if when is not None else seal_trigger())
-        self.metadata = dict(metadata or {})
+        base = self.config
+        self.config = SteeringVectorConfig(base.site, base.alpha, base.when, dict(metadata or {}))
+
+    @property
+    def metadata(self) -> dict:
+        """Where the vector came from: model, architecture, width, site, class counts."""
+        return self.config.metadata
+
+    @classmethod
+    def from_config(cls, config: SteeringVectorConfig, tensors: dict[str, Tensor]) -> SteeringVector:
+        site = Site.parse(config.site)
+        return cls(tensors["vector"], layer=site.layer, alpha=config.alpha, site=site.kind, when=config.when,
+                   metadata=config.metadata)
+
+    @classmethod
+    def example(cls, model, identity: bool = False) -> SteeringVector:
+        vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 4
+        return cls(vector.to(device=model.device, dtype=model.dtype), layer=model.n_layers // 2,
+                   alpha=0.0 if identity else 1.0, when=OnText("\n\n"))
 
     def bind(self, model) -> None:
         made_for = self.metadata.get("architecture")
@@ -112,6 +139,12 @@ class SteeringVector(ResidualAdd):
         **options,
     ) -> SteeringVector:
         """Build SEAL's vector from reasoning traces: mean(execution) - mean(reflection ∪ transition).
+
+        Each completion is cut into thoughts by :func:`surgery.thoughts.split_thoughts`: a maximal
+        run of blank lines is one separator, so empty thoughts (the pieces between the newlines
+        of one run, e.g. "\\n\\n\\n\\n") are not thoughts and add no state; text before the first
+        separator is not a thought either. Each thought's state is read at the token that
+        completes its opening "\\n\\n".
 
         Args:
             model: the wrapped model.
@@ -169,30 +202,13 @@ class SteeringVector(ResidualAdd):
 
     # ---- saving ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the vector and its config/metadata as safetensors; returns the path."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        header = {
-            "format": _FORMAT,
-            "config": json.dumps(self.to_dict()["config"]),
-            "metadata": json.dumps(self.metadata),
-        }
-        save_file({"vector": self.vector.detach().to("cpu").contiguous()}, str(path), metadata=header)
-        return path
+        """Write the vector, its config and metadata to one safetensors file (:func:`surgery.saving.save_blocks`)."""
+        return save_blocks(path, [self])
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SteeringVector:
         """Read a vector written by :meth:`save` (config, trigger and metadata included)."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as file:
-            header = file.metadata() or {}
-            if header.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a surgery steering vector (format {header.get('format')!r})")
-            vector = file.get_tensor("vector")
-        config = json.loads(header["config"])
-        site = Site.parse(config["site"])
-        vector = vector.to(device=device, dtype=dtype or vector.dtype)
-        return cls(vector, layer=site.layer, alpha=config["alpha"], site=site.kind,
-                   when=Trigger.from_dict(config["when"]), metadata=json.loads(header["metadata"]))
+        blocks = load_blocks(path, device=device, dtype=dtype)
+        if len(blocks) != 1 or not isinstance(blocks[0], cls):
+            raise ValueError(f"{path} holds {[b.name for b in blocks]}, not one steering vector: use surgery.saving.load_blocks")
+        return blocks[0]

@@ -73,6 +73,8 @@ class ThinkingTokenInsertion(Intervention):
         first_budget: if set, a row reaching this many generated tokens counts as stopping.
     """
 
+    config_class = ThinkingTokenInsertionConfig
+
     def __init__(
         self,
         words=("Wait",),

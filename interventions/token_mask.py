@@ -60,6 +60,8 @@ class TokenMask(Intervention):
         when: a trigger limiting where the mask applies, e.g. ``StepWindow(0, 200)``.
     """
 
+    config_class = TokenMaskConfig
+
     def __init__(
         self,
         words,

@@ -135,6 +135,8 @@ class ReasoningGraph(Probe):
         plot_trajectory(steps[0], found.labels[0], found.centers, "row0.png")
     """
 
+    config_class = ReasoningGraphConfig
+
     def __init__(
         self,
         site: str | None = None,

@@ -406,6 +406,8 @@ class MIEstimator(Probe):
         mi.result(out).stats[0].count
     """
 
+    config_class = MIEstimatorConfig
+
     def __init__(
         self, site: str = "resid_post.-1", answers: list[str] | None = None, sigma: float = 50.0, epsilon: float = 1e-5
     ):

@@ -67,6 +67,8 @@ class RecordSite(Probe):
         when: a trigger (default: every position).
     """
 
+    config_class = RecordSiteConfig
+
     def __init__(self, site: str = "resid_post.-1", when: Trigger | None = None):
         self.config = RecordSiteConfig(site=site, when=when if when is not None else Always())
         self._parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []

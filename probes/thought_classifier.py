@@ -377,6 +377,8 @@ class ThoughtClassifier(Probe):
         [(t.label, t.position) for t in found.thoughts[0]], found.states[0].shape
     """
 
+    config_class = ThoughtClassifierConfig
+
     def __init__(self, site: str = "resid_pre.-1", separator: str = "\n\n", linear_probe: LinearThoughtProbe | None = None):
         if separator != "\n\n":
             raise ValueError(

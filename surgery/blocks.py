@@ -22,6 +22,7 @@ Example (a complete intervention):
     ...     factor: float = 1.0
     >>> @register_block("doc_scale")
     ... class Scale(Intervention):
+    ...     config_class = ScaleConfig
     ...     def __init__(self, site="resid_post.0", factor=1.0):
     ...         self.config = ScaleConfig(site, factor)
     ...     def sites(self):
@@ -30,12 +31,21 @@ Example (a complete intervention):
     ...         return value * self.config.factor
     >>> block_class("doc_scale") is Scale
     True
+    >>> Block.from_dict(Scale(factor=2.0).to_dict()).config
+    ScaleConfig(site='resid_post.0', factor=2.0)
+
+A block's constructor takes its config's fields (and its :meth:`~Block.tensors` by name), so
+:meth:`Block.from_dict` can rebuild it; :func:`surgery.saving.save_blocks` writes a list of blocks
+to one file. The contract test (``tests/test_block_contract.py``) runs over every registered
+block, using :meth:`Block.example`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -48,7 +58,10 @@ _REGISTRY: dict[str, type[Block]] = {}
 
 
 def register_block(name: str):
-    """Class decorator: register a block class under ``name`` (unique, lower_snake_case)."""
+    """Class decorator: register a block class under ``name`` (unique, lower_snake_case).
+
+    The class names its frozen config dataclass in ``config_class``.
+    """
     if not name or not name.replace("_", "").isalnum() or name != name.lower():
         raise ValueError(f"block names are lower_snake_case identifiers, got {name!r}")
 
@@ -58,6 +71,9 @@ def register_block(name: str):
         existing = _REGISTRY.get(name)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"block name {name!r} is already taken by {existing.__module__}.{existing.__qualname__}")
+        config_class = getattr(cls, "config_class", None)
+        if not (dataclasses.is_dataclass(config_class) and config_class.__dataclass_params__.frozen):
+            raise TypeError(f"{cls.__name__} must name its frozen config dataclass: config_class = {cls.__name__}Config")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -93,6 +109,7 @@ class Block:
     """
 
     name: ClassVar[str] = ""
+    config_class: ClassVar[type]
     config: Any
 
     def sites(self) -> tuple[str, ...]:
@@ -120,9 +137,44 @@ class Block:
         return {}
 
     def to_dict(self) -> dict:
-        """``{"block": name, "config": {...}}``, JSON-serialisable."""
+        """``{"block": name, "config": {...}}``, JSON-serialisable (:meth:`from_dict` reverses it)."""
         config = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
         return {"block": self.name, "config": _jsonable(config)}
+
+    @staticmethod
+    def from_dict(data: dict, tensors: dict[str, Tensor] | None = None) -> Block:
+        """The block ``data`` describes (a :meth:`to_dict`), with the :meth:`tensors` it had.
+
+        The class is looked up in the registry by ``data["block"]``; the config's triggers and
+        tuples are rebuilt from their JSON form, then :meth:`from_config` makes the block.
+        """
+        cls = block_class(data["block"])
+        return cls.from_config(_config_from_json(cls, data.get("config", {})), dict(tensors or {}))
+
+    @classmethod
+    def from_config(cls, config, tensors: dict[str, Tensor]) -> Block:
+        """Build the block from its config and tensors: ``cls(**config fields, **tensors)``.
+
+        Override when the constructor's arguments differ from the config's fields.
+        """
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, **tensors)
+
+    @classmethod
+    def example(cls, model, identity: bool = False) -> Block:
+        """A small instance that fits ``model``, for the contract test every block must pass.
+
+        With ``identity=True``, settings under which an intervention changes nothing (the
+        tokens equal those of no block at all); probes ignore the flag.
+        """
+        raise NotImplementedError(f"{cls.__name__} must offer example(model, identity) for the block contract test")
+
+    def by_row(self) -> list | None:
+        """What the block did (interventions) or saw (probes) in the last run, one entry per row.
+
+        None when it keeps nothing per row. The contract test checks that a row's entry is the
+        same when the row runs alone as in a batch.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
@@ -153,6 +205,28 @@ def per_row(records: list[tuple[Tensor | int, Tensor]]) -> list[list[int]]:
             else:
                 rows[row].append(int(values))
     return rows
+
+
+def _config_from_json(cls: type[Block], data: dict):
+    """Rebuild a block's config dataclass from JSON: triggers from dicts, tuples from lists."""
+    from surgery.triggers import Trigger
+
+    config_class = cls.config_class
+    hints = typing.get_type_hints(config_class)
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}'s config has no field(s) {unknown}: expected some of {sorted(known)}")
+
+    def rebuild(hint, value):
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if isinstance(value, dict) and "kind" in value and Trigger in kinds:
+            return Trigger.from_dict(value)
+        if isinstance(value, list) and any(k is tuple or typing.get_origin(k) is tuple for k in kinds):
+            return tuple(value)
+        return value
+
+    return config_class(**{name: rebuild(hints[name], value) for name, value in data.items()})
 
 
 def _jsonable(value):

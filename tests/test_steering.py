@@ -90,7 +90,7 @@ def test_loading_onto_another_width_or_architecture_is_a_clear_error(tiny_llama,
     from safetensors.torch import save_file
 
     save_file({"x": torch.ones(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not a surgery steering vector"):
+    with pytest.raises(ValueError, match="not a surgery file"):
         SteeringVector.load(tmp_path / "other.safetensors")
 
 

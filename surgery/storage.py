@@ -1,0 +1,108 @@
+"""The one file format of the toolkit: tensors as safetensors, everything else as JSON in its header.
+
+Saved blocks (:mod:`surgery.saving`) and probe results (:mod:`surgery.results`) are each one
+``.safetensors`` file. Its tensors are plain named tensors; its header holds three strings:
+``format`` (what the file is, e.g. ``"surgery.result"``), ``version`` (an integer, raised when the
+layout changes) and ``json`` (the rest of the document). Reading never unpickles anything, so
+opening a file someone sent you runs none of their code; a pickle, a ``torch.save`` archive, a
+truncated file or a file from a newer version is refused with an error that says which.
+
+Files are written to a temporary name beside the target and renamed into place, so an
+interrupted save leaves the previous file (or none), never half of one.
+
+Example:
+    >>> import tempfile, torch
+    >>> path = write(tempfile.mkdtemp() + "/x.safetensors", "surgery.example", 1, {"a": 1}, {"t": torch.ones(2)})
+    >>> document, tensors = read(path, "surgery.example", 1)
+    >>> document, tensors["t"].tolist()
+    ({'a': 1}, [1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from torch import Tensor
+
+__all__ = ["read", "write"]
+
+
+def write(path: str | os.PathLike, kind: str, version: int, document: dict, tensors: dict[str, Tensor]) -> Path:
+    """Write ``document`` (JSON-serialisable) and ``tensors`` to ``path`` atomically; returns the path.
+
+    Tensors are copied to the CPU first (views and shared storage are fine). Parent folders are
+    created.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": kind, "version": str(int(version)), "json": json.dumps(document)}
+    plain = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(plain, staging, metadata=header)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return path
+
+
+def _not_safetensors(path: Path, error: Exception) -> ValueError:
+    """A clear error for a file that safetensors cannot open, naming what it looks like."""
+    with path.open("rb") as file:
+        start = file.read(8)
+    size = path.stat().st_size
+    if start[:4] == b"PK\x03\x04":
+        what = "a zip archive, as torch.save writes (it holds pickled objects, which surgery never unpickles)"
+    elif start[:1] == b"\x80":
+        what = "a pickle (surgery never unpickles files: they can run code)"
+    elif len(start) == 8 and 8 + struct.unpack("<Q", start)[0] > size or "not fully covered" in str(error):
+        what = "truncated (an interrupted write or copy?)"
+    else:
+        what = f"not a safetensors file ({error})"
+    return ValueError(f"{path} is not a readable surgery file: it is {what}. Save it again with surgery.")
+
+
+def read(path: str | os.PathLike, kind: str, version: int) -> tuple[dict, dict[str, Tensor]]:
+    """Read a file written by :func:`write` as ``kind``: ``(document, tensors)`` (tensors on the CPU).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not ours (a pickle, a ``torch.save`` archive, another safetensors
+            file), is truncated, holds another kind, or was written by a newer version (format
+            version above ``version``).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except SafetensorError as error:
+        raise _not_safetensors(path, error) from None
+    found = header.get("format")
+    if found is None or not found.startswith("surgery."):
+        raise ValueError(f"{path} is a safetensors file but not a surgery file (its header names format {found!r})")
+    if found != kind:
+        raise ValueError(f"{path} holds a {found} file, not a {kind} file")
+    written = int(header.get("version", "0"))
+    if written > version:
+        raise ValueError(
+            f"{path} was written by a newer version of surgery ({kind} format version {written}; this version "
+            f"reads up to {version}): upgrade surgery to read it"
+        )
+    try:
+        document = json.loads(header["json"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is a {kind} file with a damaged header ({error}): save it again") from None
+    return document, tensors
