@@ -7,8 +7,9 @@ budget; then force an answer prompt (" Final Answer within \\boxed{}:") and a sh
 Here a row "would stop" when its next token is an EOS or completes a stop string, when it is
 ``</think>``, or (``first_budget``) when it has generated that many tokens. At such a point,
 while the row has insertions and budget left, the stop token is replaced by the thinking word
-(all its tokens, forced in order) and decoding goes on. ``budget`` counts the tokens a row may
-emit after its first insertion; when they run out, or the row would stop with no insertion
+(all its tokens, forced in order) and decoding goes on. ``budget`` counts the tokens the model
+generates after its first inserted word (the word's own tokens, and those of later insertions,
+are not counted: METHODS.md §2); when they run out, or the row would stop with no insertion
 left, ``answer_prompt`` is forced (if given) and the row gets ``answer_tokens`` more tokens,
 then stops (reason ``"block"``); without an answer prompt a row whose budget ran out stops there.
 Rows insert independently; :meth:`insertions` tells where.
@@ -45,7 +46,7 @@ NORMAL, EXTENDED, ANSWERING = 0, 1, 2
 @dataclass(frozen=True)
 class ThinkingTokenInsertionConfig:
     words: tuple[str, ...] = field(default=("Wait",), metadata={"help": "thinking words, used in turn"})
-    budget: int = field(default=256, metadata={"help": "tokens a row may emit after its first insertion"})
+    budget: int = field(default=256, metadata={"help": "tokens the model may generate after the first inserted word"})
     max_insertions: int = field(default=1, metadata={"help": "insertions per row"})
     answer_prompt: str | None = field(default=None, metadata={"help": "forced when the budget runs out"})
     answer_tokens: int = field(default=16, metadata={"help": "tokens generated after the answer prompt"})
@@ -66,7 +67,8 @@ class ThinkingTokenInsertion(Intervention):
     Args:
         words: the thinking words, inserted in turn (each encoded exactly as given: include a
             leading space, " Wait", to write it as a new word).
-        budget: tokens a row may emit after its first insertion (>= 0; 0 disables the block).
+        budget: tokens the model may generate after the first inserted word, the inserted words
+            not counted (>= 0; 0 disables the block).
         max_insertions: insertions per row (>= 0).
         answer_prompt: text forced when the budget runs out, or None.
         answer_tokens: tokens generated after the answer prompt before the row stops (> 0).
@@ -167,7 +169,8 @@ class ThinkingTokenInsertion(Intervention):
         answering = free & ~done & (self._phase == ANSWERING)
         self._answer_left = self._answer_left - answering.long()
         choice.forced_stop = choice.forced_stop | (answering & (self._answer_left <= 0))
-        self._extra = self._extra + (active & (self._phase == EXTENDED)).long()
+        # the extra budget counts the model's own tokens after the word, never the forced word
+        self._extra = self._extra + (free & ~insert & (self._phase == EXTENDED)).long()
         if not self._answer_length:  # no answer to force: the budget's last token ends the row
             choice.forced_stop = choice.forced_stop | (active & (self._phase == EXTENDED) & (self._extra >= config.budget))
 

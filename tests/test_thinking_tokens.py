@@ -40,7 +40,10 @@ def test_rows_that_stop_early_get_the_word_and_go_on(tiny):
             assert out.token_ids[row][:k] == plain.token_ids[row][:k]
             assert out.token_ids[row][k : k + len(word)] == word
             assert out.lengths[row] > k + len(word) or out.stop_reasons[row] == "length"
-            assert out.lengths[row] <= k + 12  # the extra budget ends the row
+            # 12 model tokens after the word (the word is not counted), unless the row ends earlier
+            assert out.lengths[row] <= k + len(word) + 12
+            if out.stop_reasons[row] == "block":
+                assert out.lengths[row] == k + len(word) + 12
         else:
             assert tts.insertions()[row] == [] and out.token_ids[row] == plain.token_ids[row]
 
@@ -52,15 +55,17 @@ def test_answer_prompt_is_forced_when_the_budget_runs_out(tiny):
     with surgery.trace(tiny, tts) as tr:
         out = tr.generate(PROMPTS, 60, chat=True, eos_token_ids=[eos])
     answer = tiny.tokenizer(" So the answer is", add_special_tokens=False)["input_ids"]
+    word = tiny.tokenizer(" Wait", add_special_tokens=False)["input_ids"]
     checked = 0
     for row, reason in enumerate(plain.stop_reasons):
         if reason != "eos":
             continue
         k, ids = tts.insertions()[row][0], out.token_ids[row]
-        # the answer prompt follows the extension: after the 5-token budget, or earlier where the
-        # row stopped again with no insertion left
-        start = next(j for j in range(k + 1, k + 6) if ids[j : j + len(answer)] == answer)
-        assert start <= k + 5
+        # the answer prompt follows the extension: after the word and the 5-token budget, or
+        # earlier where the row stopped again with no insertion left
+        end = k + len(word) + 5
+        start = next(j for j in range(k + len(word), end + 1) if ids[j : j + len(answer)] == answer)
+        assert start <= end
         if out.stop_reasons[row] == "block":  # then exactly answer_tokens model tokens
             assert len(ids) == start + len(answer) + 3
         checked += 1
@@ -85,7 +90,8 @@ def test_first_budget_counts_as_a_stop(tiny):
     word = tiny.tokenizer(" Wait", add_special_tokens=False)["input_ids"]
     assert tts.insertions() == [[6]] * len(PROMPTS)
     assert all(ids[6 : 6 + len(word)] == word for ids in out.token_ids)
-    assert all(length == 6 + 4 and reason == "block" for length, reason in zip(out.lengths, out.stop_reasons))
+    # the word, then 4 model tokens: the budget does not count the inserted word
+    assert all(length == 6 + len(word) + 4 and reason == "block" for length, reason in zip(out.lengths, out.stop_reasons))
 
 
 def test_batched_equals_alone(tiny):
