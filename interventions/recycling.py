@@ -48,7 +48,7 @@ _MASK32 = 0xFFFFFFFF
 class RepresentationRecyclingConfig:
     layer: int = field(default=0, metadata={"help": "block applied twice (negative from the end)"})
     trigger_words: tuple[str, ...] = field(default=RR_TRIGGER_WORDS, metadata={"help": "thinking tokens that trigger it"})
-    probability: float = field(default=1.0, metadata={"help": "chance a trigger fires (released code: 0.5)"})
+    probability: float = field(default=1.0, metadata={"help": "chance a trigger fires (released code: 0.5; 0: never)"})
     seed: int = field(default=0, metadata={"help": "seed of the coin flips"})
 
 
@@ -75,11 +75,20 @@ class RepresentationRecycling(Intervention):
     Args:
         layer: the block to apply twice (negative counts from the end).
         trigger_words: words whose token (stripped text equal to the word) triggers recycling.
-        probability: chance that a trigger fires, in (0, 1].
+        probability: chance that a trigger fires, in [0, 1] (0 never fires: the identity setting).
         seed: seed of the coin flips.
     """
 
     config_class = RepresentationRecyclingConfig
+
+    @classmethod
+    def example(cls, model, prompts=(), identity: bool = False) -> RepresentationRecycling:
+        # many common words, so that it fires on a random model too; probability 0 never fires
+        words = sorted({t.strip() for t in model.vocabulary_texts if t.strip().isalpha()})[:64]
+        return cls(layer=model.n_layers // 2, trigger_words=words, probability=0.0 if identity else 0.5, seed=1)
+
+    def by_row(self) -> list[list[int]]:
+        return self.fired()
 
     def __init__(self, layer: int, trigger_words=RR_TRIGGER_WORDS, probability: float = 1.0, seed: int = 0):
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -87,8 +96,8 @@ class RepresentationRecycling(Intervention):
         trigger_words = (trigger_words,) if isinstance(trigger_words, str) else tuple(trigger_words)
         if not trigger_words or any(not isinstance(w, str) or not w.strip() for w in trigger_words):
             raise ValueError(f"RepresentationRecycling needs non-empty trigger words, got {trigger_words!r}")
-        if not isinstance(probability, (int, float)) or not 0 < probability <= 1:
-            raise ValueError(f"probability must be in (0, 1], got {probability!r}")
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+            raise ValueError(f"probability must be in [0, 1], got {probability!r}")
         self.config = RepresentationRecyclingConfig(layer, trigger_words, float(probability), int(seed))
         self._records: list[tuple[Tensor, Tensor]] = []
 

@@ -30,7 +30,7 @@ from surgery.blocks import Intervention, per_row, register_block
 from surgery.kernels import masked_add
 from surgery.sites import Site
 from surgery.step import Step
-from surgery.triggers import Always, Trigger
+from surgery.triggers import Always, OnText, StepWindow, Trigger
 
 __all__ = ["ResidualAdd", "ResidualAddConfig"]
 
@@ -54,6 +54,12 @@ class ResidualAdd(Intervention):
     """
 
     config_class = ResidualAddConfig
+
+    @classmethod
+    def example(cls, model, prompts=(), identity: bool = False) -> ResidualAdd:
+        vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 4
+        return cls(vector.to(device=model.device, dtype=model.dtype), site=f"resid_pre.{model.n_layers // 2}",
+                   alpha=0.0 if identity else 1.0, when=OnText("\n\n") | StepWindow(3, 5))
 
     # `vector` is checked here with errors for people (not by jaxtyping), hence the plain annotation
     def __init__(self, vector: Tensor, site: str = "resid_pre.0", alpha: float = 1.0, when: Trigger | None = None):
@@ -110,6 +116,9 @@ class ResidualAdd(Intervention):
         token when ``p < prompt_length``, else generated token ``p - prompt_length``.
         """
         return per_row(self._fired)
+
+    def by_row(self) -> list[list[int]]:
+        return self.fired()
 
     def tensors(self) -> dict[str, Tensor]:
         return {"vector": self.vector}

@@ -110,7 +110,7 @@ class SteeringVector(ResidualAdd):
                    metadata=config.metadata)
 
     @classmethod
-    def example(cls, model, identity: bool = False) -> SteeringVector:
+    def example(cls, model, prompts=(), identity: bool = False) -> SteeringVector:
         vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 4
         return cls(vector.to(device=model.device, dtype=model.dtype), layer=model.n_layers // 2,
                    alpha=0.0 if identity else 1.0, when=OnText("\n\n"))

@@ -77,6 +77,15 @@ class ThinkingTokenInsertion(Intervention):
 
     config_class = ThinkingTokenInsertionConfig
 
+    @classmethod
+    def example(cls, model, prompts=(), identity: bool = False) -> ThinkingTokenInsertion:
+        # first_budget makes every row insert, whether or not the model ever stops on its own
+        return cls(words=(" Wait", " Hmm"), budget=0 if identity else 5, max_insertions=2, answer_prompt=" So",
+                   answer_tokens=2, first_budget=4)
+
+    def by_row(self) -> list[list[int]]:
+        return self.insertions()
+
     def __init__(
         self,
         words=("Wait",),

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from surgery.blocks import Intervention, register_block
 from surgery.step import Step
-from surgery.triggers import Always, Trigger
+from surgery.triggers import Always, StepWindow, Trigger
 
 __all__ = ["TokenMask", "TokenMaskConfig"]
 
@@ -61,6 +61,11 @@ class TokenMask(Intervention):
     """
 
     config_class = TokenMaskConfig
+
+    @classmethod
+    def example(cls, model, prompts=(), identity: bool = False) -> TokenMask:
+        # one single word (SEAL's vocabulary rule) and one phrase (text matching)
+        return cls(["wait", "so the"], penalty=0.0 if identity else -5.0, when=StepWindow(0, 12))
 
     def __init__(
         self,

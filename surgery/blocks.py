@@ -46,6 +46,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -160,11 +161,14 @@ class Block:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, **tensors)
 
     @classmethod
-    def example(cls, model, identity: bool = False) -> Block:
-        """A small instance that fits ``model``, for the contract test every block must pass.
+    def example(cls, model, prompts: Sequence[str] = (), identity: bool = False) -> Block:
+        """A small instance that fits ``model`` for a run over ``prompts``, for the contract test.
 
-        With ``identity=True``, settings under which an intervention changes nothing (the
-        tokens equal those of no block at all); probes ignore the flag.
+        Every registered block offers one (``tests/test_block_contract.py`` runs over them all).
+        A row's part of the example must not depend on the other rows (an instance made for
+        ``[prompts[i]]`` treats that row as the one made for ``prompts`` does). With
+        ``identity=True``: settings under which an intervention changes nothing (the tokens
+        equal those of no block at all); probes ignore the flag.
         """
         raise NotImplementedError(f"{cls.__name__} must offer example(model, identity) for the block contract test")
 

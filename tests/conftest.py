@@ -170,3 +170,16 @@ def frequent_words(model, n=3):
     texts = model.vocabulary_texts
     counts = Counter(texts[t].strip() for ids in out.token_ids for t in ids if texts[t].strip().isalpha())
     return tuple(w for w, _ in counts.most_common(n))
+
+
+def all_hooks(module):
+    """Every forward (pre-)hook on the module tree. transformers installs a few of its own the
+    first time hidden states are requested, so tests compare with the set before the trace."""
+    return {(id(m), key) for m in module.modules() for key in [*m._forward_hooks, *m._forward_pre_hooks]}
+
+
+def logits_of(model):
+    """Logits of one plain forward over PROMPTS (padded), outside any trace."""
+    with torch.no_grad():
+        ids, mask = surgery.encode_prompts(model, PROMPTS)
+        return model.module(input_ids=ids, attention_mask=mask).logits

@@ -114,8 +114,9 @@ def test_bad_settings_are_clear_errors(tiny_llama):
     with pytest.raises(ValueError, match="cannot encode the trigger words"):
         with surgery.trace(tiny_llama, RepresentationRecycling(layer=0, trigger_words=("Supercalifragilistic",))):
             pass
-    with pytest.raises(ValueError, match="probability must be in"):
-        RepresentationRecycling(layer=0, probability=0.0)
+    for probability in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="probability must be in"):
+            RepresentationRecycling(layer=0, probability=probability)
     with pytest.raises(ValueError, match="non-empty trigger words"):
         RepresentationRecycling(layer=0, trigger_words=())
 

@@ -2,24 +2,12 @@
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, all_hooks, logits_of
 
 import surgery
 from interventions import ResidualAdd
 from probes import RecordSite
 from surgery.blocks import Intervention
-
-
-def all_hooks(module):
-    """Every forward (pre-)hook on the module tree. transformers installs a few of its own the
-    first time hidden states are requested, so tests compare with the set before the trace."""
-    return {(id(m), key) for m in module.modules() for key in [*m._forward_hooks, *m._forward_pre_hooks]}
-
-
-def logits_of(model):
-    with torch.no_grad():
-        ids, mask = surgery.encode_prompts(model, PROMPTS)
-        return model.module(input_ids=ids, attention_mask=mask).logits
 
 
 class Scale(Intervention):
