@@ -43,7 +43,7 @@ def model_facts(model) -> dict:
     }
 
 
-def save_blocks(path: str | os.PathLike, blocks: Sequence[Block], model=None) -> Path:
+def save_blocks(path: str | os.PathLike, blocks: Sequence, model=None) -> Path:
     """Write ``blocks`` to ``path`` (one ``.safetensors`` file); returns the path.
 
     Args:
