@@ -10,9 +10,10 @@ Example::
 """
 
 from surgery.blocks import Block, Intervention, Probe, block_class, register_block, registered_blocks
-from surgery.engine import GenerationOutput, encode_prompts, generate, run
+from surgery.engine import GenerationOutput, generate, run
 from surgery.loading import EMBEDDED_MODEL, load
 from surgery.model import Model, wrap
+from surgery.prompts import encode_prompts
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.trace import Trace, trace

@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from surgery.model import Model
+from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.step import Step
 from surgery.text_match import text_key
 
-__all__ = ["GenerationOutput", "TokenChoice", "encode_prompts", "generate", "run"]
+__all__ = ["GenerationOutput", "TokenChoice", "generate", "run"]
 
-Prompts = str | Sequence[str] | Sequence[Sequence[int]]
 STOP_REASONS = ("length", "eos", "stop_string", "block")
 
 
@@ -109,72 +109,6 @@ class TokenChoice:
         they are removed afterwards. Blocks see the re-run with ``step.is_rerun`` set.
         """
         return self._recompute(install)
-
-
-def encode_prompts(model: Model, prompts: Prompts, *, chat: bool = False) -> tuple[Tensor, Tensor]:
-    """Tokenize and left-pad prompts: ``(input_ids, attention_mask)``, both ``[batch, pos]`` on CPU.
-
-    Args:
-        model: the wrapped model.
-        prompts: a string, a list of strings, or a list of token-id lists (used as they are).
-        chat: wrap each string in the tokenizer's chat template as a user turn, with the
-            generation prompt (for reasoning models this opens ``<think>``).
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts: pass a non-empty list of strings (or of token-id lists)")
-    tokenizer = model.tokenizer
-    if all(isinstance(p, str) for p in prompts):
-        if chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"chat=True, but {model.name}'s tokenizer has no chat template")
-            texts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )
-                for p in prompts
-            ]
-            rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        else:
-            rows = tokenizer(prompts)["input_ids"]
-    elif all(isinstance(p, (list, tuple, Tensor)) for p in prompts):
-        if chat:
-            raise ValueError("chat=True needs string prompts, not token ids")
-        rows = [[int(t) for t in (p.tolist() if isinstance(p, Tensor) else p)] for p in prompts]
-        for i, row in enumerate(rows):
-            bad = [t for t in row if not 0 <= t < model.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary (0..{model.vocab_size - 1})")
-    else:
-        kinds = sorted({type(p).__name__ for p in prompts})
-        raise TypeError(f"prompts must all be strings or all token-id lists, got a mix of {kinds}")
-    empty = [i for i, row in enumerate(rows) if len(row) == 0]
-    if empty:
-        raise ValueError(f"prompt(s) {empty} encode to no tokens: every prompt needs at least one token")
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), model.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids, attention_mask
-
-
-def _check_context(model: Model, attention_mask: Tensor, extra: int) -> None:
-    context = model.max_context
-    if context is None:
-        return
-    lengths = attention_mask.sum(dim=1)
-    longest = int(lengths.max())
-    if longest + extra > context:
-        row = int(lengths.argmax())
-        room = f"; with max_new_tokens={extra} that needs {longest + extra}" if extra else ""
-        raise ValueError(
-            f"prompt {row} has {longest} tokens{room}, more than the model's context of {context} "
-            "positions: shorten the prompt" + (" or lower max_new_tokens" if extra else "")
-        )
 
 
 def _matchers(model: Model, text_patterns) -> dict:
@@ -258,7 +192,7 @@ def generate(
         seed: seeds the sampler's own generator (same batch + seed = same tokens).
         stop_strings: a row stops once its generated text contains one of these.
         eos_token_ids: ids that stop a row; default: the model's EOS ids.
-        chat: apply the chat template (see :func:`encode_prompts`).
+        chat: apply the chat template (see :func:`surgery.prompts.encode_prompts`).
         progress: show a progress bar; default: when stderr is a terminal and the run is long.
         on_step: called with each :class:`Step` just before its forward pass, and with None at
             the end (the trace uses it to route hooks).
@@ -273,7 +207,7 @@ def generate(
     """
     _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings)
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
-    _check_context(model, attention_mask, max_new_tokens)
+    check_context(model, attention_mask, max_new_tokens)
     device, module, tokenizer = model.device, model.module, model.tokenizer
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch = input_ids.shape[0]
@@ -412,7 +346,7 @@ def run(
         model.tokenizer.decode(logits[0, -1].argmax())
     """
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
-    _check_context(model, attention_mask, 0)
+    check_context(model, attention_mask)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     matchers = _matchers(model, text_patterns)
