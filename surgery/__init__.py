@@ -9,7 +9,7 @@ Example::
     out.texts, out.token_ids, out.lengths
 """
 
-from surgery.blocks import Block, Intervention, Probe, block_class, register_block, registered_blocks
+from surgery.blocks import Block, Intervention, Probe, TokenChoice, block_class, register_block, registered_blocks
 from surgery.engine import GenerationOutput, generate, run
 from surgery.loading import EMBEDDED_MODEL, load
 from surgery.model import Model, wrap
@@ -36,6 +36,7 @@ __all__ = [
     "Site",
     "Step",
     "StepWindow",
+    "TokenChoice",
     "Trace",
     "Trigger",
     "block_class",

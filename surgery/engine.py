@@ -28,12 +28,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from surgery.blocks import TokenChoice
 from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.step import Step
 from surgery.text_match import text_key
 
-__all__ = ["GenerationOutput", "TokenChoice", "generate", "run"]
+__all__ = ["GenerationOutput", "generate", "run"]
 
 STOP_REASONS = ("length", "eos", "stop_string", "block")
 
@@ -60,55 +61,6 @@ class GenerationOutput:
     prompt_lengths: list[int]
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class TokenChoice:
-    """The tokens one decode step is about to emit; interventions may change them.
-
-    The engine builds one per generated token and hands it to each intervention's ``choose``
-    in the order they were added (see :class:`surgery.blocks.Intervention`). Everything is a
-    ``[batch]`` tensor on the model's device.
-
-    Attributes:
-        index: which generated token this is (0 = the first).
-        step: the :class:`Step` whose forward pass produced ``logits``.
-        logits: the last position's logits, float32, ``[batch, vocab]``.
-        chosen: the tokens about to be emitted.
-        stops: rows that would stop on their token (EOS or a stop string).
-        finished: rows that had stopped before (they emit padding whatever happens here).
-        forced_stop: set by blocks to end rows on this token (stop reason ``"block"``).
-    """
-
-    index: int
-    step: Step
-    logits: Tensor
-    chosen: Tensor
-    stops: Tensor
-    finished: Tensor
-    forced_stop: Tensor
-    _eos: Tensor = field(repr=False, default=None)
-    _recompute: Callable | None = field(repr=False, default=None)
-
-    def replace(self, rows: Tensor, tokens: Tensor, stop: bool | None = None) -> None:
-        """Emit ``tokens`` instead for ``rows`` (bool ``[batch]``).
-
-        ``stop=None`` re-derives whether those rows stop (the new token is an EOS);
-        ``stop=False``/``True`` says it outright (forced tokens never stop a row).
-        """
-        rows = rows & ~self.finished
-        self.chosen = torch.where(rows, tokens, self.chosen)
-        new_stop = torch.isin(tokens, self._eos) if stop is None else torch.full_like(rows, stop)
-        self.stops = torch.where(rows, new_stop, self.stops)
-
-    def recompute(self, install: Callable[[], list]) -> Tensor:
-        """Re-run this step's last position with extra hooks; return its new logits ``[batch, vocab]``.
-
-        The KV cache is rolled back by one position first, so the recomputed keys and values
-        replace the old ones. ``install`` registers the extra hooks and returns their handles;
-        they are removed afterwards. Blocks see the re-run with ``step.is_rerun`` set.
-        """
-        return self._recompute(install)
 
 
 def _matchers(model: Model, text_patterns) -> dict:
