@@ -7,6 +7,13 @@ re-running layers for one position. With nothing attached, its greedy tokens equ
 from the attention mask, no mask at all when nothing is padded, a ``DynamicCache``, the last
 position's logits only, pad tokens for finished rows).
 
+:func:`generate` reads prefill, loop, output. Per generated token the loop picks (argmax or a
+sample), asks :class:`~surgery.stopping.StopTracker` which rows their token stops, offers the
+choice to the token-editing blocks (a :class:`~surgery.blocks.TokenChoice`), records the stops
+and feeds the tokens back (``_Forward``, which owns the KV cache and the re-runs). It waits on
+the device only every ``check_every`` steps, to ask whether every row is done, and every step
+when stop strings need the text. Prompts are encoded by :mod:`surgery.prompts`.
+
 Example:
     >>> import surgery
     >>> model = surgery.load()                                           # doctest: +SKIP
@@ -32,11 +39,11 @@ from surgery.blocks import TokenChoice
 from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.step import Step
+from surgery.stopping import StopTracker
 from surgery.text_match import text_key
 
 __all__ = ["GenerationOutput", "generate", "run"]
 
-STOP_REASONS = ("length", "eos", "stop_string", "block")
 
 
 @dataclass
@@ -87,20 +94,86 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator) -> Tens
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def _stop_string_hits(
-    tokenizer, history: list[list[int]], candidates: list[int], stop_strings: Sequence[str], live: list[bool]
-) -> list[bool]:
-    """Rows whose candidate token completes one of ``stop_strings`` (decoding only a short tail)."""
-    window = max(len(s) for s in stop_strings)
-    hits = []
-    for row, candidate, alive in zip(history, candidates, live):
-        if not alive:
-            hits.append(False)
-            continue
-        tail = row[-window:] + [candidate]
-        now, before = tokenizer.decode(tail), tokenizer.decode(tail[:-1])
-        hits.append(any(s in now and s not in before for s in stop_strings))
-    return hits
+class _Forward:
+    """The model calls of one generation: the prefill, one fed token per step, and re-runs.
+
+    Holds the KV cache, the attention mask and the current :class:`Step`, and tells ``on_step``
+    about every pass just before it runs. Each call returns the last position's logits,
+    float32 ``[batch, vocab]``.
+    """
+
+    def __init__(self, module, step: Step, attention_mask: Tensor, on_step: Callable[[Step | None], None] | None):
+        self.module, self.step, self.on_step = module, step, on_step
+        self.options = _forward_options(module)
+        self.cache = DynamicCache(config=module.config)
+        # model.generate drops an all-ones mask (the model then builds a plain causal mask)
+        self.mask = None if bool(attention_mask.all()) else attention_mask
+
+    def _call(self, input_ids: Tensor, step: Step) -> Tensor:
+        output = self.module(
+            input_ids=input_ids, attention_mask=self.mask, position_ids=step.positions, past_key_values=self.cache, **self.options
+        )
+        return output.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+    def _announce(self, step: Step) -> None:
+        if self.on_step is not None:
+            self.on_step(step)
+
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Run the whole (left-padded) prompt."""
+        self._announce(self.step)
+        return self._call(input_ids, self.step)
+
+    def feed(self, chosen: Tensor, was_finished: Tensor, think_ids, matchers) -> Tensor:
+        """Feed the tokens just emitted (``[batch]``) as the next step."""
+        self.step = self.step.next(chosen, was_finished, think_ids, matchers)
+        self._announce(self.step)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(chosen), 1)], dim=1)
+        return self._call(chosen[:, None], self.step)
+
+    def recompute(self, install: Callable[[], list]) -> Tensor:
+        """Roll the cache back one position and re-run the current step's last position."""
+        self.cache.crop(-1)
+        handles = install()
+        last = self.step.tail(1)
+        try:
+            self._announce(dataclasses.replace(last, is_rerun=True))
+            return self._call(last.token_ids, last)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._announce(self.step)
+
+
+def _offer(on_choose: Callable[[TokenChoice], None], choice: TokenChoice, pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Hand ``choice`` to the blocks; return what they left: tokens, own stops, forced stops."""
+    on_choose(choice)
+    finished = choice.finished
+    return torch.where(finished, pad, choice.chosen), choice.stops & ~finished, choice.forced_stop & ~finished
+
+
+def _output(tokenizer, generated: Tensor, stops: StopTracker, attention_mask: Tensor, start: float, prefill_s: float) -> GenerationOutput:
+    """Cut each row after its stop and decode it; ``generated`` holds the steps that ran."""
+    kept = torch.minimum(stops.kept, torch.tensor(generated.shape[1], device=generated.device))
+    lengths = kept.tolist()
+    token_ids = [row[:n] for row, n in zip(generated.tolist(), lengths)]
+    total_s = time.perf_counter() - start
+    new_tokens = sum(lengths)
+    return GenerationOutput(
+        texts=tokenizer.batch_decode(token_ids, skip_special_tokens=True),
+        token_ids=token_ids,
+        lengths=lengths,
+        prompt_lengths=attention_mask.sum(dim=1).tolist(),
+        stop_reasons=stops.reasons(),
+        timings={
+            "prefill_s": prefill_s,
+            "decode_s": total_s - prefill_s,
+            "total_s": total_s,
+            "new_tokens": float(new_tokens),
+            "tokens_per_s": new_tokens / total_s if total_s > 0 else float("nan"),
+        },
+    )
 
 
 def _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings) -> None:
@@ -160,12 +233,12 @@ def generate(
     _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings)
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     check_context(model, attention_mask, max_new_tokens)
-    device, module, tokenizer = model.device, model.module, model.tokenizer
+    device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch = input_ids.shape[0]
     eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else list(eos_token_ids), dtype=torch.long, device=device)
     pad = torch.tensor(model.pad_token_id, device=device)
-    think_ids = model.think_token_ids
+    think_ids, matchers = model.think_token_ids, _matchers(model, text_patterns)
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -174,109 +247,39 @@ def generate(
     # How often the loop asks the device whether every row is done: each ask is a host sync.
     check_every = 1 if device.type == "cpu" else 8
 
-    options = _forward_options(module)
-    cache = DynamicCache(config=module.config)
-    matchers = _matchers(model, text_patterns)
-    step = Step.prefill(input_ids, attention_mask, think_ids, matchers)
-    # model.generate drops an all-ones mask (the model then builds a plain causal mask)
-    mask = None if bool(attention_mask.all()) else attention_mask
+    forward = _Forward(model.module, Step.prefill(input_ids, attention_mask, think_ids, matchers), attention_mask, on_step)
+    stops = StopTracker(model.tokenizer, eos, stop_strings, batch, max_new_tokens)
     generated = torch.full((batch, max_new_tokens), model.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    kept = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
-    reason = torch.zeros(batch, dtype=torch.long, device=device)  # index into STOP_REASONS
-    history: list[list[int]] = [[] for _ in range(batch)]
     steps_run = 0
-
-    def recompute(install) -> Tensor:
-        """Roll the cache back one position and re-run the current step's last position."""
-        cache.crop(-1)
-        handles = install()
-        last = step.tail(1)
-        try:
-            if on_step is not None:
-                on_step(dataclasses.replace(last, is_rerun=True))
-            rerun = module(
-                input_ids=last.token_ids, attention_mask=mask, position_ids=last.positions, past_key_values=cache, **options
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
-            if on_step is not None:
-                on_step(step)
-        return rerun.logits[:, -1].to(dtype=torch.float32, copy=True)
-
     bar = tqdm(total=max_new_tokens, desc=f"generating ({batch} rows)", unit="tok", disable=not progress, leave=False)
     start = time.perf_counter()
     prefill_s = 0.0
     try:
         with torch.inference_mode():
-            if on_step is not None:
-                on_step(step)
-            output = module(input_ids=input_ids, attention_mask=mask, position_ids=step.positions, past_key_values=cache, **options)
+            logits = forward.prefill(input_ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # once, so the prefill time is real
+            prefill_s = time.perf_counter() - start
             for k in range(max_new_tokens):
-                logits = output.logits[:, -1].to(dtype=torch.float32, copy=True)
-                if k == 0:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)  # once, so the prefill time is real
-                    prefill_s = time.perf_counter() - start
                 chosen = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(dim=-1)
                 chosen = torch.where(finished, pad, chosen)
-                stops = torch.isin(chosen, eos) & ~finished
-                if stop_strings:
-                    candidates, live = chosen.tolist(), (~finished).tolist()
-                    hits = _stop_string_hits(tokenizer, history, candidates, stop_strings, live)
-                    stops = stops | torch.tensor(hits, device=device)
-                forced = torch.zeros_like(finished)
+                own, forced = stops.own(chosen, finished), torch.zeros_like(finished)
                 if on_choose is not None:
-                    choice = TokenChoice(k, step, logits, chosen, stops, finished, forced, eos, recompute)
-                    on_choose(choice)
-                    chosen = torch.where(finished, pad, choice.chosen)
-                    forced = choice.forced_stop & ~finished
-                    stops = (choice.stops | forced) & ~finished
-                if stop_strings:
-                    for row, token in zip(history, chosen.tolist()):
-                        row.append(token)
+                    choice = TokenChoice(k, forward.step, logits, chosen, own, finished, forced, eos, forward.recompute)
+                    chosen, own, forced = _offer(on_choose, choice, pad)
                 generated[:, k] = chosen
                 steps_run = k + 1
-                cause = torch.where(forced, 3, torch.where(torch.isin(chosen, eos), 1, 2))
-                reason = torch.where(stops, cause, reason)
-                kept = torch.where(stops, k + 1, kept)
-                was_finished, finished = finished, finished | stops
+                was_finished, finished = finished, finished | stops.record(k, chosen, own, forced)
                 bar.update(1)
                 if k + 1 == max_new_tokens or ((k + 1) % check_every == 0 and bool(finished.all())):
                     break
-                step = step.next(chosen, was_finished, think_ids, matchers)
-                if on_step is not None:
-                    on_step(step)
-                if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-                output = module(
-                    input_ids=chosen[:, None], attention_mask=mask, position_ids=step.positions, past_key_values=cache, **options
-                )
+                logits = forward.feed(chosen, was_finished, think_ids, matchers)
     finally:
         bar.close()
         if on_step is not None:
             on_step(None)
-    kept = torch.minimum(kept, torch.tensor(steps_run, device=device))
-    lengths = kept.tolist()
-    rows = generated[:, :steps_run].tolist()
-    token_ids = [row[:n] for row, n in zip(rows, lengths)]
-    total_s = time.perf_counter() - start
-    new_tokens = sum(lengths)
-    return GenerationOutput(
-        texts=tokenizer.batch_decode(token_ids, skip_special_tokens=True),
-        token_ids=token_ids,
-        lengths=lengths,
-        prompt_lengths=attention_mask.sum(dim=1).tolist(),
-        stop_reasons=[STOP_REASONS[r] for r in reason.tolist()],
-        timings={
-            "prefill_s": prefill_s,
-            "decode_s": total_s - prefill_s,
-            "total_s": total_s,
-            "new_tokens": float(new_tokens),
-            "tokens_per_s": new_tokens / total_s if total_s > 0 else float("nan"),
-        },
-    )
+    return _output(model.tokenizer, generated[:, :steps_run], stops, attention_mask, start, prefill_s)
 
 
 def run(
