@@ -57,7 +57,8 @@ class GenerationOutput:
         lengths: ``len(token_ids[i])``.
         prompt_lengths: number of prompt tokens per row (padding excluded).
         stop_reasons: ``"eos"``, ``"stop_string"``, ``"length"``, or ``"block"`` (a block
-            ended the row, e.g. thinking-token insertion after its answer budget).
+            ended the row, e.g. thinking-token insertion after its answer budget, on a token
+            that would not have stopped it; see :mod:`surgery.stopping`).
         timings: seconds for ``prefill_s``, ``decode_s``, ``total_s``, plus ``new_tokens`` and
             ``tokens_per_s`` (new tokens over total time).
     """

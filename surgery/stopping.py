@@ -80,7 +80,8 @@ class StopTracker:
             for row, token in zip(self._history, chosen.tolist()):
                 row.append(token)
         stops = own | forced
-        cause = torch.where(forced, _BLOCK, torch.where(torch.isin(chosen, self.eos), _EOS, _STOP_STRING))
+        # a row's own reason wins: "block" only where the block's forced stop is the sole cause
+        cause = torch.where(own, torch.where(torch.isin(chosen, self.eos), _EOS, _STOP_STRING), _BLOCK)
         self.reason = torch.where(stops, cause, self.reason)
         self.kept = torch.where(stops, index + 1, self.kept)
         return stops
