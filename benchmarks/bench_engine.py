@@ -9,8 +9,8 @@ Rows, each timed ``--reps`` times in interleaved order after one warm-up, median
   engine+steer     a ResidualAdd at resid_pre.L wherever the text reaches "\\n\\n" (OnText)
   engine+steer_tok the same add on single tokens containing "\\n\\n" (OnTokens)
 Prompts are the first GSM8K test questions (../shared/data/gsm8k/test.jsonl when present, else
-the demo's problems) in the chat template. The script checks that the engine's tokens equal
-HF generate's before timing, and prints ratios to hf_generate (> 1 means faster).
+surgery.examples.ARITHMETIC_PROBLEMS) in the chat template. The script checks that the engine's
+tokens equal HF generate's before timing, and prints ratios to hf_generate (> 1 means faster).
 """
 
 from __future__ import annotations
