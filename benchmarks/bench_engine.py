@@ -9,8 +9,8 @@ Rows, each timed ``--reps`` times in interleaved order after one warm-up, median
   engine+steer     a ResidualAdd at resid_pre.L wherever the text reaches "\\n\\n" (OnText)
   engine+steer_tok the same add on single tokens containing "\\n\\n" (OnTokens)
 Prompts are the first GSM8K test questions (../shared/data/gsm8k/test.jsonl when present, else
-the demo's problems) in the chat template. The script checks that the engine's tokens equal
-HF generate's before timing, and prints ratios to hf_generate (> 1 means faster).
+surgery.examples.ARITHMETIC_PROBLEMS) in the chat template. The script checks that the engine's
+tokens equal HF generate's before timing, and prints ratios to hf_generate (> 1 means faster).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import surgery  # noqa: E402
 from _data import gsm8k_questions  # noqa: E402
 from interventions import ResidualAdd  # noqa: E402
+from surgery.prompts import encode_prompts  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,7 +43,7 @@ def main() -> None:
 
     model = surgery.load(device=args.device)
     texts = gsm8k_questions(args.batch)
-    input_ids, attention_mask = surgery.encode_prompts(model, texts, chat=True)
+    input_ids, attention_mask = encode_prompts(model, texts, chat=True)
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)
     cuda = model.device.type == "cuda"

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from interventions.residual_add import ResidualAdd
 from surgery.blocks import register_block
-from surgery.engine import encode_prompts
 from surgery.capture import states_at
+from surgery.prompts import encode_prompts
 from surgery.sites import Site
 from surgery.thoughts import THOUGHT_CLASSES, thought_positions
 from surgery.saving import load_blocks, save_blocks

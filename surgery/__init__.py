@@ -1,5 +1,21 @@
 """surgery: composable interventions and probes on reasoning language models.
 
+The core, one idea per module:
+
+- models: ``loading`` (:func:`load`), ``model`` (:class:`Model`, :func:`wrap`), ``sites``
+  (:class:`Site` and the per-architecture tables);
+- running: ``prompts`` (:func:`encode_prompts`, the chat template, the context check),
+  ``engine`` (:func:`generate`, :func:`run`), ``stopping`` (when rows stop, and why), ``step``
+  (:class:`Step`, what blocks see per forward pass), ``capture`` (reading a site at chosen
+  positions);
+- blocks: ``blocks`` (:class:`Intervention`, :class:`Probe`, :class:`TokenChoice`, the
+  registry), ``trace`` (:func:`trace`), ``triggers`` and ``text_match`` (where blocks fire),
+  ``kernels`` (hot ops: torch reference, Triton kernels, the backend choice), ``results``
+  (saving probe results), ``discovery`` (packages export their modules);
+- text and data: ``thoughts`` (SEAL's thoughts and the think tags), ``examples`` (a few word
+  problems for quick tries and tests);
+- the app: ``demo`` and ``cli`` (the ``surgery`` command; nothing else imports them).
+
 Example::
 
     import surgery
@@ -9,10 +25,11 @@ Example::
     out.texts, out.token_ids, out.lengths
 """
 
-from surgery.blocks import Block, Intervention, Probe, block_class, register_block, registered_blocks
-from surgery.engine import GenerationOutput, encode_prompts, generate, run
+from surgery.blocks import Block, Intervention, Probe, TokenChoice, block_class, register_block, registered_blocks
+from surgery.engine import GenerationOutput, generate, run
 from surgery.loading import EMBEDDED_MODEL, load
 from surgery.model import Model, wrap
+from surgery.prompts import encode_prompts
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.trace import Trace, trace
@@ -35,6 +52,7 @@ __all__ = [
     "Site",
     "Step",
     "StepWindow",
+    "TokenChoice",
     "Trace",
     "Trigger",
     "block_class",

@@ -4,7 +4,9 @@ A block is a small class with a frozen, JSON-serialisable config, registered by 
 trace, at each site it declares, the block receives the site's tensor and the current
 :class:`~surgery.step.Step`:
 
-- an :class:`Intervention` returns the (possibly edited) tensor from ``edit(site, value, step)``;
+- an :class:`Intervention` returns the (possibly edited) tensor from ``edit(site, value, step)``,
+  and may change the tokens the engine emits in ``choose(choice)``, through the
+  :class:`TokenChoice` defined here (the protocol is in :meth:`Intervention.choose`);
 - a :class:`Probe` only looks, in ``observe(site, value, step)``, and returns what it found from
   ``result()``.
 
@@ -46,14 +48,25 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from surgery.step import Step
 
-__all__ = ["Block", "Intervention", "Probe", "block_class", "per_row", "register_block", "registered_blocks"]
+__all__ = [
+    "Block",
+    "Intervention",
+    "Probe",
+    "TokenChoice",
+    "block_class",
+    "per_row",
+    "register_block",
+    "registered_blocks",
+]
 
 _REGISTRY: dict[str, type[Block]] = {}
 
@@ -243,22 +256,101 @@ def _jsonable(value):
     return value
 
 
+@dataclass
+class TokenChoice:
+    """The tokens one decode step is about to emit; interventions may change them.
+
+    The engine builds one per generated token and hands it to each intervention's ``choose``
+    in the order they were added (the protocol is in :meth:`Intervention.choose`). Everything is
+    a ``[batch]`` tensor on the model's device.
+
+    Attributes:
+        index: which generated token this is (0 = the first).
+        step: the :class:`Step` whose forward pass produced ``logits``.
+        logits: the last position's logits, float32, ``[batch, vocab]``.
+        chosen: the tokens about to be emitted.
+        stops: rows that would stop on their token (EOS or a stop string).
+        finished: rows that had stopped before (they emit padding whatever happens here).
+        forced_stop: set by blocks to end rows on this token (stop reason ``"block"``, unless
+            the row's own token stops it too: then ``"eos"`` or ``"stop_string"``).
+    """
+
+    index: int
+    step: Step
+    logits: Tensor
+    chosen: Tensor
+    stops: Tensor
+    finished: Tensor
+    forced_stop: Tensor
+    _eos: Tensor = field(repr=False, default=None)
+    _recompute: Callable | None = field(repr=False, default=None)
+
+    def replace(self, rows: Tensor, tokens: Tensor, stop: bool | None = None) -> None:
+        """Emit ``tokens`` instead for ``rows`` (bool ``[batch]``).
+
+        ``stop=None`` re-derives whether those rows stop (the new token is an EOS);
+        ``stop=False``/``True`` says it outright (forced tokens never stop a row).
+        """
+        rows = rows & ~self.finished
+        self.chosen = torch.where(rows, tokens, self.chosen)
+        new_stop = torch.isin(tokens, self._eos) if stop is None else torch.full_like(rows, stop)
+        self.stops = torch.where(rows, new_stop, self.stops)
+
+    def recompute(self, install: Callable[[], list]) -> Tensor:
+        """Re-run this step's last position with extra hooks; return its new logits ``[batch, vocab]``.
+
+        The KV cache is rolled back by one position first, so the recomputed keys and values
+        replace the old ones. ``install`` registers the extra hooks and returns their handles;
+        they are removed afterwards. Blocks see the re-run with ``step.is_rerun`` set.
+        """
+        return self._recompute(install)
+
+
 class Intervention(Block):
     """A block that may change the tensor at its sites, or the tokens the engine emits.
 
     Override :meth:`edit` to change site tensors, :meth:`choose` to change tokens (forcing,
-    replacing, stopping rows), or both. Token edits run in the order the blocks were added.
+    replacing, stopping rows, recomputing a position), or both. Token edits run in the order
+    the blocks were added; :meth:`choose` states the protocol.
     """
 
     def edit(self, site: str, value: Tensor, step: Step) -> Tensor:
         """Return the value at ``site`` for this step (the same tensor when nothing fires)."""
         raise NotImplementedError
 
-    def choose(self, choice) -> None:
-        """Change the tokens about to be emitted (a :class:`surgery.engine.TokenChoice`)."""
+    def choose(self, choice: TokenChoice) -> None:
+        """Change the tokens about to be emitted; called once per generated token.
+
+        Override it only in blocks that edit the token stream: the trace calls ``choose`` only
+        on interventions that override it (:attr:`edits_tokens`). The engine builds one
+        :class:`TokenChoice` per generated token, after the model's pick and before the tokens
+        are emitted, and hands it to every such block in the order they were added, so a block
+        sees what the blocks before it did. The protocol:
+
+        - **read** ``choice.index``, ``step`` (the forward pass that made the logits: fed
+          tokens, positions, think flags), ``logits``, ``chosen``, ``stops`` and ``finished``.
+          All are device tensors: decide with tensor ops (``torch.where``, masks), never with a
+          Python ``if`` on a value, which would wait on the GPU every step.
+        - **replace** tokens with ``choice.replace(rows, tokens)``: ``rows`` is bool ``[batch]``,
+          ``tokens`` ``[batch]``; whether those rows now stop is re-derived (the new token is an
+          EOS). Finished rows are left alone.
+        - **force** tokens that must not end the row (inserted words, an answer prompt) with
+          ``choice.replace(rows, tokens, stop=False)``. One token per call: keep the rest of a
+          longer insertion in the block and emit it on the next calls.
+        - **stop** rows on this token with ``choice.forced_stop = choice.forced_stop | rows``;
+          the row reports ``"block"``, or its own reason when its token stops it anyway.
+        - **recompute** this position with extra hooks via ``choice.recompute(install)``:
+          ``install()`` registers hooks and returns their handles; the engine rolls the KV cache
+          back one position, re-runs it, removes the handles and returns new logits
+          ``[batch, vocab]``. Pick from them and ``replace`` (see
+          :class:`interventions.RepresentationRecycling`).
+
+        Per-run state (queues, budgets) belongs on the block, cleared in :meth:`reset`.
+        """
 
     @property
     def edits_tokens(self) -> bool:
+        """Whether this class overrides :meth:`choose` (only those get token choices)."""
         return type(self).choose is not Intervention.choose
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from surgery.engine import encode_prompts
+from surgery.prompts import encode_prompts
 from surgery.sites import Site, hook_site
 
 __all__ = ["states_at"]

@@ -1,8 +1,9 @@
 """The main job: generate short chains of thought on the embedded model, plain and steered.
 
-Runs a few built-in arithmetic word problems through the default model twice (nothing attached,
-then a :class:`~interventions.ResidualAdd` firing at every "\\n\\n" token) and prints the texts,
-where the add fired, and timings. Run it with ``surgery demo`` (``--help`` for options).
+Runs a few built-in arithmetic word problems (:data:`surgery.examples.ARITHMETIC_PROBLEMS`)
+through the default model twice (nothing attached, then a :class:`~interventions.ResidualAdd`
+firing at every "\\n\\n" token) and prints the texts, where the add fired, and timings. Run it
+with ``surgery demo`` (``--help`` for options).
 
 Example:
     >>> from surgery.demo import run_demo
@@ -16,14 +17,9 @@ import time
 
 import torch
 
-__all__ = ["PROBLEMS", "run_demo"]
+from surgery.examples import ARITHMETIC_PROBLEMS
 
-PROBLEMS = [
-    "Solve step by step: Tom has 3 boxes with 4 apples each. He eats 2 apples. How many apples are left?",
-    "Solve step by step: A train travels 60 km per hour for 3 hours. How far does it go?",
-    "Solve step by step: Anna buys 5 pens at 2 dollars each and pays with a 20 dollar note. What is her change?",
-    "Solve step by step: A class has 24 students and they form groups of 4. How many groups are there?",
-]
+__all__ = ["run_demo"]
 
 
 def _steering_vector(model, layer: int, scale: float, seed: int) -> torch.Tensor:
@@ -37,7 +33,7 @@ def _steering_vector(model, layer: int, scale: float, seed: int) -> torch.Tensor
 
     probe = RecordSite(f"resid_pre.{layer}")
     with surgery.trace(model, probe) as tr:
-        tr.run(PROBLEMS, chat=True)
+        tr.run(ARITHMETIC_PROBLEMS, chat=True)
     # the median, not the mean: a few positions (the first token) carry norms 10-100x the rest
     norm = probe.result().values.norm(dim=-1).median()
     generator = torch.Generator().manual_seed(seed)
@@ -70,13 +66,13 @@ def run_demo(
     import surgery
     from interventions import ResidualAdd
 
-    if not 1 <= n_problems <= len(PROBLEMS):
-        raise ValueError(f"n_problems must be in 1..{len(PROBLEMS)}, got {n_problems}")
+    if not 1 <= n_problems <= len(ARITHMETIC_PROBLEMS):
+        raise ValueError(f"n_problems must be in 1..{len(ARITHMETIC_PROBLEMS)}, got {n_problems}")
     start = time.perf_counter()
     model = surgery.load(device=device)
     load_s = time.perf_counter() - start
     print(f"loaded {model} in {load_s:.1f} s")
-    problems = PROBLEMS[:n_problems]
+    problems = ARITHMETIC_PROBLEMS[:n_problems]
 
     plain = surgery.generate(model, problems, max_new_tokens, chat=True)
     _show("nothing attached", plain)

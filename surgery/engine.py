@@ -7,6 +7,13 @@ re-running layers for one position. With nothing attached, its greedy tokens equ
 from the attention mask, no mask at all when nothing is padded, a ``DynamicCache``, the last
 position's logits only, pad tokens for finished rows).
 
+:func:`generate` reads prefill, loop, output. Per generated token the loop picks (argmax or a
+sample), asks :class:`~surgery.stopping.StopTracker` which rows their token stops, offers the
+choice to the token-editing blocks (a :class:`~surgery.blocks.TokenChoice`), records the stops
+and feeds the tokens back (``_Forward``, which owns the KV cache and the re-runs). It waits on
+the device only every ``check_every`` steps, to ask whether every row is done, and every step
+when stop strings need the text. Prompts are encoded by :mod:`surgery.prompts`.
+
 Example:
     >>> import surgery
     >>> model = surgery.load()                                           # doctest: +SKIP
@@ -28,14 +35,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from surgery.blocks import TokenChoice
 from surgery.model import Model
+from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.step import Step
+from surgery.stopping import StopTracker
 from surgery.text_match import text_key
 
-__all__ = ["GenerationOutput", "TokenChoice", "encode_prompts", "generate", "run"]
+__all__ = ["GenerationOutput", "generate", "run"]
 
-Prompts = str | Sequence[str] | Sequence[Sequence[int]]
-STOP_REASONS = ("length", "eos", "stop_string", "block")
 
 
 @dataclass
@@ -49,7 +57,8 @@ class GenerationOutput:
         lengths: ``len(token_ids[i])``.
         prompt_lengths: number of prompt tokens per row (padding excluded).
         stop_reasons: ``"eos"``, ``"stop_string"``, ``"length"``, or ``"block"`` (a block
-            ended the row, e.g. thinking-token insertion after its answer budget).
+            ended the row, e.g. thinking-token insertion after its answer budget, on a token
+            that would not have stopped it; see :mod:`surgery.stopping`).
         timings: seconds for ``prefill_s``, ``decode_s``, ``total_s``, plus ``new_tokens`` and
             ``tokens_per_s`` (new tokens over total time).
     """
@@ -60,121 +69,6 @@ class GenerationOutput:
     prompt_lengths: list[int]
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class TokenChoice:
-    """The tokens one decode step is about to emit; interventions may change them.
-
-    The engine builds one per generated token and hands it to each intervention's ``choose``
-    in the order they were added (see :class:`surgery.blocks.Intervention`). Everything is a
-    ``[batch]`` tensor on the model's device.
-
-    Attributes:
-        index: which generated token this is (0 = the first).
-        step: the :class:`Step` whose forward pass produced ``logits``.
-        logits: the last position's logits, float32, ``[batch, vocab]``.
-        chosen: the tokens about to be emitted.
-        stops: rows that would stop on their token (EOS or a stop string).
-        finished: rows that had stopped before (they emit padding whatever happens here).
-        forced_stop: set by blocks to end rows on this token (stop reason ``"block"``).
-    """
-
-    index: int
-    step: Step
-    logits: Tensor
-    chosen: Tensor
-    stops: Tensor
-    finished: Tensor
-    forced_stop: Tensor
-    _eos: Tensor = field(repr=False, default=None)
-    _recompute: Callable | None = field(repr=False, default=None)
-
-    def replace(self, rows: Tensor, tokens: Tensor, stop: bool | None = None) -> None:
-        """Emit ``tokens`` instead for ``rows`` (bool ``[batch]``).
-
-        ``stop=None`` re-derives whether those rows stop (the new token is an EOS);
-        ``stop=False``/``True`` says it outright (forced tokens never stop a row).
-        """
-        rows = rows & ~self.finished
-        self.chosen = torch.where(rows, tokens, self.chosen)
-        new_stop = torch.isin(tokens, self._eos) if stop is None else torch.full_like(rows, stop)
-        self.stops = torch.where(rows, new_stop, self.stops)
-
-    def recompute(self, install: Callable[[], list]) -> Tensor:
-        """Re-run this step's last position with extra hooks; return its new logits ``[batch, vocab]``.
-
-        The KV cache is rolled back by one position first, so the recomputed keys and values
-        replace the old ones. ``install`` registers the extra hooks and returns their handles;
-        they are removed afterwards. Blocks see the re-run with ``step.is_rerun`` set.
-        """
-        return self._recompute(install)
-
-
-def encode_prompts(model: Model, prompts: Prompts, *, chat: bool = False) -> tuple[Tensor, Tensor]:
-    """Tokenize and left-pad prompts: ``(input_ids, attention_mask)``, both ``[batch, pos]`` on CPU.
-
-    Args:
-        model: the wrapped model.
-        prompts: a string, a list of strings, or a list of token-id lists (used as they are).
-        chat: wrap each string in the tokenizer's chat template as a user turn, with the
-            generation prompt (for reasoning models this opens ``<think>``).
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts: pass a non-empty list of strings (or of token-id lists)")
-    tokenizer = model.tokenizer
-    if all(isinstance(p, str) for p in prompts):
-        if chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"chat=True, but {model.name}'s tokenizer has no chat template")
-            texts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )
-                for p in prompts
-            ]
-            rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        else:
-            rows = tokenizer(prompts)["input_ids"]
-    elif all(isinstance(p, (list, tuple, Tensor)) for p in prompts):
-        if chat:
-            raise ValueError("chat=True needs string prompts, not token ids")
-        rows = [[int(t) for t in (p.tolist() if isinstance(p, Tensor) else p)] for p in prompts]
-        for i, row in enumerate(rows):
-            bad = [t for t in row if not 0 <= t < model.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary (0..{model.vocab_size - 1})")
-    else:
-        kinds = sorted({type(p).__name__ for p in prompts})
-        raise TypeError(f"prompts must all be strings or all token-id lists, got a mix of {kinds}")
-    empty = [i for i, row in enumerate(rows) if len(row) == 0]
-    if empty:
-        raise ValueError(f"prompt(s) {empty} encode to no tokens: every prompt needs at least one token")
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), model.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids, attention_mask
-
-
-def _check_context(model: Model, attention_mask: Tensor, extra: int) -> None:
-    context = model.max_context
-    if context is None:
-        return
-    lengths = attention_mask.sum(dim=1)
-    longest = int(lengths.max())
-    if longest + extra > context:
-        row = int(lengths.argmax())
-        room = f"; with max_new_tokens={extra} that needs {longest + extra}" if extra else ""
-        raise ValueError(
-            f"prompt {row} has {longest} tokens{room}, more than the model's context of {context} "
-            "positions: shorten the prompt" + (" or lower max_new_tokens" if extra else "")
-        )
 
 
 def _matchers(model: Model, text_patterns) -> dict:
@@ -201,20 +95,86 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator) -> Tens
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def _stop_string_hits(
-    tokenizer, history: list[list[int]], candidates: list[int], stop_strings: Sequence[str], live: list[bool]
-) -> list[bool]:
-    """Rows whose candidate token completes one of ``stop_strings`` (decoding only a short tail)."""
-    window = max(len(s) for s in stop_strings)
-    hits = []
-    for row, candidate, alive in zip(history, candidates, live):
-        if not alive:
-            hits.append(False)
-            continue
-        tail = row[-window:] + [candidate]
-        now, before = tokenizer.decode(tail), tokenizer.decode(tail[:-1])
-        hits.append(any(s in now and s not in before for s in stop_strings))
-    return hits
+class _Forward:
+    """The model calls of one generation: the prefill, one fed token per step, and re-runs.
+
+    Holds the KV cache, the attention mask and the current :class:`Step`, and tells ``on_step``
+    about every pass just before it runs. Each call returns the last position's logits,
+    float32 ``[batch, vocab]``.
+    """
+
+    def __init__(self, module, step: Step, attention_mask: Tensor, on_step: Callable[[Step | None], None] | None):
+        self.module, self.step, self.on_step = module, step, on_step
+        self.options = _forward_options(module)
+        self.cache = DynamicCache(config=module.config)
+        # model.generate drops an all-ones mask (the model then builds a plain causal mask)
+        self.mask = None if bool(attention_mask.all()) else attention_mask
+
+    def _call(self, input_ids: Tensor, step: Step) -> Tensor:
+        output = self.module(
+            input_ids=input_ids, attention_mask=self.mask, position_ids=step.positions, past_key_values=self.cache, **self.options
+        )
+        return output.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+    def _announce(self, step: Step) -> None:
+        if self.on_step is not None:
+            self.on_step(step)
+
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Run the whole (left-padded) prompt."""
+        self._announce(self.step)
+        return self._call(input_ids, self.step)
+
+    def feed(self, chosen: Tensor, was_finished: Tensor, think_ids, matchers) -> Tensor:
+        """Feed the tokens just emitted (``[batch]``) as the next step."""
+        self.step = self.step.next(chosen, was_finished, think_ids, matchers)
+        self._announce(self.step)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(chosen), 1)], dim=1)
+        return self._call(chosen[:, None], self.step)
+
+    def recompute(self, install: Callable[[], list]) -> Tensor:
+        """Roll the cache back one position and re-run the current step's last position."""
+        self.cache.crop(-1)
+        handles = install()
+        last = self.step.tail(1)
+        try:
+            self._announce(dataclasses.replace(last, is_rerun=True))
+            return self._call(last.token_ids, last)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._announce(self.step)
+
+
+def _offer(on_choose: Callable[[TokenChoice], None], choice: TokenChoice, pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Hand ``choice`` to the blocks; return what they left: tokens, own stops, forced stops."""
+    on_choose(choice)
+    finished = choice.finished
+    return torch.where(finished, pad, choice.chosen), choice.stops & ~finished, choice.forced_stop & ~finished
+
+
+def _output(tokenizer, generated: Tensor, stops: StopTracker, attention_mask: Tensor, start: float, prefill_s: float) -> GenerationOutput:
+    """Cut each row after its stop and decode it; ``generated`` holds the steps that ran."""
+    kept = torch.minimum(stops.kept, torch.tensor(generated.shape[1], device=generated.device))
+    lengths = kept.tolist()
+    token_ids = [row[:n] for row, n in zip(generated.tolist(), lengths)]
+    total_s = time.perf_counter() - start
+    new_tokens = sum(lengths)
+    return GenerationOutput(
+        texts=tokenizer.batch_decode(token_ids, skip_special_tokens=True),
+        token_ids=token_ids,
+        lengths=lengths,
+        prompt_lengths=attention_mask.sum(dim=1).tolist(),
+        stop_reasons=stops.reasons(),
+        timings={
+            "prefill_s": prefill_s,
+            "decode_s": total_s - prefill_s,
+            "total_s": total_s,
+            "new_tokens": float(new_tokens),
+            "tokens_per_s": new_tokens / total_s if total_s > 0 else float("nan"),
+        },
+    )
 
 
 def _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings) -> None:
@@ -258,7 +218,7 @@ def generate(
         seed: seeds the sampler's own generator (same batch + seed = same tokens).
         stop_strings: a row stops once its generated text contains one of these.
         eos_token_ids: ids that stop a row; default: the model's EOS ids.
-        chat: apply the chat template (see :func:`encode_prompts`).
+        chat: apply the chat template (see :func:`surgery.prompts.encode_prompts`).
         progress: show a progress bar; default: when stderr is a terminal and the run is long.
         on_step: called with each :class:`Step` just before its forward pass, and with None at
             the end (the trace uses it to route hooks).
@@ -273,13 +233,13 @@ def generate(
     """
     _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings)
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
-    _check_context(model, attention_mask, max_new_tokens)
-    device, module, tokenizer = model.device, model.module, model.tokenizer
+    check_context(model, attention_mask, max_new_tokens)
+    device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch = input_ids.shape[0]
     eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else list(eos_token_ids), dtype=torch.long, device=device)
     pad = torch.tensor(model.pad_token_id, device=device)
-    think_ids = model.think_token_ids
+    think_ids, matchers = model.think_token_ids, _matchers(model, text_patterns)
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -288,109 +248,39 @@ def generate(
     # How often the loop asks the device whether every row is done: each ask is a host sync.
     check_every = 1 if device.type == "cpu" else 8
 
-    options = _forward_options(module)
-    cache = DynamicCache(config=module.config)
-    matchers = _matchers(model, text_patterns)
-    step = Step.prefill(input_ids, attention_mask, think_ids, matchers)
-    # model.generate drops an all-ones mask (the model then builds a plain causal mask)
-    mask = None if bool(attention_mask.all()) else attention_mask
+    forward = _Forward(model.module, Step.prefill(input_ids, attention_mask, think_ids, matchers), attention_mask, on_step)
+    stops = StopTracker(model.tokenizer, eos, stop_strings, batch, max_new_tokens)
     generated = torch.full((batch, max_new_tokens), model.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    kept = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
-    reason = torch.zeros(batch, dtype=torch.long, device=device)  # index into STOP_REASONS
-    history: list[list[int]] = [[] for _ in range(batch)]
     steps_run = 0
-
-    def recompute(install) -> Tensor:
-        """Roll the cache back one position and re-run the current step's last position."""
-        cache.crop(-1)
-        handles = install()
-        last = step.tail(1)
-        try:
-            if on_step is not None:
-                on_step(dataclasses.replace(last, is_rerun=True))
-            rerun = module(
-                input_ids=last.token_ids, attention_mask=mask, position_ids=last.positions, past_key_values=cache, **options
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
-            if on_step is not None:
-                on_step(step)
-        return rerun.logits[:, -1].to(dtype=torch.float32, copy=True)
-
     bar = tqdm(total=max_new_tokens, desc=f"generating ({batch} rows)", unit="tok", disable=not progress, leave=False)
     start = time.perf_counter()
     prefill_s = 0.0
     try:
         with torch.inference_mode():
-            if on_step is not None:
-                on_step(step)
-            output = module(input_ids=input_ids, attention_mask=mask, position_ids=step.positions, past_key_values=cache, **options)
+            logits = forward.prefill(input_ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # once, so the prefill time is real
+            prefill_s = time.perf_counter() - start
             for k in range(max_new_tokens):
-                logits = output.logits[:, -1].to(dtype=torch.float32, copy=True)
-                if k == 0:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)  # once, so the prefill time is real
-                    prefill_s = time.perf_counter() - start
                 chosen = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(dim=-1)
                 chosen = torch.where(finished, pad, chosen)
-                stops = torch.isin(chosen, eos) & ~finished
-                if stop_strings:
-                    candidates, live = chosen.tolist(), (~finished).tolist()
-                    hits = _stop_string_hits(tokenizer, history, candidates, stop_strings, live)
-                    stops = stops | torch.tensor(hits, device=device)
-                forced = torch.zeros_like(finished)
+                own, forced = stops.own(chosen, finished), torch.zeros_like(finished)
                 if on_choose is not None:
-                    choice = TokenChoice(k, step, logits, chosen, stops, finished, forced, eos, recompute)
-                    on_choose(choice)
-                    chosen = torch.where(finished, pad, choice.chosen)
-                    forced = choice.forced_stop & ~finished
-                    stops = (choice.stops | forced) & ~finished
-                if stop_strings:
-                    for row, token in zip(history, chosen.tolist()):
-                        row.append(token)
+                    choice = TokenChoice(k, forward.step, logits, chosen, own, finished, forced, eos, forward.recompute)
+                    chosen, own, forced = _offer(on_choose, choice, pad)
                 generated[:, k] = chosen
                 steps_run = k + 1
-                cause = torch.where(forced, 3, torch.where(torch.isin(chosen, eos), 1, 2))
-                reason = torch.where(stops, cause, reason)
-                kept = torch.where(stops, k + 1, kept)
-                was_finished, finished = finished, finished | stops
+                was_finished, finished = finished, finished | stops.record(k, chosen, own, forced)
                 bar.update(1)
                 if k + 1 == max_new_tokens or ((k + 1) % check_every == 0 and bool(finished.all())):
                     break
-                step = step.next(chosen, was_finished, think_ids, matchers)
-                if on_step is not None:
-                    on_step(step)
-                if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-                output = module(
-                    input_ids=chosen[:, None], attention_mask=mask, position_ids=step.positions, past_key_values=cache, **options
-                )
+                logits = forward.feed(chosen, was_finished, think_ids, matchers)
     finally:
         bar.close()
         if on_step is not None:
             on_step(None)
-    kept = torch.minimum(kept, torch.tensor(steps_run, device=device))
-    lengths = kept.tolist()
-    rows = generated[:, :steps_run].tolist()
-    token_ids = [row[:n] for row, n in zip(rows, lengths)]
-    total_s = time.perf_counter() - start
-    new_tokens = sum(lengths)
-    return GenerationOutput(
-        texts=tokenizer.batch_decode(token_ids, skip_special_tokens=True),
-        token_ids=token_ids,
-        lengths=lengths,
-        prompt_lengths=attention_mask.sum(dim=1).tolist(),
-        stop_reasons=[STOP_REASONS[r] for r in reason.tolist()],
-        timings={
-            "prefill_s": prefill_s,
-            "decode_s": total_s - prefill_s,
-            "total_s": total_s,
-            "new_tokens": float(new_tokens),
-            "tokens_per_s": new_tokens / total_s if total_s > 0 else float("nan"),
-        },
-    )
+    return _output(model.tokenizer, generated[:, :steps_run], stops, attention_mask, start, prefill_s)
 
 
 def run(
@@ -412,7 +302,7 @@ def run(
         model.tokenizer.decode(logits[0, -1].argmax())
     """
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
-    _check_context(model, attention_mask, 0)
+    check_context(model, attention_mask)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     matchers = _matchers(model, text_patterns)

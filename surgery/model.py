@@ -16,11 +16,9 @@ from torch import nn
 
 from surgery.sites import Architecture, Site, architecture_of
 from surgery.text_match import TextMatcher
+from surgery.thoughts import THINK_CLOSE, THINK_OPEN
 
 __all__ = ["Model", "wrap"]
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 
 
 class Model:
@@ -35,8 +33,6 @@ class Model:
         architecture: the site table of its family.
         name: a label for reports and saved experiments.
     """
-
-    backend = "hf"
 
     def __init__(self, module: nn.Module, tokenizer, *, name: str | None = None):
         self.module = module

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 __all__ = [
     "REFLECTION_KEYWORDS",
     "REFLECTION_PREFIXES",
+    "THINK_CLOSE",
+    "THINK_OPEN",
     "THOUGHT_CLASSES",
     "TRANSITION_KEYWORDS",
     "TRANSITION_PREFIXES",
@@ -55,6 +57,7 @@ __all__ = [
     "thought_positions",
 ]
 
+#: The tags around a reasoning span (the one definition: the model looks up their token ids).
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 

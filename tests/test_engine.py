@@ -5,7 +5,7 @@ import torch
 from conftest import PROMPTS, tiny_model
 
 import surgery
-from surgery.engine import encode_prompts
+from surgery.prompts import encode_prompts
 
 
 def hf_greedy(model, prompts, max_new_tokens, chat=False, **kwargs):
@@ -57,17 +57,8 @@ def test_rows_alone_equal_rows_in_a_batch(tiny):
         assert alone.token_ids[0] == batched.token_ids[i]
 
 
-def test_chat_template_opens_think(tiny):
-    input_ids, mask = encode_prompts(tiny, ["Tom has 3 apples."], chat=True)
-    text = tiny.tokenizer.decode(input_ids[0])
-    assert text.startswith("<|im_start|>user\nTom has 3 apples.<|im_end|>\n<|im_start|>assistant\n<think>\n")
-
-
-def test_left_padding_and_token_id_prompts(tiny_llama):
+def test_token_id_prompts_generate_like_hf(tiny_llama):
     ids = [[5, 6, 7], [8]]
-    input_ids, mask = encode_prompts(tiny_llama, ids)
-    assert input_ids.tolist() == [[5, 6, 7], [tiny_llama.pad_token_id, tiny_llama.pad_token_id, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert surgery.generate(tiny_llama, ids, 5).token_ids == hf_greedy(tiny_llama, ids, 5)
 
 
@@ -133,13 +124,3 @@ def test_bad_input_is_a_clear_error_and_leaves_the_model_untouched(tiny_llama, p
         surgery.generate(tiny_llama, prompts, **kwargs)
     after = tiny_llama.module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_chat_without_template_is_refused(tiny_llama):
-    tokenizer = tiny_llama.tokenizer
-    saved, tokenizer.chat_template = tokenizer.chat_template, None
-    try:
-        with pytest.raises(ValueError, match="no chat template"):
-            surgery.generate(tiny_llama, ["a"], 2, chat=True)
-    finally:
-        tokenizer.chat_template = saved

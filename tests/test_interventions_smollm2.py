@@ -11,7 +11,7 @@ from test_steering import naive_vector
 
 import surgery
 from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask
-from surgery.demo import PROBLEMS
+from surgery.examples import ARITHMETIC_PROBLEMS
 from surgery.triggers import OnText
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def gsm8k_traces(n: int) -> list[tuple[str, str]]:
         with GSM8K.open() as lines:
             rows = [json.loads(line) for _, line in zip(range(n), lines)]
     else:  # the data set sits beside the checkout in CI; keep the test meaningful without it
-        rows = [{"question": p, "answer": "Step one.\nStep two.\n#### 7"} for p in PROBLEMS[:n]]
+        rows = [{"question": p, "answer": "Step one.\nStep two.\n#### 7"} for p in ARITHMETIC_PROBLEMS[:n]]
     traces = []
     for row in rows:
         *steps, final = row["answer"].split("\n")
@@ -50,9 +50,9 @@ def test_steering_fires_where_the_text_reaches_blank_lines(smollm2):
     steer = SteeringVector(torch.randn(576, generator=torch.Generator().manual_seed(0)) * 20, layer=15,
                            when=OnText("\n\n"))
     with surgery.trace(smollm2, steer) as tr:
-        out = tr.generate(PROBLEMS[:2], 64, chat=True)
+        out = tr.generate(ARITHMETIC_PROBLEMS[:2], 64, chat=True)
     texts = smollm2.vocabulary_texts
-    for row, prompt in enumerate(PROBLEMS[:2]):
+    for row, prompt in enumerate(ARITHMETIC_PROBLEMS[:2]):
         ids, _ = surgery.encode_prompts(smollm2, [prompt], chat=True)
         fed = ids[0].tolist() + out.token_ids[row][:-1]
         hits = occurrences_ending_at_each_token(texts, fed, "\n\n")
@@ -62,10 +62,10 @@ def test_steering_fires_where_the_text_reaches_blank_lines(smollm2):
 
 def test_hard_mask_words_never_appear(smollm2):
     words = ["need", "total", "apples"]
-    plain = surgery.generate(smollm2, PROBLEMS, 64, chat=True)
+    plain = surgery.generate(smollm2, ARITHMETIC_PROBLEMS, 64, chat=True)
     assert any(w in text.lower() for w in words for text in plain.texts)
     with surgery.trace(smollm2, TokenMask(words, penalty=None)) as tr:
-        out = tr.generate(PROBLEMS, 64, chat=True)
+        out = tr.generate(ARITHMETIC_PROBLEMS, 64, chat=True)
     assert not any(w in text.lower() for w in words for text in out.texts)
 
 
@@ -86,7 +86,7 @@ def test_tts_inserts_where_a_row_stops(smollm2):
 
 
 def test_recycling_matches_the_full_sequence_reference(smollm2):
-    prompt = PROBLEMS[1]
+    prompt = ARITHMETIC_PROBLEMS[1]
     plain = surgery.generate(smollm2, [prompt], 24, chat=True)
     texts = smollm2.vocabulary_texts
     words = tuple(dict.fromkeys(texts[t].strip() for t in plain.token_ids[0] if texts[t].strip().isalpha()))[:4]

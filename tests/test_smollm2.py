@@ -7,12 +7,12 @@ from conftest import occurrences_ending_at_each_token
 import surgery
 from interventions import ResidualAdd
 from probes import RecordSite
-from surgery.demo import PROBLEMS
+from surgery.examples import ARITHMETIC_PROBLEMS
 from surgery.triggers import OnText, OnTokens
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [PROBLEMS[0], "What is 7 * 8? Explain in two short paragraphs.", PROBLEMS[2]]
+PROMPTS = [ARITHMETIC_PROBLEMS[0], "What is 7 * 8? Explain in two short paragraphs.", ARITHMETIC_PROBLEMS[2]]
 
 
 def test_greedy_equals_hf_generate_on_a_padded_batch(smollm2):

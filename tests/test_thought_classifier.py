@@ -20,7 +20,7 @@ from probes.thought_classifier import (
     fit_linear_probe,
 )
 from surgery.blocks import block_class
-from surgery.demo import PROBLEMS
+from surgery.examples import ARITHMETIC_PROBLEMS
 from surgery.thoughts import classify_thought
 
 NL = "\n"
@@ -315,7 +315,7 @@ def test_online_predictions_equal_predict_on_recorded_states(tiny):
 
 # GSM8K-style problems on which greedy SmolLM2 writes blank lines within 64 tokens
 GSM8K_LIKE = [
-    *PROBLEMS[:3],
+    *ARITHMETIC_PROBLEMS[:3],
     "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year? "
     "Think step by step.",
 ]

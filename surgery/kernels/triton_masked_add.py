@@ -1,9 +1,9 @@
 """Triton kernel for :func:`surgery.kernels.reference.masked_add`.
 
 This module imports triton at top level: import it only when triton is available (the
-dispatcher in :mod:`surgery.kernels` does this lazily). Use the dispatcher
+dispatcher in :mod:`surgery.kernels.masked_add` does this lazily). Use the dispatcher
 :func:`surgery.kernels.masked_add`, which validates its inputs, rather than calling the launcher
-here directly.
+here directly. The dtypes it handles are :data:`surgery.kernels.backend.TRITON_DTYPES`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["SUPPORTED_DTYPES", "masked_add_triton"]
+from .backend import TRITON_DTYPES
 
-#: Storage dtypes the kernel handles (arithmetic is done in float32).
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["masked_add_triton"]
 
 # Largest block of d_model one program handles per loop step; wider rows loop.
 _MAX_BLOCK = 1024
@@ -105,9 +104,9 @@ def masked_add_triton(hidden: Tensor, mask: Tensor, vector: Tensor, alpha: float
         tensor([[[1., 1., 1.],
                  [0., 0., 0.]]], device='cuda:0')
     """
-    if hidden.dtype not in SUPPORTED_DTYPES:
+    if hidden.dtype not in TRITON_DTYPES:
         raise ValueError(
-            f"the Triton masked_add kernel supports {[str(d) for d in SUPPORTED_DTYPES]}, "
+            f"the Triton masked_add kernel supports {[str(d) for d in TRITON_DTYPES]}, "
             f"got hidden.dtype={hidden.dtype}; use backend='torch' for this dtype"
         )
     if not hidden.is_cuda and not _is_interpreted():
