@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import occurrences_ending_at_each_token
+from tolerance import assert_close
 from test_recycling import reference_logits
 from test_steering import naive_vector
 
@@ -43,7 +44,7 @@ def test_extraction_on_gsm8k_traces_equals_the_naive_reference(smollm2):
     print("class counts:", steer.metadata["class_counts"])
     assert steer.metadata["class_counts"] == counts
     assert counts["execution"] >= 6 and counts["reflection"] >= 6 and counts["transition"] >= 6
-    torch.testing.assert_close(steer.vector, reference, rtol=1e-5, atol=1e-5)
+    assert_close(steer.vector, reference)
 
 
 def test_steering_fires_where_the_text_reaches_blank_lines(smollm2):

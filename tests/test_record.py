@@ -2,6 +2,7 @@
 
 import torch
 from conftest import PROMPTS
+from tolerance import assert_close
 
 import surgery
 from probes import RecordSite
@@ -23,7 +24,7 @@ def test_records_equal_output_hidden_states_at_fired_positions(tiny):
         expected_positions = mask_all[fed[0]].nonzero().flatten()
         positions, values = got.for_row(row)
         assert positions.tolist() == expected_positions.tolist()
-        torch.testing.assert_close(values, hidden[expected_positions], rtol=1e-4, atol=1e-5)
+        assert_close(values, hidden[expected_positions])
 
 
 def test_probe_does_not_change_tokens(tiny):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_model
+from tolerance import assert_close
 
 from surgery.sites import ARCHITECTURES, Site, architecture_of, hook_site
 
@@ -60,15 +61,15 @@ def test_residual_sites_read_hf_hidden_states(tokenizer, kind):
             handle.remove()
     hidden = out.hidden_states
     for L in range(model.n_layers):
-        torch.testing.assert_close(seen[f"resid_pre.{L}"], hidden[L])
+        assert_close(seen[f"resid_pre.{L}"], hidden[L])
         if L < model.n_layers - 1:  # HF's last entry is after the final norm; ours is before it
-            torch.testing.assert_close(seen[f"resid_post.{L}"], hidden[L + 1])
+            assert_close(seen[f"resid_post.{L}"], hidden[L + 1])
         # the block adds its attention and MLP outputs to the stream
-        torch.testing.assert_close(seen[f"resid_pre.{L}"] + seen[f"attn_out.{L}"] + seen[f"mlp_out.{L}"], seen[f"resid_post.{L}"], rtol=1e-5, atol=1e-5)
+        assert_close(seen[f"resid_pre.{L}"] + seen[f"attn_out.{L}"] + seen[f"mlp_out.{L}"], seen[f"resid_post.{L}"])
     final_norm = model.module.get_submodule(model.architecture.final_norm)
     with torch.no_grad():
-        torch.testing.assert_close(final_norm(seen[f"resid_post.{model.n_layers - 1}"]), hidden[-1])
-    torch.testing.assert_close(seen["logits"], out.logits)
+        assert_close(final_norm(seen[f"resid_post.{model.n_layers - 1}"]), hidden[-1])
+    assert_close(seen["logits"], out.logits)
 
 
 def test_every_table_entry_names_real_modules(tokenizer):

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import PROMPTS, separator_positions, tiny_model
+from tolerance import assert_close
 
 import surgery
 from interventions import SteeringVector, seal_trigger
@@ -58,7 +59,7 @@ def test_thought_positions_point_at_the_opening_separator(tiny):
 def test_extraction_equals_the_naive_full_hidden_state_reference(tiny, layer):
     steer = SteeringVector.from_thoughts(tiny, TRACES, layer=layer, chat=True, batch_size=2)
     reference, counts = naive_vector(tiny, TRACES, layer % tiny.n_layers)
-    torch.testing.assert_close(steer.vector, reference, rtol=1e-5, atol=1e-5)
+    assert_close(steer.vector, reference)
     assert steer.metadata["class_counts"] == counts == {"execution": 6, "reflection": 2, "transition": 1}
     assert steer.metadata["site"] == f"resid_pre.{layer % tiny.n_layers}"
 

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import PROMPTS
+from tolerance import assert_close
 
 import surgery
 from interventions import TokenMask
@@ -24,7 +25,7 @@ def test_soft_penalty_shifts_exactly_the_matching_entries(tiny):
     assert hit.sum() >= 1  # "Wait"
     _, attention = surgery.encode_prompts(tiny, PROMPTS)
     valid = attention.bool()  # padding positions are left alone
-    torch.testing.assert_close(penalised[valid][:, hit], reference[valid][:, hit] - 3.0)
+    assert_close(penalised[valid][:, hit], reference[valid][:, hit] - 3.0)
     assert torch.equal(penalised[valid][:, ~hit], reference[valid][:, ~hit])
     assert torch.equal(penalised[~valid], reference[~valid])
 

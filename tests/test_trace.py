@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import PROMPTS, all_hooks, logits_of
+from tolerance import assert_close
 
 import surgery
 from interventions import ResidualAdd
@@ -78,7 +79,7 @@ def test_interventions_run_in_order_and_probes_see_their_result(tiny_llama):
         tr.add(second)
         tr.run(PROMPTS)
     assert log == [("scale", 2.0), ("scale", 3.0)]
-    torch.testing.assert_close(record.result().values, baseline * 6.0)
+    assert_close(record.result().values, baseline * 6.0)
 
 
 def test_traces_do_not_nest(tiny_llama):
