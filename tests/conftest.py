@@ -121,6 +121,8 @@ def smollm2() -> surgery.Model:
     return surgery.load()
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
 PROMPTS = [
     "Tom has 3 apples.",
     "Let me think.\n\nFirst, 7 * 8 = 56.",
