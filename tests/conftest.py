@@ -147,6 +147,15 @@ def reference_nhsic(x, y, sigma=50.0, epsilon=1e-5) -> float:
     return float(np.trace(R(x) @ R(y)))
 
 
+def clusters(n_per_class, d, classes=("execution", "reflection", "transition"), spread=4.0, seed=0):
+    """States around one random centre per class, and their labels (linear thought probes)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(len(classes), d, generator=generator) * spread
+    states = torch.cat([centres[k] + torch.randn(n_per_class, d, generator=generator) for k in range(len(classes))])
+    labels = [c for c in classes for _ in range(n_per_class)]
+    return states, labels
+
+
 def occurrences_ending_at_each_token(texts, tokens, pattern):
     """Reference for text triggers: does an occurrence of ``pattern`` end in each token?
 
