@@ -91,27 +91,11 @@ class MIResult(SavedResult):
         ]
 
     def plot(self, path, row: int = 0) -> None:
-        """Save a PNG of ``m_t`` over tokens for one row, peaks marked, with the Tukey fence."""
-        import matplotlib
+        """Save a PNG of ``m_t`` over tokens for one row, peaks marked, with the Tukey fence
+        (:func:`probes.plots.plot_mi`)."""
+        from probes.plots import plot_mi  # probes.plots imports this module
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        values, peaks = self.values[row], self.peaks[row]
-        q1, q3 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=values.dtype)).tolist()
-        fig, ax = plt.subplots(figsize=(8, 3))
-        try:
-            ax.plot(range(len(values)), values.tolist(), lw=1, label="MI (nHSIC)")
-            ax.scatter(peaks.tolist(), values[peaks].tolist(), color="red", zorder=3, label="peaks")
-            ax.axhline(q3 + 1.5 * (q3 - q1), color="grey", ls="--", lw=0.8, label="Q3 + 1.5 IQR")
-            ax.set_xlabel("generated token")
-            ax.set_ylabel("MI with answer")
-            ax.set_title(f"row {row}: {len(peaks)} peaks / {len(values)} tokens")
-            ax.legend(loc="upper right", fontsize="small")
-            fig.tight_layout()
-            fig.savefig(path, dpi=120)
-        finally:
-            plt.close(fig)
+        plot_mi(self, path, row)
 
 
 @register_block("mi_estimator")

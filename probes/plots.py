@@ -6,9 +6,13 @@ or on a headless machine leaks nothing.
 
 - :func:`plot_trajectory`: one sample's reasoning steps as a path through its K-means clusters
   in 2-D (Topology of Reasoning, arXiv 2506.05744, §3; see :mod:`probes.reasoning_graph`).
+- :func:`plot_mi`: one row's per-token MI with its peaks and the Tukey fence (arXiv 2506.02867,
+  §3; see :mod:`probes.mi`); ``MIResult.plot`` calls it.
+- :func:`plot_thoughts`: thought counts per class and the thought states in 2-D (SEAL, arXiv
+  2504.07986, §3; see :mod:`probes.thought_classifier`); ``ClassifiedThoughts.plot`` calls it.
 
-Deviations: the papers' figures are drawn by their own scripts; these plots show the same
-quantities but are not copies of them.
+Deviations: these are our own views of each probe's result, not reproductions of the papers'
+figures.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from probes.graph_metrics import _as_labels, build_graph, graph_metrics
+from probes.mi import MIResult
+from probes.thought_classifier import ClassifiedThoughts
+from surgery.thoughts import THOUGHT_CLASSES
 
-__all__ = ["plot_trajectory"]
+__all__ = ["plot_mi", "plot_thoughts", "plot_trajectory"]
 
 
 @contextmanager
 def _figure(
-    path, *grid: int, save_dpi: float | None = None, save_format: str | None = None, **subplots
+    path, *grid: int, save_dpi: int | None = None, save_format: str | None = None, **subplots
 ) -> Iterator[tuple]:
     """Select Agg, yield ``(figure, axes)`` of ``plt.subplots(*grid, **subplots)``; on leaving,
     lay it out tight and save it to ``path`` (``save_dpi`` and ``save_format`` are
@@ -120,3 +128,55 @@ def plot_trajectory(
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     return path
+
+
+def plot_mi(result: MIResult, path, row: int = 0) -> None:
+    """Save a PNG of ``m_t`` over tokens for one row, peaks marked, with the Tukey fence.
+
+    Args:
+        result: what :class:`probes.mi.MIEstimator` measured.
+        path: where to write the PNG.
+        row: the prompt row to draw.
+
+    Example::
+
+        plot_mi(mi.result(out), "mi.png", row=0)     # the same as mi.result(out).plot("mi.png")
+    """
+    values, peaks = result.values[row], result.peaks[row]
+    q1, q3 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=values.dtype)).tolist()
+    with _figure(path, figsize=(8, 3), save_dpi=120) as (fig, ax):
+        ax.plot(range(len(values)), values.tolist(), lw=1, label="MI (nHSIC)")
+        ax.scatter(peaks.tolist(), values[peaks].tolist(), color="red", zorder=3, label="peaks")
+        ax.axhline(q3 + 1.5 * (q3 - q1), color="grey", ls="--", lw=0.8, label="Q3 + 1.5 IQR")
+        ax.set_xlabel("generated token")
+        ax.set_ylabel("MI with answer")
+        ax.set_title(f"row {row}: {len(peaks)} peaks / {len(values)} tokens")
+        ax.legend(loc="upper right", fontsize="small")
+
+
+def plot_thoughts(result: ClassifiedThoughts, path) -> None:
+    """Save a PNG: thought counts per class, and the states in 2-D (PCA) coloured by class.
+
+    Args:
+        result: what :class:`probes.thought_classifier.ThoughtClassifier` found.
+        path: where to write the PNG.
+
+    Example::
+
+        plot_thoughts(classifier.result(), "thoughts.png")   # the same as classifier.result().plot(...)
+    """
+    from sklearn.decomposition import PCA
+
+    counts = result.counts()
+    colours = {"execution": "tab:blue", "reflection": "tab:orange", "transition": "tab:green"}
+    with _figure(path, 1, 2, figsize=(10, 4), save_dpi=110) as (figure, (bars, scatter)):
+        bars.bar(list(counts), list(counts.values()), color=[colours[c] for c in counts])
+        bars.set_title("thoughts per class")
+        states, labels = result.all_states().float().cpu().numpy(), result.labels()
+        if len(states) >= 2:
+            points = PCA(n_components=2).fit_transform(states)
+            for label in THOUGHT_CLASSES:
+                keep = [i for i, found in enumerate(labels) if found == label]
+                scatter.scatter(points[keep, 0], points[keep, 1], s=18, color=colours[label], label=label)
+            scatter.legend()
+        scatter.set_title(f"thought states at {result.site} (PCA)")

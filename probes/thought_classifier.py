@@ -141,29 +141,11 @@ class ClassifiedThoughts(SavedResult):
         return {c: found[c] for c in THOUGHT_CLASSES}
 
     def plot(self, path) -> None:
-        """Save a PNG: thought counts per class, and the states in 2-D (PCA) coloured by class."""
-        import matplotlib
+        """Save a PNG: thought counts per class, and the states in 2-D (PCA) coloured by class
+        (:func:`probes.plots.plot_thoughts`)."""
+        from probes.plots import plot_thoughts  # probes.plots imports this module
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from sklearn.decomposition import PCA
-
-        counts = self.counts()
-        colours = {"execution": "tab:blue", "reflection": "tab:orange", "transition": "tab:green"}
-        figure, (bars, scatter) = plt.subplots(1, 2, figsize=(10, 4))
-        bars.bar(list(counts), list(counts.values()), color=[colours[c] for c in counts])
-        bars.set_title("thoughts per class")
-        states, labels = self.all_states().float().cpu().numpy(), self.labels()
-        if len(states) >= 2:
-            points = PCA(n_components=2).fit_transform(states)
-            for label in THOUGHT_CLASSES:
-                keep = [i for i, found in enumerate(labels) if found == label]
-                scatter.scatter(points[keep, 0], points[keep, 1], s=18, color=colours[label], label=label)
-            scatter.legend()
-        scatter.set_title(f"thought states at {self.site} (PCA)")
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        plot_thoughts(self, path)
 
 
 @dataclass(frozen=True)
