@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
-from probes.graph import ReasoningGraph, kmeans_torch  # noqa: E402
+from probes.kmeans import kmeans_torch  # noqa: E402
+from probes.reasoning_graph import ReasoningGraph  # noqa: E402
 from surgery.sites import Site  # noqa: E402
 from surgery.step import Step  # noqa: E402
 

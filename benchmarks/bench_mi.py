@@ -3,10 +3,10 @@
 Run: python benchmarks/bench_mi.py [--dims 576 1536] [--tokens 8 4] [--reps 3] [--device cpu]
 
 Random vectors (scale 30, like residual streams), no model. All rows use float64, the dtype the
-probe computes in (float32 is off by 1e-2..1e-1 relative, see probes/mi.py). Rows, each timed
+probe computes in (float32 is off by 1e-2..1e-1 relative, see probes/hsic.py). Rows, each timed
 ``--reps`` times in interleaved order after one warm-up, median reported:
 
-  batched           probes.mi: Ry computed once and kept as a truncated SVD (rank r); each
+  batched           probes.hsic: Ry computed once and kept as a truncated SVD (rank r); each
                     token's Kx factored by a batched pivoted Cholesky (rank q, ~24 on real
                     SmolLM2 states) and the trace taken through the push-through identity:
                     O(d·q² + d·q·r + q³) per token; an exact batched LU when q would be large
@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
-from probes.mi import _answer_factors, _nhsic_given_factors, _ratio_matrix  # noqa: E402
+from probes.hsic import _answer_factors, _nhsic_given_factors, _ratio_matrix  # noqa: E402
 
 
 def loop_formula(x: torch.Tensor, y: torch.Tensor, sigma: float, epsilon: float, ry=None) -> torch.Tensor:

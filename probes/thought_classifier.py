@@ -12,9 +12,10 @@ the probe side of that recipe:
   and the fed token ids; its :meth:`~ThoughtClassifier.result` rebuilds each row's text, splits
   and labels it with :mod:`surgery.thoughts` and keeps, per thought, the state at the token
   :func:`surgery.thoughts.thought_positions` names.
-* :func:`fit_linear_probe` (mode 2) trains a multinomial logistic regression (scikit-learn) from
-  states to labels on a held-out split; passed as ``linear_probe=`` to the classifier it also
-  labels every separator state online, one small matmul on the device per step.
+* :func:`probes.linear_probe.fit_linear_probe` (mode 2) trains a multinomial logistic
+  regression (scikit-learn) from states to labels on a held-out split; passed as
+  ``linear_probe=`` to the classifier it also labels every separator state online, one small
+  matmul on the device per step.
 
 Which text is read:
     * ``tr.generate``: the completion (the generated tokens that were fed back), read as
@@ -35,8 +36,7 @@ Deviations from SEAL:
       recorded while decoding and dropped in :meth:`~ThoughtClassifier.result`.
     * Default site ``resid_pre.-1`` (input to the last block); SEAL reads block 20 of 28
       (R1-Distill-Qwen) or 55 of 64 (QwQ-32B): pass ``site="resid_pre.20"`` to match.
-    * The linear probe (mode 2) is not in the paper; it standardises features before the
-      logistic regression (folded into the weights for online use).
+    * The linear probe (mode 2) is not in the paper; see :mod:`probes.linear_probe`.
 
 Example::
 
@@ -58,16 +58,14 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from probes.linear_probe import LinearThoughtProbe
 from surgery.blocks import Probe, register_block
 from surgery.results import SavedResult
 from surgery.step import Step
@@ -77,183 +75,9 @@ from surgery.triggers import OnText, Trigger
 __all__ = [
     "ClassifiedThought",
     "ClassifiedThoughts",
-    "LinearThoughtProbe",
     "ThoughtClassifier",
     "ThoughtClassifierConfig",
-    "classify_text",
-    "fit_linear_probe",
 ]
-
-
-def classify_text(text: str) -> list[Thought]:
-    """SEAL's thoughts of a trace, labelled by keywords: :func:`surgery.thoughts.split_thoughts`.
-
-    Args:
-        text: a whole trace; the reasoning span is read as :mod:`surgery.thoughts` documents.
-
-    Returns:
-        The labelled thoughts, with offsets into ``text``.
-
-    Example:
-        >>> [(t.label, t.text) for t in classify_text("<think>Hi.\\n\\nWait, no.\\n\\nAnother way: 3.</think>")]
-        [('reflection', 'Wait, no.'), ('transition', 'Another way: 3.')]
-    """
-    return split_thoughts(text)
-
-
-# ---- mode 2: the linear probe ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LinearThoughtProbe:
-    """A multinomial logistic regression from thought states to thought labels.
-
-    Made by :func:`fit_linear_probe`; pass it to ``ThoughtClassifier(linear_probe=...)`` to
-    label separators online.
-
-    Attributes:
-        classes: the labels, sorted (as scikit-learn orders them).
-        pipeline: the fitted scikit-learn pipeline (``StandardScaler`` then
-            ``LogisticRegression``); :meth:`predict` calls it.
-        weight: ``[n_classes, d_model]`` float64, the pipeline folded into one affine map
-            (two rows for two classes: zeros, then the binary coefficients), so that
-            ``argmax(states @ weight.T + bias)`` indexes :attr:`classes` like ``predict``.
-        bias: ``[n_classes]`` float64.
-        held_out_accuracy: accuracy on the held-out split.
-        chance_accuracy: accuracy of always answering the held-out split's commonest label.
-        train_counts: label -> number of training samples.
-        test_counts: label -> number of held-out samples.
-        stratified: whether the split kept the label proportions (needs at least two samples
-            of every label and room for each label on both sides).
-    """
-
-    classes: tuple[str, ...]
-    pipeline: object = field(repr=False)
-    weight: Tensor = field(repr=False)
-    bias: Tensor = field(repr=False)
-    held_out_accuracy: float
-    chance_accuracy: float
-    train_counts: dict[str, int]
-    test_counts: dict[str, int]
-    stratified: bool
-
-    @property
-    def d_model(self) -> int:
-        return self.weight.shape[1]
-
-    def predict(self, states: Float[Tensor, "n d_model"]) -> list[str]:
-        """The predicted label of each state (scikit-learn's ``predict``).
-
-        Args:
-            states: ``[n, d_model]``, any device and float dtype.
-
-        Returns:
-            ``n`` labels, each one of :attr:`classes`.
-        """
-        if states.shape[0] == 0:
-            return []
-        return [str(label) for label in self.pipeline.predict(_as_numpy(states))]
-
-    def scores(self, states: Float[Tensor, "n d_model"]) -> Float[Tensor, "n n_classes"]:
-        """The logits ``states @ weight.T + bias`` in float64 (what the online path computes)."""
-        weight = self.weight.to(states.device)
-        return states.to(weight.dtype) @ weight.T + self.bias.to(states.device)
-
-
-def _as_numpy(states: Tensor) -> np.ndarray:
-    return states.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
-def fit_linear_probe(
-    states: Float[Tensor, "n d_model"], labels: Sequence[str], test_size: float = 0.25, seed: int = 0, max_iter: int = 5000
-) -> LinearThoughtProbe:
-    """Train a linear probe from thought states to labels and report its held-out accuracy.
-
-    A ``StandardScaler`` then a multinomial ``LogisticRegression`` (lbfgs, L2, ``C=1``) are fit
-    on a random split of ``1 - test_size`` of the samples, stratified by label when every label
-    has at least two samples and both sides have room for every label; the rest is held out.
-
-    Args:
-        states: ``[n, d_model]``, e.g. ``ClassifiedThoughts.all_states()``.
-        labels: ``n`` labels, e.g. ``ClassifiedThoughts.labels()``.
-        test_size: fraction held out, in (0, 1); the held-out side gets ``ceil(test_size * n)``.
-        seed: seeds the split (the fit itself is deterministic).
-        max_iter: lbfgs iterations.
-
-    Returns:
-        The fitted :class:`LinearThoughtProbe`.
-
-    Raises:
-        ValueError: fewer than two distinct labels, lengths that differ, a ``test_size``
-            outside (0, 1), or too few samples for a split with two labels to train on.
-
-    Example:
-        >>> import torch
-        >>> _ = torch.manual_seed(0)
-        >>> states = torch.cat([torch.randn(20, 4) + 5, torch.randn(20, 4) - 5])
-        >>> probe = fit_linear_probe(states, ["execution"] * 20 + ["reflection"] * 20)
-        >>> probe.held_out_accuracy, probe.test_counts
-        (1.0, {'execution': 5, 'reflection': 5})
-        >>> probe.predict(torch.full((1, 4), 5.0))
-        ['execution']
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    labels = [str(label) for label in labels]
-    n = len(labels)
-    if states.shape[0] != n:
-        raise ValueError(f"fit_linear_probe got {states.shape[0]} states but {n} labels: pass one label per state")
-    counts = Counter(labels)
-    if len(counts) < 2:
-        raise ValueError(
-            f"fit_linear_probe needs at least two distinct labels, got {dict(counts) or 'none'}: "
-            "collect more traces (reflections and transitions are rarer than executions)"
-        )
-    if not 0.0 < test_size < 1.0:
-        raise ValueError(f"test_size is the held-out fraction, in (0, 1); got {test_size}")
-    n_test = math.ceil(test_size * n)
-    n_train = n - n_test
-    if n_train < 2 or n_test < 1:
-        raise ValueError(
-            f"{n} samples are too few to split with test_size={test_size} ({n_train} to train, {n_test} held out): "
-            "collect more thoughts or lower test_size"
-        )
-    stratified = min(counts.values()) >= 2 and n_test >= len(counts) and n_train >= len(counts)
-    x, y = _as_numpy(states), np.array(labels)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=n_test, random_state=seed, stratify=y if stratified else None
-    )
-    if len(set(y_train)) < 2:
-        raise ValueError(
-            f"the training split holds only the label {y_train[0]!r} ({n} samples, labels {dict(counts)}): "
-            "collect more samples of the rarer labels so a split can keep two of each"
-        )
-    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    pipeline.fit(x_train, y_train)
-    scaler, regression = pipeline[0], pipeline[-1]
-    coef = regression.coef_ / scaler.scale_  # fold the scaling into the weights
-    intercept = regression.intercept_ - coef @ scaler.mean_
-    if coef.shape[0] == 1:  # binary: the decision is coef . x + b > 0, i.e. argmax over [0, that]
-        coef = np.concatenate([np.zeros_like(coef), coef])
-        intercept = np.concatenate([[0.0], intercept])
-    test_counts = Counter(y_test.tolist())
-    return LinearThoughtProbe(
-        classes=tuple(str(c) for c in regression.classes_),
-        pipeline=pipeline,
-        weight=torch.from_numpy(np.ascontiguousarray(coef, dtype=np.float64)),
-        bias=torch.from_numpy(np.ascontiguousarray(intercept, dtype=np.float64)),
-        held_out_accuracy=float(pipeline.score(x_test, y_test)),
-        chance_accuracy=max(test_counts.values()) / n_test,
-        train_counts=dict(sorted(Counter(y_train.tolist()).items())),
-        test_counts=dict(sorted(test_counts.items())),
-        stratified=stratified,
-    )
-
-
-# ---- mode 1: the probe -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -317,29 +141,11 @@ class ClassifiedThoughts(SavedResult):
         return {c: found[c] for c in THOUGHT_CLASSES}
 
     def plot(self, path) -> None:
-        """Save a PNG: thought counts per class, and the states in 2-D (PCA) coloured by class."""
-        import matplotlib
+        """Save a PNG: thought counts per class, and the states in 2-D (PCA) coloured by class
+        (:func:`probes.plots.plot_thoughts`)."""
+        from probes.plots import plot_thoughts  # probes.plots imports this module
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from sklearn.decomposition import PCA
-
-        counts = self.counts()
-        colours = {"execution": "tab:blue", "reflection": "tab:orange", "transition": "tab:green"}
-        figure, (bars, scatter) = plt.subplots(1, 2, figsize=(10, 4))
-        bars.bar(list(counts), list(counts.values()), color=[colours[c] for c in counts])
-        bars.set_title("thoughts per class")
-        states, labels = self.all_states().float().cpu().numpy(), self.labels()
-        if len(states) >= 2:
-            points = PCA(n_components=2).fit_transform(states)
-            for label in THOUGHT_CLASSES:
-                keep = [i for i, found in enumerate(labels) if found == label]
-                scatter.scatter(points[keep, 0], points[keep, 1], s=18, color=colours[label], label=label)
-            scatter.legend()
-        scatter.set_title(f"thought states at {self.site} (PCA)")
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        plot_thoughts(self, path)
 
 
 @dataclass(frozen=True)
@@ -366,8 +172,9 @@ class ThoughtClassifier(Probe):
         site: any site but ``logits`` (default ``"resid_pre.-1"``; SEAL: ``"resid_pre.20"`` for
             R1-Distill-Qwen-1.5B/7B).
         separator: ``"\\n\\n"``, the only separator :mod:`surgery.thoughts` knows.
-        linear_probe: a :class:`LinearThoughtProbe` (from :func:`fit_linear_probe`) of the same
-            width as the site, to label separators online.
+        linear_probe: a :class:`~probes.linear_probe.LinearThoughtProbe` (from
+            :func:`~probes.linear_probe.fit_linear_probe`) of the same width as the site, to
+            label separators online.
 
     Example::
 

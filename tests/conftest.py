@@ -4,6 +4,7 @@ import os
 import re
 from collections import Counter
 
+import numpy as np
 import torch
 
 # Triton reads TRITON_INTERPRET when it is first imported: set it before anything imports it, so
@@ -121,12 +122,38 @@ def smollm2() -> surgery.Model:
     return surgery.load()
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
 PROMPTS = [
     "Tom has 3 apples.",
     "Let me think.\n\nFirst, 7 * 8 = 56.",
     "Wait",
     "Hmm, the train goes 60 miles in 2 hours.\n\nSo the speed is",
 ]
+ANSWERS = ["8", "56", "The answer is 30.", "So 16"]  # one reference answer per prompt (MI)
+
+
+def reference_nhsic(x, y, sigma=50.0, epsilon=1e-5) -> float:
+    """The paper's formula, literally: K, H, K̃ = K H, R = K̃ (K̃ + εmI)⁻¹, tr(Rx Ry), float64."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    m = len(x)
+    H = np.eye(m) - np.ones((m, m)) / m
+
+    def R(v):
+        K = np.exp(-((v[:, None] - v[None, :]) ** 2) / (2 * sigma**2))
+        Kt = K @ H
+        return Kt @ np.linalg.inv(Kt + epsilon * m * np.eye(m))
+
+    return float(np.trace(R(x) @ R(y)))
+
+
+def clusters(n_per_class, d, classes=("execution", "reflection", "transition"), spread=4.0, seed=0):
+    """States around one random centre per class, and their labels (linear thought probes)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(len(classes), d, generator=generator) * spread
+    states = torch.cat([centres[k] + torch.randn(n_per_class, d, generator=generator) for k in range(len(classes))])
+    labels = [c for c in classes for _ in range(n_per_class)]
+    return states, labels
 
 
 def occurrences_ending_at_each_token(texts, tokens, pattern):

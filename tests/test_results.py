@@ -1,4 +1,4 @@
-"""Probe results save to disk and load back; the classifier's result plots."""
+"""Probe results save to disk and load back."""
 
 import pytest
 import torch
@@ -30,12 +30,3 @@ def test_every_probe_result_round_trips(tiny_llama, tmp_path):
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a saved surgery result"):
         MIResult.load(tmp_path / "other.pt")
-
-
-def test_classified_thoughts_plot(tiny, tmp_path):
-    classifier = ThoughtClassifier("resid_pre.1")
-    with surgery.trace(tiny, classifier) as tr:
-        tr.generate(PROMPTS, 24, chat=True)
-    found = classifier.result()
-    found.plot(tmp_path / "thoughts.png")
-    assert (tmp_path / "thoughts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""ThoughtClassifier and the linear thought probe, against hand-written references.
+"""ThoughtClassifier, alone and with a linear probe, against hand-written references.
 
 References here are written independently of surgery.thoughts: thought boundaries are found by
 scanning the rebuilt text character by character, labels of hand-written traces are spelled
@@ -9,19 +9,14 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, occurrences_ending_at_each_token
+from conftest import PROMPTS, clusters, occurrences_ending_at_each_token
 
 import surgery
-from probes.thought_classifier import (
-    ClassifiedThoughts,
-    LinearThoughtProbe,
-    ThoughtClassifier,
-    classify_text,
-    fit_linear_probe,
-)
+from probes.linear_probe import fit_linear_probe
+from probes.thought_classifier import ClassifiedThoughts, ThoughtClassifier
 from surgery.blocks import block_class
 from surgery.examples import ARITHMETIC_PROBLEMS
-from surgery.thoughts import classify_thought
+from surgery.thoughts import classify_thought, split_thoughts
 
 NL = "\n"
 
@@ -193,9 +188,9 @@ def test_hand_written_traces_labels_positions_and_states(tiny):
     assert found.thoughts[-1][0].position == built.index(nl) + 1  # the second of the three "\n" tokens
 
 
-def test_classify_text_is_the_keyword_rule_passthrough():
+def test_split_thoughts_labels_the_hand_written_traces():
     for text, expected in TRACES:
-        assert [(t.label, t.text) for t in classify_text(text)] == expected
+        assert [(t.label, t.text) for t in split_thoughts(text)] == expected
 
 
 # ---- mode 1 during generation ------------------------------------------------------------------
@@ -251,56 +246,7 @@ def test_config_registry_and_errors(tiny_llama):
             pass
 
 
-# ---- mode 2: the linear probe ----------------------------------------------------------------------
-
-
-def clusters(n_per_class, d, classes=("execution", "reflection", "transition"), spread=4.0, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(len(classes), d, generator=generator) * spread
-    states = torch.cat([centres[k] + torch.randn(n_per_class, d, generator=generator) for k in range(len(classes))])
-    labels = [c for c in classes for _ in range(n_per_class)]
-    return states, labels
-
-
-def test_linear_probe_separates_clusters_and_not_shuffled_labels():
-    states, labels = clusters(60, 16)
-    probe = fit_linear_probe(states, labels)
-    assert isinstance(probe, LinearThoughtProbe)
-    assert probe.classes == ("execution", "reflection", "transition")
-    assert probe.held_out_accuracy > 0.9 and probe.stratified
-    assert probe.test_counts == {"execution": 15, "reflection": 15, "transition": 15}
-    assert probe.train_counts == {"execution": 45, "reflection": 45, "transition": 45}
-    shuffled = [labels[i] for i in torch.randperm(len(labels), generator=torch.Generator().manual_seed(1)).tolist()]
-    chance = fit_linear_probe(states, shuffled)
-    assert chance.held_out_accuracy < 0.6 and chance.chance_accuracy == pytest.approx(1 / 3)
-
-
-@pytest.mark.parametrize("classes", [("execution", "reflection"), ("execution", "reflection", "transition")])
-def test_folded_weights_agree_with_sklearn(classes):
-    states, labels = clusters(30, 8, classes=classes, spread=1.0)
-    probe = fit_linear_probe(states, labels)
-    points = torch.randn(200, 8, generator=torch.Generator().manual_seed(2)) * 3
-    scores = probe.scores(points)
-    assert [probe.classes[k] for k in scores.argmax(-1).tolist()] == probe.predict(points)
-    if len(classes) > 2:
-        expected = probe.pipeline.decision_function(points.double().numpy())
-        torch.testing.assert_close(scores, torch.from_numpy(expected))
-
-
-def test_linear_probe_errors_and_fallback():
-    states = torch.randn(10, 4)
-    with pytest.raises(ValueError, match="two distinct labels"):
-        fit_linear_probe(states, ["execution"] * 10)
-    with pytest.raises(ValueError, match="one label per state"):
-        fit_linear_probe(states, ["a", "b"] * 4)
-    with pytest.raises(ValueError, match="too few"):
-        fit_linear_probe(states[:2], ["a", "b"])
-    with pytest.raises(ValueError, match="test_size"):
-        fit_linear_probe(states, ["a", "b"] * 5, test_size=1.0)
-    # a singleton label cannot be stratified: a plain split, reported as such
-    probe = fit_linear_probe(states, ["a"] * 5 + ["b"] * 4 + ["c"])
-    assert not probe.stratified and sum(probe.test_counts.values()) == 3
-    assert probe.predict(states[:0]) == []
+# ---- with a linear probe ------------------------------------------------------------------------
 
 
 def test_online_predictions_equal_predict_on_recorded_states(tiny):

@@ -1,0 +1,254 @@
+"""ReasoningGraph: the probe that streams one hidden-state vector per reasoning step.
+
+Topology of Reasoning (arXiv 2506.05744, §3 "Reasoning graph"; METHODS.md §3). The generated
+text is cut into steps at newlines; each step becomes the mean hidden state of its tokens at
+block ``int(0.9 * L)``. The probe :class:`ReasoningGraph` (registry name ``"reasoning_graph"``)
+streams those step vectors while decoding and keeps only one vector per step, never every
+hidden state; :meth:`ReasoningGraph.analyse` hands them to :func:`probes.graph_metrics.analyse`
+(pooled K-means in :mod:`probes.kmeans`, graphs and metrics in :mod:`probes.graph_metrics`);
+:func:`probes.plots.plot_trajectory` draws one sample.
+
+Paper-compatible defaults: site ``resid_pre.{int(0.9 * n_layers)}`` (the residual stream
+entering that block, which is HF ``hidden_states[int(0.9 * L)]``, the index the released code
+uses), split on single newlines, drop steps whose stripped text has <= 5 characters, K=200,
+k-means++, ``n_init=10``, seed 0, K-means fitted on all samples pooled.
+
+Deviations and decisions:
+
+- Only reasoning steps are embedded: the prompt is not (the released code is off by one and
+  embeds prompt lines too). Everything the model generates counts, also after ``</think>``.
+- Steps are cut at token granularity: a token whose text ends with ``"\\n"`` ends the current
+  step and belongs to it. A token with a newline in its middle does not cut (rare in BPE
+  vocabularies, which keep newlines at token ends).
+- "Long enough" is the released rule ``len(step_text.strip()) > min_chars``, computed exactly
+  while streaming from per-token offsets of the first and last non-whitespace character.
+- The last generated token (EOS, or the one that hit the length limit) is never fed back, so it
+  has no hidden state and no step contains it. An unfinished trailing step (no newline after
+  it) is kept if it is long enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from probes.graph_metrics import GraphAnalysis, analyse
+from surgery.blocks import Probe, register_block
+from surgery.step import Step
+
+__all__ = ["ReasoningGraph", "ReasoningGraphConfig"]
+
+STEP_RULES = ("line",)
+_INITIAL_CAPACITY = 64
+
+
+@dataclass(frozen=True)
+class ReasoningGraphConfig:
+    site: str | None = field(
+        default=None, metadata={"help": "site to pool; None = resid_pre.{int(0.9 * n_layers)} (HF hidden_states index)"}
+    )
+    n_clusters: int = field(default=200, metadata={"help": "K of the pooled K-means"})
+    step: str = field(default="line", metadata={"help": "step rule: 'line' = a token ending with '\\n' ends a step"})
+    min_chars: int = field(default=5, metadata={"help": "keep steps whose stripped text has more characters"})
+    seed: int = field(default=0, metadata={"help": "K-means random_state"})
+    n_init: int = field(default=10, metadata={"help": "K-means restarts (best inertia kept)"})
+
+
+@register_block("reasoning_graph")
+class ReasoningGraph(Probe):
+    """Stream one mean hidden-state vector per reasoning step; analyse them as a graph.
+
+    Paper: Topology of Reasoning (arXiv 2506.05744), §3; METHODS.md §3. Deviations: see the
+    module docstring (only generated tokens are embedded; steps cut at token granularity).
+
+    While decoding, each row keeps a running sum ``[d]``, a token count and the offsets needed
+    for ``len(text.strip())`` on the device. When a token ending with ``"\\n"`` is fed, the
+    row's mean is written into a per-row buffer ``[batch, capacity, d]`` at the row's step
+    counter (a scatter, no host sync), and the counter advances only if the step is long
+    enough. Memory therefore grows with the number of kept steps, not with tokens x width. The
+    one host sync is the capacity check: the host keeps an upper bound on the largest step
+    counter (it grows by one per decode step) and reads the true maximum ``m`` only when that
+    bound reaches the capacity, then grows the buffer to ``m + max(64, m // 2)`` slots if it
+    has less; so at most one sync per 64 decode steps (per ``m / 2`` once rows hold ``m``
+    steps), and the buffer holds at most ``1.5 m + 64`` vectors per row. The prefill is
+    ignored, as are re-runs.
+
+    Args:
+        site: the site to pool. ``None`` (default) picks ``resid_pre.{int(0.9 * n_layers)}``
+            when the trace binds the probe (:meth:`for_model` writes it out beforehand).
+        n_clusters: K of the K-means in :meth:`analyse` (the paper: 200).
+        step: the step rule; only ``"line"`` (the released code's split on single newlines).
+        min_chars: a step is kept if ``len(text.strip()) > min_chars`` (released code: 5).
+        seed: K-means ``random_state``.
+        n_init: K-means restarts.
+
+    Example::
+
+        import surgery
+        from probes import ReasoningGraph, plot_trajectory
+
+        model = surgery.load()
+        graph = ReasoningGraph.for_model(model, n_clusters=20)
+        with surgery.trace(model, graph) as tr:
+            out = tr.generate(prompts, max_new_tokens=512, chat=True)
+        steps = graph.result()            # per row: [n_steps, d_model]
+        found = graph.analyse()           # labels, graphs, metrics, cycle detection ratio
+        plot_trajectory(steps[0], found.labels[0], found.centers, "row0.png")
+    """
+
+    config_class = ReasoningGraphConfig
+
+    def __init__(
+        self,
+        site: str | None = None,
+        n_clusters: int = 200,
+        step: str = "line",
+        min_chars: int = 5,
+        seed: int = 0,
+        n_init: int = 10,
+    ):
+        if step not in STEP_RULES:
+            raise ValueError(f"unknown step rule {step!r}: supported {', '.join(map(repr, STEP_RULES))}")
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+            raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
+        if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
+            raise ValueError(f"n_init must be a positive int, got {n_init!r}")
+        if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0:
+            raise ValueError(f"min_chars must be a non-negative int, got {min_chars!r}")
+        self.config = ReasoningGraphConfig(site, n_clusters, step, min_chars, int(seed), n_init)
+        self._site: str | None = None
+        self._steps: list[Tensor] | None = None
+
+    @classmethod
+    def for_model(cls, model, **options) -> ReasoningGraph:
+        """The probe with its default site written out for ``model`` (``resid_pre.{int(0.9 L)}``)."""
+        options.setdefault("site", cls.default_site(model))
+        return cls(**options)
+
+    @staticmethod
+    def default_site(model) -> str:
+        """``resid_pre.{int(0.9 * n_layers)}``: HF ``hidden_states[int(0.9 L)]``, as the paper."""
+        return f"resid_pre.{int(0.9 * model.n_layers)}"
+
+    def sites(self) -> tuple[str, ...]:
+        site = self.config.site or self._site
+        if site is None:
+            raise ValueError(
+                "ReasoningGraph(site=None) picks its site from the model when it is bound (a trace "
+                "does that): call bind(model) first, or use ReasoningGraph.for_model(model, ...)"
+            )
+        return (site,)
+
+    def bind(self, model) -> None:
+        site = self.config.site if self.config.site is not None else self.default_site(model)
+        resolved = model.resolve_site(site)
+        if resolved.kind == "logits":
+            raise ValueError("ReasoningGraph pools hidden states: pick a resid/attn/mlp site, not 'logits'")
+        self._site = str(resolved)
+        self._width = model.site_width(resolved)
+        self._device = model.device
+        texts = model.vocabulary_texts
+        # Per vocabulary entry: does it end a line, its length, and the offsets of its first and
+        # (one past) last non-whitespace character, so len(step.strip()) streams exactly.
+        self._ends_line = torch.tensor([t.endswith("\n") for t in texts], dtype=torch.bool, device=self._device)
+        self._length = torch.tensor([len(t) for t in texts], dtype=torch.long, device=self._device)
+        self._first = torch.tensor([len(t) - len(t.lstrip()) for t in texts], dtype=torch.long, device=self._device)
+        self._last = torch.tensor([len(t.rstrip()) for t in texts], dtype=torch.long, device=self._device)
+        self._has_text = torch.tensor([bool(t.strip()) for t in texts], dtype=torch.bool, device=self._device)
+        self.reset(0)
+
+    def reset(self, batch_size: int) -> None:
+        device, width = getattr(self, "_device", "cpu"), getattr(self, "_width", 0)
+        zeros = lambda dtype: torch.zeros(batch_size, dtype=dtype, device=device)  # noqa: E731
+        self._sum = torch.zeros(batch_size, width, dtype=torch.float32, device=device)
+        self._count = zeros(torch.long)
+        self._chars = zeros(torch.long)  # characters of the step so far
+        self._start = torch.full((batch_size,), -1, dtype=torch.long, device=device)  # first non-space
+        self._end = zeros(torch.long)  # one past the last non-space
+        self._n_steps = zeros(torch.long)
+        self._buffer = torch.zeros(batch_size, _INITIAL_CAPACITY, width, dtype=torch.float32, device=device)
+        self._bound = 0  # host-side upper bound on max(self._n_steps)
+        self._steps = None
+
+    def observe(self, site: str, value: Tensor, step: Step) -> None:
+        if step.is_prefill:
+            return
+        self._steps = None
+        tokens, valid = step.token_ids[:, -1], step.valid[:, -1]
+        x = value[:, -1].float()
+        self._sum += torch.where(valid[:, None], x, 0.0)
+        self._count += valid.long()
+        has_text = self._has_text[tokens] & valid
+        self._start = torch.where(has_text & (self._start < 0), self._chars + self._first[tokens], self._start)
+        self._end = torch.where(has_text, self._chars + self._last[tokens], self._end)
+        self._chars += torch.where(valid, self._length[tokens], 0)
+        ended = self._ends_line[tokens] & valid
+        self._close(ended)
+
+    def _long_enough(self) -> Tensor:
+        """Rows whose current step has ``len(text.strip()) > min_chars``."""
+        return (self._start >= 0) & (self._end - self._start.clamp(min=0) > self.config.min_chars)
+
+    def _mean(self) -> Tensor:
+        return self._sum / self._count.clamp(min=1)[:, None].float()
+
+    def _close(self, ended: Tensor) -> None:
+        """Write the mean of rows whose step ``ended``; advance the counter where it is long enough."""
+        self._ensure_capacity()
+        keep = ended & self._long_enough()
+        rows = torch.arange(self._sum.shape[0], device=self._sum.device)
+        mean = self._mean()
+        # Every row writes at its own counter; only kept rows advance, so the others' writes
+        # land in a free slot and are overwritten later (no boolean indexing, no sync).
+        self._buffer[rows, self._n_steps] = mean
+        self._n_steps = self._n_steps + keep.long()
+        self._bound += 1
+        clear = ended[:, None]
+        self._sum = torch.where(clear, 0.0, self._sum)
+        self._count = torch.where(ended, 0, self._count)
+        self._chars = torch.where(ended, 0, self._chars)
+        self._start = torch.where(ended, -1, self._start)
+        self._end = torch.where(ended, 0, self._end)
+
+    def _ensure_capacity(self) -> None:
+        capacity = self._buffer.shape[1]
+        if self._bound < capacity:
+            return
+        self._bound = int(self._n_steps.max()) if self._n_steps.numel() else 0  # the one host sync
+        # Headroom of max(64, half the steps held) until the next check: few syncs, and the
+        # buffer stays within 1.5 x steps + 64 slots.
+        target = self._bound + max(_INITIAL_CAPACITY, self._bound // 2)
+        if target > capacity:
+            grown = self._buffer.new_zeros(self._buffer.shape[0], target, self._buffer.shape[2])
+            grown[:, :capacity] = self._buffer
+            self._buffer = grown
+
+    def held_bytes(self) -> int:
+        """Bytes of device state the probe holds now (what the benchmark measures)."""
+        tensors = (self._sum, self._count, self._chars, self._start, self._end, self._n_steps, self._buffer)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def result(self) -> list[Tensor]:
+        """Step vectors per row: a list of ``[n_steps_i, d]`` float32 tensors on the model's device.
+
+        Includes each row's unfinished trailing step when it is long enough (see the class).
+        """
+        if self._steps is None:
+            if not hasattr(self, "_sum"):
+                raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
+            # Read-only, so result() is repeatable and works outside the engine's inference mode.
+            counts = self._n_steps.tolist()
+            tails = ((self._count > 0) & self._long_enough()).tolist()
+            mean = self._mean()
+            self._steps = [
+                torch.cat([self._buffer[row, :n], mean[row : row + 1]]) if tail else self._buffer[row, :n].clone()
+                for row, (n, tail) in enumerate(zip(counts, tails))
+            ]
+        return list(self._steps)
+
+    def analyse(self, n_clusters: int | None = None, kmeans: str = "sklearn") -> GraphAnalysis:
+        """:func:`probes.graph_metrics.analyse` on :meth:`result` with this probe's K, seed and ``n_init``."""
+        k = self.config.n_clusters if n_clusters is None else n_clusters
+        return analyse(self.result(), k, seed=self.config.seed, n_init=self.config.n_init, kmeans=kmeans)

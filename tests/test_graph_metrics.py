@@ -1,0 +1,120 @@
+"""Reasoning graphs and their metrics equal hand counts and networkx; analyse end to end."""
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from probes.graph_metrics import analyse, build_graph, cycle_detection_ratio, graph_metrics
+
+
+# ---- graph metrics against hand counts ---------------------------------------------------------------
+# Steps (1-D vectors so every distance is written out):
+#   step  0  1  2  3  4  5  6  7
+#   node  A  B  A  C  B  C  B  D          A=0 B=1 C=2 D=3
+#   x     0  3  1  7  4  8  2  12
+# Edges (|x_t+1 - x_t|): A>B 3, B>A 2, A>C 6, C>B 3, B>C 4, C>B 6 (repeat: min 3, count 2), B>D 10.
+HAND_LABELS = [0, 1, 0, 2, 1, 2, 1, 3]
+HAND_X = [0.0, 3.0, 1.0, 7.0, 4.0, 8.0, 2.0, 12.0]
+# Shortest directed distances (D has no way out):
+#   A>B 3, A>C 6, A>D 3+10=13, B>A 2, B>C 4, B>D 10, C>A 3+2=5, C>B 3, C>D 3+10=13
+HAND_DISTANCES = {(0, 1): 3, (0, 2): 6, (0, 3): 13, (1, 0): 2, (1, 2): 4, (1, 3): 10, (2, 0): 5, (2, 1): 3, (2, 3): 13}
+HAND_HOPS = {(0, 1): 1, (0, 2): 1, (0, 3): 2, (1, 0): 1, (1, 2): 1, (1, 3): 1, (2, 0): 2, (2, 1): 1, (2, 3): 2}
+# Undirected: A-B, A-C, B-C, B-D. Local clustering A 1, B 1/3 (of A-C, A-D, C-D only A-C), C 1;
+# D has degree 1 and is left out: C = (1 + 1/3 + 1) / 3 = 7/9 (networkx's average over all
+# nodes would be 7/12). N = 4, E = 4, k = 2 E / N = 2, C_rand = k / (N - 1) = 2/3,
+# L_rand = ln 4 / ln 2 = 2. Hop L = 12/9 = 4/3, weighted L = 59/9.
+HAND_C = 7 / 9
+HAND_S_HOPS = (HAND_C / (2 / 3)) / ((4 / 3) / 2)  # = 7/4
+HAND_S_WEIGHTED = (HAND_C / (2 / 3)) / ((59 / 9) / 2)  # = 21/59
+
+
+def hand_graph():
+    vectors = torch.tensor(HAND_X)[:, None]
+    return build_graph(HAND_LABELS, vectors), vectors
+
+
+def test_graph_edges_keep_the_minimum_distance_and_drop_self_loops():
+    graph, _ = hand_graph()
+    assert dict(graph.nodes(data="visits")) == {0: 2, 1: 3, 2: 2, 3: 1}
+    assert {(a, b): w for a, b, w in graph.edges(data="weight")} == {
+        (0, 1): 3.0, (1, 0): 2.0, (0, 2): 6.0, (2, 1): 3.0, (1, 2): 4.0, (1, 3): 10.0
+    }
+    assert graph.edges[2, 1]["count"] == 2
+    assert not any(a == b for a, b in graph.edges)
+    self_loop = build_graph([5, 5, 5], torch.zeros(3, 2))
+    assert list(self_loop.nodes) == [5] and self_loop.number_of_edges() == 0
+
+
+def test_metrics_equal_hand_counts_and_networkx():
+    graph, _ = hand_graph()
+    m = graph_metrics(HAND_LABELS, graph)
+    # A is the first node revisited (step 2) with 2 separate visits; B has 3.
+    assert (m.has_cycle, m.cycle_count, m.cycle_count_max) == (True, 1, 2)
+    assert (m.n_steps, m.n_nodes, m.n_edges) == (8, 4, 6)
+    assert m.diameter == pytest.approx(13.0)
+    assert m.average_path_length == pytest.approx(59 / 9)
+    assert m.average_hops == pytest.approx(4 / 3)
+    assert m.clustering == pytest.approx(HAND_C)
+    assert m.small_world_hops == pytest.approx(7 / 4) and HAND_S_HOPS == pytest.approx(7 / 4)
+    assert m.small_world_weighted == pytest.approx(21 / 59) and HAND_S_WEIGHTED == pytest.approx(21 / 59)
+    # networkx's own algorithms agree with the hand table
+    nx_distances = {(a, b): d for a, row in nx.all_pairs_dijkstra_path_length(graph) for b, d in row.items() if a != b}
+    assert nx_distances == pytest.approx(HAND_DISTANCES)
+    nx_hops = {(a, b): d for a, row in nx.all_pairs_shortest_path_length(graph) for b, d in row.items() if a != b}
+    assert nx_hops == HAND_HOPS
+    undirected = nx.Graph(graph.to_undirected())
+    local = nx.clustering(undirected)
+    assert np.mean([local[n] for n, d in undirected.degree() if d >= 2]) == pytest.approx(m.clustering)
+    assert nx.average_clustering(undirected) == pytest.approx(7 / 12)  # not what the paper means
+
+
+@pytest.mark.parametrize(
+    "labels, has_cycle, count, count_max",
+    [
+        ([0, 0, 0], False, 0, 0),  # staying is not revisiting
+        ([0, 0, 1, 2], False, 0, 0),
+        ([0, 1, 0], True, 1, 1),  # gap of 2 steps
+        ([0, 1, 2, 1, 0, 1, 0], True, 2, 2),  # B first revisited (step 3): visits 3 -> 2; A 3 -> 2
+        ([0, 1, 1, 0, 2, 1, 3, 1], True, 1, 2),  # A first revisited, B has 3 visits
+        ([], False, 0, 0),
+    ],
+)
+def test_cycle_rules(labels, has_cycle, count, count_max):
+    m = graph_metrics(labels, build_graph(labels, torch.zeros(len(labels), 2)))
+    assert (m.has_cycle, m.cycle_count, m.cycle_count_max) == (has_cycle, count, count_max)
+
+
+def test_small_world_is_zero_when_undefined():
+    # a path A>B: N=2, k=1, ln k = 0
+    m = graph_metrics([0, 1], build_graph([0, 1], torch.tensor([[0.0], [1.0]])))
+    assert (m.small_world_hops, m.small_world_weighted, m.clustering) == (0.0, 0.0, 0.0)
+    assert (m.diameter, m.average_path_length, m.average_hops) == (1.0, 1.0, 1.0)
+    single = graph_metrics([4], build_graph([4], torch.zeros(1, 3)))
+    assert (single.n_nodes, single.diameter, single.small_world_hops) == (1, 0.0, 0.0)
+
+
+def test_cycle_detection_ratio_and_analyse():
+    generator = torch.Generator().manual_seed(1)
+    corners = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    # sample 0 goes 0,1,0 (a cycle); sample 1 goes 1,2 (none); small noise keeps clusters obvious
+    samples = [corners[[0, 1, 0]], corners[[1, 2]]]
+    samples = [s + 0.01 * torch.randn(s.shape, generator=generator) for s in samples]
+    found = analyse(samples, n_clusters=3, n_init=3)
+    assert [m.has_cycle for m in found.metrics] == [True, False]
+    assert found.cycle_detection_ratio == 0.5 == cycle_detection_ratio(found.metrics)
+    assert found.labels[0][0] == found.labels[0][2] != found.labels[0][1]
+    assert found.centers.shape == (3, 2) and len(found.graphs) == 2
+    torch_found = analyse(samples, n_clusters=3, n_init=3, kmeans="torch")
+    assert [m.has_cycle for m in torch_found.metrics] == [True, False]
+    assert torch_found.inertia == pytest.approx(found.inertia, rel=1e-3)
+    assert cycle_detection_ratio([]) == 0.0
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="n_clusters=5 is more than the 3 step vectors"):
+        analyse([torch.randn(3, 4)], n_clusters=5)
+    with pytest.raises(ValueError, match="one label per step"):
+        build_graph([0, 1], torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="kmeans"):
+        analyse([torch.zeros(2, 2)], 1, kmeans="faiss")

@@ -1,0 +1,178 @@
+"""ReasoningGraph: streamed step vectors equal an uncached forward; buffer growth; SmolLM2."""
+
+import math
+
+import pytest
+import torch
+from conftest import PNG_MAGIC, PROMPTS
+
+import surgery
+from probes.graph_metrics import GraphAnalysis
+from probes.kmeans import fit_clusters
+from probes.plots import plot_trajectory
+from probes.reasoning_graph import ReasoningGraph
+from surgery.blocks import block_class
+from surgery.sites import Site
+from surgery.step import Step
+
+
+# ---- references --------------------------------------------------------------------------------
+def naive_step_vectors(model, prompt, generated, layer, min_chars):
+    """One uncached forward over prompt + fed generated tokens; split by the released rule on strings."""
+    ids, _ = surgery.encode_prompts(model, [prompt])
+    prompt_ids = ids[0].tolist()
+    fed = prompt_ids + generated[:-1]  # the last generated token is never fed
+    with torch.no_grad():
+        hidden = model.module(input_ids=torch.tensor([fed]), output_hidden_states=True).hidden_states[layer][0]
+    texts = model.vocabulary_texts
+    pieces, current = [], []
+    for position in range(len(prompt_ids), len(fed)):
+        current.append(position)
+        if texts[fed[position]].endswith("\n"):
+            pieces.append(current)
+            current = []
+    if current:
+        pieces.append(current)
+    kept = [p for p in pieces if len("".join(texts[fed[i]] for i in p).strip()) > min_chars]
+    if not kept:
+        return torch.zeros(0, hidden.shape[-1])
+    return torch.stack([hidden[p].mean(0) for p in kept])
+
+
+def run_probe(model, prompts, new_tokens, **options):
+    probe = ReasoningGraph.for_model(model, **options)
+    with surgery.trace(model, probe) as tr:
+        out = tr.generate(prompts, new_tokens)
+    return probe, out
+
+
+# ---- the probe -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("min_chars", [5, 0])
+def test_streamed_step_vectors_equal_an_uncached_forward(tiny, min_chars):
+    probe, out = run_probe(tiny, PROMPTS, 24, min_chars=min_chars)
+    layer = int(0.9 * tiny.n_layers)
+    assert probe.config.site == f"resid_pre.{layer}"
+    got = probe.result()
+    assert len(got) == len(PROMPTS)
+    total = 0
+    for row, prompt in enumerate(PROMPTS):
+        expected = naive_step_vectors(tiny, prompt, out.token_ids[row], layer, min_chars)
+        assert got[row].shape == expected.shape
+        # 1e-5 relative to the states' scale (up to ~25 here): the cached decode and the uncached
+        # forward sum in different orders, ~1e-6 of the scale apart in float32.
+        scale = float(expected.abs().max()) if len(expected) else 1.0
+        torch.testing.assert_close(got[row], expected, rtol=1e-5, atol=1e-5 * scale)
+        total += len(expected)
+    assert total >= len(PROMPTS)  # the check compared real steps
+    assert [v.shape for v in probe.result()] == [v.shape for v in got]  # result() is repeatable
+
+
+def test_probe_does_not_change_tokens(tiny):
+    _, out = run_probe(tiny, PROMPTS, 16)
+    assert out.token_ids == surgery.generate(tiny, PROMPTS, 16).token_ids
+
+
+def test_rows_alone_equal_rows_batched(tiny_llama):
+    batched, _ = run_probe(tiny_llama, PROMPTS, 20, min_chars=0)
+    together = batched.result()
+    for row, prompt in enumerate(PROMPTS):
+        alone, _ = run_probe(tiny_llama, [prompt], 20, min_chars=0)
+        scale = float(together[row].abs().max()) if len(together[row]) else 1.0
+        torch.testing.assert_close(alone.result()[0], together[row], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_default_site_comes_from_the_model(tiny_llama):
+    probe = ReasoningGraph()
+    with pytest.raises(ValueError, match="for_model"):
+        probe.sites()  # unbound: no model to pick the site from yet
+    with surgery.trace(tiny_llama, probe) as tr:  # the trace binds it first
+        assert tr.blocks == [probe]
+    assert probe.sites() == ("resid_pre.3",) == (ReasoningGraph.for_model(tiny_llama).config.site,)
+    assert block_class("reasoning_graph") is ReasoningGraph
+    with pytest.raises(ValueError, match="step rule"):
+        ReasoningGraph(step="paragraph")
+
+
+def test_no_generated_steps_give_the_documented_empty_result(tiny_llama):
+    probe, _ = run_probe(tiny_llama, PROMPTS, 1)  # one token: nothing generated is ever fed
+    steps = probe.result()
+    assert [tuple(v.shape) for v in steps] == [(0, 64)] * len(PROMPTS)
+    empty = probe.analyse(n_clusters=200)
+    assert isinstance(empty, GraphAnalysis)
+    assert empty.cycle_detection_ratio == 0.0 and empty.centers.shape == (0, 64)
+    assert all(len(g) == 0 for g in empty.graphs) and all(m.n_steps == 0 and not m.has_cycle for m in empty.metrics)
+    with pytest.raises(ValueError, match="n_clusters=3 is more than the 0 step vectors"):
+        fit_clusters(steps, 3)
+
+
+class StubModel:
+    """What bind() reads from a model, over a made-up vocabulary (no weights)."""
+
+    def __init__(self, texts, width, n_layers=10):
+        self.vocabulary_texts, self.d_model, self.n_layers = texts, width, n_layers
+        self.device, self.name = torch.device("cpu"), "stub"
+
+    def resolve_site(self, site):
+        return Site.parse(site).resolve(self.n_layers)
+
+    def site_width(self, site):
+        return self.d_model
+
+
+def test_buffer_grows_past_its_capacity_and_keeps_every_step():
+    # ids 0-4 end a line (1 and 2 too short to keep). 400 decode steps over 3 rows, one row
+    # finishing early.
+    texts = ["abcdef\n", " x\n", "\n", "  hello world \n", "ab cd\n", "abc", " ", "de", "\t"]
+    model = StubModel(texts, width=5)
+    probe = ReasoningGraph(site="resid_pre.9", min_chars=2)
+    probe.bind(model)
+    probe.reset(3)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(len(texts), (3, 400), generator=generator)
+    values = torch.randn(3, 400, 5, generator=generator)
+    finished = torch.zeros(3, dtype=torch.bool)
+    step = Step.prefill(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+    probe.observe("resid_pre.9", torch.randn(3, 2, 5), step)  # the prefill is ignored
+    with torch.inference_mode():  # as the engine runs; result() is read outside it
+        for k in range(400):
+            finished = finished | torch.tensor([False, False, k >= 300])
+            step = step.next(tokens[:, k], finished, (None, None))
+            probe.observe("resid_pre.9", values[:, k : k + 1], step)
+    got = probe.result()
+    for row in range(3):
+        n = 300 if row == 2 else 400
+        pieces, current = [], []
+        for k in range(n):
+            current.append(k)
+            if texts[tokens[row, k]].endswith("\n"):
+                pieces.append(current)
+                current = []
+        pieces += [current] if current else []
+        kept = [p for p in pieces if len("".join(texts[tokens[row, k]] for k in p).strip()) > 2]
+        expected = torch.stack([values[row, p].mean(0) for p in kept])
+        assert len(expected) > 64  # more steps than the initial capacity
+        torch.testing.assert_close(got[row], expected)
+    assert 64 < probe._buffer.shape[1] <= 4 * max(len(v) for v in got)  # grows with steps, not tokens
+
+
+# ---- the real model --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_steps_graph_and_plot(smollm2, tmp_path):
+    prompts = ["What is 7 * 8? Explain step by step.", "List three prime numbers, one per line.",
+               "Tom has 3 apples and buys 5 more. How many apples does he have? Think step by step."]
+    probe = ReasoningGraph.for_model(smollm2, min_chars=5)
+    assert probe.config.site == f"resid_pre.{int(0.9 * smollm2.n_layers)}"
+    with surgery.trace(smollm2, probe) as tr:
+        out = tr.generate(prompts, 64, chat=True)
+    steps = probe.result()
+    total = sum(len(v) for v in steps)
+    assert total >= 3, out.texts
+    assert all(v.shape[1] == smollm2.d_model and torch.isfinite(v).all() for v in steps)
+    found = probe.analyse(n_clusters=min(4, total))
+    assert len(found.metrics) == len(prompts) and 0.0 <= found.cycle_detection_ratio <= 1.0
+    for labels, m, v in zip(found.labels, found.metrics, steps):
+        assert m.n_steps == len(labels) == len(v)
+        assert math.isfinite(m.diameter) and m.diameter >= 0
+    row = max(range(len(steps)), key=lambda i: len(steps[i]))
+    path = plot_trajectory(steps[row], found.labels[row], found.centers, tmp_path / "smollm2.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
