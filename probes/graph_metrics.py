@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from probes.kmeans import _pooled, fit_clusters, kmeans_torch
-from surgery.results import SavedResult
+from surgery.results import SavedResult, result_part
 
 __all__ = [
     "GraphAnalysis",
@@ -84,6 +84,7 @@ def build_graph(labels, vectors: Float[Tensor, "n d"]) -> nx.DiGraph:
     return graph
 
 
+@result_part
 @dataclass(frozen=True)
 class GraphMetrics:
     """Topology of one sample's reasoning graph (METHODS.md §3 "Metrics per sample").

@@ -44,11 +44,10 @@ class LinearThoughtProbe:
 
     Attributes:
         classes: the labels, sorted (as scikit-learn orders them).
-        pipeline: the fitted scikit-learn pipeline (``StandardScaler`` then
-            ``LogisticRegression``); :meth:`predict` calls it.
         weight: ``[n_classes, d_model]`` float64, the pipeline folded into one affine map
             (two rows for two classes: zeros, then the binary coefficients), so that
-            ``argmax(states @ weight.T + bias)`` indexes :attr:`classes` like ``predict``.
+            ``argmax(states @ weight.T + bias)`` indexes :attr:`classes` as scikit-learn's
+            ``predict`` does (tested); :meth:`predict` uses it.
         bias: ``[n_classes]`` float64.
         held_out_accuracy: accuracy on the held-out split.
         chance_accuracy: accuracy of always answering the held-out split's commonest label.
@@ -56,10 +55,12 @@ class LinearThoughtProbe:
         test_counts: label -> number of held-out samples.
         stratified: whether the split kept the label proportions (needs at least two samples
             of every label and room for each label on both sides).
+        pipeline: the fitted scikit-learn pipeline (``StandardScaler`` then
+            ``LogisticRegression``), for inspection; None for a probe loaded from a file
+            (saving keeps the folded map and the report, never a pickled pipeline).
     """
 
     classes: tuple[str, ...]
-    pipeline: object = field(repr=False)
     weight: Tensor = field(repr=False)
     bias: Tensor = field(repr=False)
     held_out_accuracy: float
@@ -67,13 +68,14 @@ class LinearThoughtProbe:
     train_counts: dict[str, int]
     test_counts: dict[str, int]
     stratified: bool
+    pipeline: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def d_model(self) -> int:
         return self.weight.shape[1]
 
     def predict(self, states: Float[Tensor, "n d_model"]) -> list[str]:
-        """The predicted label of each state (scikit-learn's ``predict``).
+        """The predicted label of each state: the argmax of :meth:`scores` (scikit-learn's ``predict``).
 
         Args:
             states: ``[n, d_model]``, any device and float dtype.
@@ -83,12 +85,29 @@ class LinearThoughtProbe:
         """
         if states.shape[0] == 0:
             return []
-        return [str(label) for label in self.pipeline.predict(_as_numpy(states))]
+        return [self.classes[k] for k in self.scores(states).argmax(dim=-1).tolist()]
 
     def scores(self, states: Float[Tensor, "n d_model"]) -> Float[Tensor, "n n_classes"]:
         """The logits ``states @ weight.T + bias`` in float64 (what the online path computes)."""
         weight = self.weight.to(states.device)
         return states.to(weight.dtype) @ weight.T + self.bias.to(states.device)
+
+    def report(self) -> dict:
+        """Everything but the tensors and the pipeline, JSON-serialisable (see :meth:`from_report`)."""
+        return {
+            "classes": list(self.classes),
+            "held_out_accuracy": self.held_out_accuracy,
+            "chance_accuracy": self.chance_accuracy,
+            "train_counts": self.train_counts,
+            "test_counts": self.test_counts,
+            "stratified": self.stratified,
+        }
+
+    @classmethod
+    def from_report(cls, report: dict, weight: Tensor, bias: Tensor) -> LinearThoughtProbe:
+        """The probe :meth:`report` and its ``weight`` / ``bias`` describe (``pipeline`` None)."""
+        return cls(classes=tuple(report["classes"]), weight=weight.to(torch.float64), bias=bias.to(torch.float64),
+                   **{k: v for k, v in report.items() if k != "classes"})
 
 
 def _as_numpy(states: Tensor) -> np.ndarray:

@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -127,7 +128,7 @@ class MIEstimator(Probe):
     config_class = MIEstimatorConfig
 
     def __init__(
-        self, site: str = "resid_post.-1", answers: list[str] | None = None, sigma: float = 50.0, epsilon: float = 1e-5
+        self, site: str = "resid_post.-1", answers: Sequence[str] | None = None, sigma: float = 50.0, epsilon: float = 1e-5
     ):
         if answers is not None:
             if isinstance(answers, str) or not all(isinstance(a, str) and a for a in answers):
@@ -139,6 +140,14 @@ class MIEstimator(Probe):
         self._ry: tuple[Tensor, Tensor] | None = None
         self._answer_states: Tensor | None = None
         self._records: list[tuple[Tensor, Tensor]] = []
+
+    @classmethod
+    def example(cls, model, prompts=(), identity: bool = False) -> MIEstimator:
+        # one answer per prompt, made from the prompt alone (a row's answer is the same alone or batched)
+        return cls(answers=[f"The answer is {len(prompt) % 10}." for prompt in prompts] or None)
+
+    def by_row(self) -> list[Tensor]:
+        return self.result().values
 
     def sites(self) -> tuple[str, ...]:
         return (self.config.site,)
@@ -175,28 +184,23 @@ class MIEstimator(Probe):
     def result(self, out=None) -> MIResult:
         """Per-row MI values (one per generated token), peaks and statistics of the last run.
 
-        A step's record belongs to a row while the row's *next* step still feeds a valid token
-        (the step that feeds a stop token emits nothing). The run's last step has no next step,
-        so a row that stopped exactly one step before the run ended keeps one extra value unless
-        ``out`` is given.
+        A step's record belongs to a row when the step feeds the row a valid token: such a step
+        emits the row's next token (a step that would feed the token a row stopped on is not
+        valid, see :class:`~surgery.step.Step`), so each row gets one value per generated token.
 
         Args:
-            out: the run's :class:`~surgery.engine.GenerationOutput`; when given, each row is cut
-                to exactly ``out.lengths[row]`` values (recommended).
+            out: the run's :class:`~surgery.engine.GenerationOutput`; when given, it is checked
+                against the values (one per generated token of each row).
         """
         if not self._records:
             return MIResult([], [], [])
         mi = torch.stack([m for m, _ in self._records], dim=1).cpu()  # [batch, steps]
         fed_valid = torch.stack([v for _, v in self._records], dim=1).cpu()
-        emits = fed_valid.clone()
-        emits[:, :-1] = fed_valid[:, 1:]
-        values = [row[keep] for row, keep in zip(mi, emits)]
-        if out is not None:
-            if len(out.lengths) != len(values) or any(n > len(v) for n, v in zip(out.lengths, values)):
-                raise ValueError(
-                    f"out does not match this probe's last run: lengths {out.lengths}, "
-                    f"recorded {[len(v) for v in values]} values per row"
-                )
-            values = [v[:n] for v, n in zip(values, out.lengths)]
+        values = [row[keep] for row, keep in zip(mi, fed_valid)]
+        if out is not None and list(out.lengths) != [len(v) for v in values]:
+            raise ValueError(
+                f"out does not match this probe's last run: lengths {out.lengths}, "
+                f"recorded {[len(v) for v in values]} values per row"
+            )
         found = [tukey_peaks(v) for v in values]
         return MIResult(values=values, peaks=[p for p, _ in found], stats=[s for _, s in found])

@@ -17,9 +17,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from surgery.results import result_part
+
 __all__ = ["PeakStats", "tukey_peaks"]
 
 
+@result_part
 @dataclass(frozen=True)
 class PeakStats:
     """Summary of one sequence's MI values (METHODS.md section 2).

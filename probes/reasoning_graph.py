@@ -29,6 +29,7 @@ Deviations and decisions:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,9 +37,10 @@ from torch import Tensor
 
 from probes.graph_metrics import GraphAnalysis, analyse
 from surgery.blocks import Probe, register_block
+from surgery.results import SavedResult
 from surgery.step import Step
 
-__all__ = ["ReasoningGraph", "ReasoningGraphConfig"]
+__all__ = ["ReasoningGraph", "ReasoningGraphConfig", "StepVectors"]
 
 STEP_RULES = ("line",)
 _INITIAL_CAPACITY = 64
@@ -54,6 +56,31 @@ class ReasoningGraphConfig:
     min_chars: int = field(default=5, metadata={"help": "keep steps whose stripped text has more characters"})
     seed: int = field(default=0, metadata={"help": "K-means random_state"})
     n_init: int = field(default=10, metadata={"help": "K-means restarts (best inertia kept)"})
+
+
+@dataclass
+class StepVectors(SavedResult, Sequence):
+    """What :class:`ReasoningGraph` kept: one ``[n_steps, d]`` float32 tensor of step vectors per row.
+
+    It reads as the list of those tensors (``steps[0]``, ``len(steps)``, ``for row in steps``),
+    which is what :func:`~probes.graph_metrics.analyse` takes.
+
+    Attributes:
+        rows: per row, its step vectors in order.
+        site: the site pooled (resolved, e.g. ``"resid_pre.27"``).
+    """
+
+    rows: list[Tensor]
+    site: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, row: int) -> Tensor:
+        return self.rows[row]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.rows)
 
 
 @register_block("reasoning_graph")
@@ -230,8 +257,8 @@ class ReasoningGraph(Probe):
         tensors = (self._sum, self._count, self._chars, self._start, self._end, self._n_steps, self._buffer)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def result(self) -> list[Tensor]:
-        """Step vectors per row: a list of ``[n_steps_i, d]`` float32 tensors on the model's device.
+    def result(self) -> StepVectors:
+        """Step vectors per row: ``[n_steps_i, d]`` float32 tensors on the model's device.
 
         Includes each row's unfinished trailing step when it is long enough (see the class).
         """
@@ -246,7 +273,14 @@ class ReasoningGraph(Probe):
                 torch.cat([self._buffer[row, :n], mean[row : row + 1]]) if tail else self._buffer[row, :n].clone()
                 for row, (n, tail) in enumerate(zip(counts, tails))
             ]
-        return list(self._steps)
+        return StepVectors(list(self._steps), self._site)
+
+    @classmethod
+    def example(cls, model, prompts=(), identity: bool = False) -> ReasoningGraph:
+        return cls(n_clusters=2, min_chars=1, n_init=1)
+
+    def by_row(self) -> list[Tensor]:
+        return list(self.result())
 
     def analyse(self, n_clusters: int | None = None, kmeans: str = "sklearn") -> GraphAnalysis:
         """:func:`probes.graph_metrics.analyse` on :meth:`result` with this probe's K, seed and ``n_init``."""

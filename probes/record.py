@@ -25,7 +25,7 @@ from torch import Tensor
 from surgery.blocks import Probe, register_block
 from surgery.results import SavedResult
 from surgery.step import Step
-from surgery.triggers import Always, Trigger
+from surgery.triggers import Always, OnText, StepWindow, Trigger
 
 __all__ = ["RecordSite", "RecordSiteConfig", "RecordedStates"]
 
@@ -84,6 +84,15 @@ class RecordSite(Probe):
 
     def reset(self, batch_size: int) -> None:
         self._parts = []
+        self._batch = batch_size
+
+    @classmethod
+    def example(cls, model, prompts=(), identity: bool = False) -> RecordSite:
+        return cls("resid_post.-1", when=OnText("\n\n") | StepWindow(2, 4))
+
+    def by_row(self) -> list[tuple[Tensor, Tensor]]:
+        found = self.result()
+        return [found.for_row(row) for row in range(self._batch)]
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         fire = self.config.when(step)

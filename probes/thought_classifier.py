@@ -67,7 +67,7 @@ from torch import Tensor
 
 from probes.linear_probe import LinearThoughtProbe
 from surgery.blocks import Probe, register_block
-from surgery.results import SavedResult
+from surgery.results import SavedResult, result_part
 from surgery.step import Step
 from surgery.thoughts import THINK_OPEN, THOUGHT_CLASSES, Thought, split_thoughts, thought_positions
 from surgery.triggers import OnText, Trigger
@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 
+@result_part
 @dataclass(frozen=True)
 class ClassifiedThought:
     """One thought of one row.
@@ -153,7 +154,7 @@ class ThoughtClassifierConfig:
     site: str = field(default="resid_pre.-1", metadata={"help": "where to read each thought's state"})
     separator: str = field(default="\n\n", metadata={"help": 'the thought separator (only "\\n\\n": surgery.thoughts splits at newline runs)'})
     when: Trigger = field(default_factory=lambda: OnText("\n\n"), metadata={"help": "where states are recorded (OnText(separator))"})
-    probe_classes: tuple[str, ...] = field(default=(), metadata={"help": "the linear probe's labels (empty: no probe)"})
+    linear_probe: dict | None = field(default=None, metadata={"help": "the linear probe's report (None: no probe)"})
 
 
 @register_block("thought_classifier")
@@ -198,11 +199,33 @@ class ThoughtClassifier(Probe):
             site=site,
             separator=separator,
             when=OnText(separator),
-            probe_classes=linear_probe.classes if linear_probe is not None else (),
+            linear_probe=linear_probe.report() if linear_probe is not None else None,
         )
         self.linear_probe = linear_probe
         self._model = None
         self.reset(0)
+
+    @classmethod
+    def from_config(cls, config: ThoughtClassifierConfig, tensors: dict[str, Tensor]) -> ThoughtClassifier:
+        probe = None
+        if config.linear_probe is not None:
+            probe = LinearThoughtProbe.from_report(config.linear_probe, tensors["linear_probe.weight"],
+                                                   tensors["linear_probe.bias"])
+        return cls(site=config.site, separator=config.separator, linear_probe=probe)
+
+    @classmethod
+    def example(cls, model, prompts=(), identity: bool = False) -> ThoughtClassifier:
+        return cls(f"resid_pre.{model.n_layers // 2}")
+
+    def tensors(self) -> dict[str, Tensor]:
+        if self.linear_probe is None:
+            return {}
+        return {"linear_probe.weight": self.linear_probe.weight, "linear_probe.bias": self.linear_probe.bias}
+
+    def by_row(self) -> list:
+        found = self.result()
+        return [([(t.label, t.position, t.text) for t in thoughts], states)
+                for thoughts, states in zip(found.thoughts, found.states)]
 
     def sites(self) -> tuple[str, ...]:
         return (self.config.site,)

@@ -125,9 +125,14 @@ class _Forward:
         self._announce(self.step)
         return self._call(input_ids, self.step)
 
-    def feed(self, chosen: Tensor, was_finished: Tensor, think_ids, matchers) -> Tensor:
-        """Feed the tokens just emitted (``[batch]``) as the next step."""
-        self.step = self.step.next(chosen, was_finished, think_ids, matchers)
+    def feed(self, chosen: Tensor, finished: Tensor, think_ids, matchers) -> Tensor:
+        """Feed the tokens just emitted (``[batch]``) as the next step.
+
+        ``finished`` includes the rows that stopped on the token being fed: the model still
+        computes that position (the batch runs on), but it is not valid, so no block acts on or
+        records a token the row never feeds when it runs alone.
+        """
+        self.step = self.step.next(chosen, finished, think_ids, matchers)
         self._announce(self.step)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(chosen), 1)], dim=1)
@@ -271,11 +276,11 @@ def generate(
                     chosen, own, forced = _offer(on_choose, choice, pad)
                 generated[:, k] = chosen
                 steps_run = k + 1
-                was_finished, finished = finished, finished | stops.record(k, chosen, own, forced)
+                finished = finished | stops.record(k, chosen, own, forced)
                 bar.update(1)
                 if k + 1 == max_new_tokens or ((k + 1) % check_every == 0 and bool(finished.all())):
                     break
-                logits = forward.feed(chosen, was_finished, think_ids, matchers)
+                logits = forward.feed(chosen, finished, think_ids, matchers)
     finally:
         bar.close()
         if on_step is not None:

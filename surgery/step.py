@@ -58,9 +58,11 @@ class Step:
         index: 0 for the prefill, k for the k-th decode step (which feeds generated token k-1).
         token_ids: the fed token ids, ``[batch, pos]`` (``pos`` is 1 in decode steps).
         positions: position ids, ``[batch, pos]`` (0 at each row's first real token).
-        valid: False at left padding and for rows already finished, ``[batch, pos]``.
+        valid: False at left padding and for finished rows, ``[batch, pos]``; the token a row
+            stopped on (EOS, a stop string's last token) is not valid either: alone, the row
+            never feeds it.
         in_think: inside a ``<think>`` span, ``[batch, pos]``.
-        finished: rows that had stopped before this step, ``[batch]``.
+        finished: rows that have stopped (on an earlier token or on the token fed now), ``[batch]``.
         text_hits: for each string the engine tracks, keyed ``(string, case_sensitive)`` (see
             :class:`~surgery.triggers.OnText`), whether an occurrence of it ends at each fed
             token, ``[batch, pos]``.

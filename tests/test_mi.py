@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from conftest import ANSWERS, PROMPTS, reference_nhsic
+from tolerance import assert_close
 
 import surgery
 from probes.mi import MIEstimator, MIResult
@@ -91,15 +92,16 @@ def test_values_stop_with_finished_rows(tiny_llama):
     assert [len(v) for v in trimmed.values] == out.lengths
 
 
-def test_result_with_out_trims_a_row_stopped_just_before_the_end(tiny_llama):
+def test_a_row_stopped_just_before_the_end_has_one_value_per_token(tiny_llama):
     plain = surgery.generate(tiny_llama, PROMPTS, 4).token_ids[0]
     probe = MIEstimator(answers=ANSWERS)
     with surgery.trace(tiny_llama, probe) as tr:  # row 0 stops at its 3rd token, one step before the end
         out = tr.generate(PROMPTS, 4, eos_token_ids=[plain[2]])
-    assert out.lengths[0] == 3 and probe.result().values[0].shape == (4,)
-    got = probe.result(out)
-    assert [len(v) for v in got.values] == out.lengths
-    torch.testing.assert_close(got.values[0], probe.result().values[0][:3])
+    assert out.lengths[0] == 3
+    assert [len(v) for v in probe.result().values] == out.lengths  # the fed stop token is not a step of row 0
+    assert_close(probe.result(out).values, probe.result().values)
+    with pytest.raises(ValueError, match="out does not match"):
+        probe.result(surgery.generate(tiny_llama, PROMPTS, 2))
 
 
 def test_wrong_number_of_answers_is_a_clear_error(tiny_llama):
