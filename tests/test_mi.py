@@ -56,7 +56,7 @@ def test_probe_values_equal_naive_computation(tiny):
     assert isinstance(got, MIResult) and len(got.values) == len(PROMPTS)
     for row, want in enumerate(naive_mi(tiny, PROMPTS, ANSWERS, out)):
         assert len(got.values[row]) == out.lengths[row]
-        torch.testing.assert_close(got.values[row], torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-9)
+        assert_close(got.values[row], torch.tensor(want, dtype=torch.float64), rtol=1e-4)  # low-rank path vs the literal formula
         peaks, stats = tukey_peaks(got.values[row])
         assert got.peaks[row].tolist() == peaks.tolist() and got.stats[row] == stats
     texts = got.peak_token_texts(out, tiny.tokenizer)
@@ -78,7 +78,7 @@ def test_rows_alone_equal_rows_batched(tiny):
         with surgery.trace(tiny, alone) as tr:
             single = tr.generate([prompt], 12)
         assert single.token_ids[0] == out.token_ids[row]
-        torch.testing.assert_close(alone.result().values[0], batched.result().values[row], rtol=1e-4, atol=1e-9)
+        assert_close(alone.result().values[0], batched.result().values[row], precision=torch.float32)  # float64 MI of float32 states
 
 
 def test_values_stop_with_finished_rows(tiny_llama):
@@ -132,4 +132,4 @@ def test_smollm2_values_finite_and_equal_naive(smollm2):
     for row, want in enumerate(naive_mi(smollm2, prompts, answers, out)):
         assert torch.isfinite(got.values[row]).all() and len(got.values[row]) == out.lengths[row]
         assert got.stats[row].count == len(got.peaks[row])
-        torch.testing.assert_close(got.values[row], torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-9)
+        assert_close(got.values[row], torch.tensor(want, dtype=torch.float64), rtol=1e-4)  # low-rank path vs the literal formula
