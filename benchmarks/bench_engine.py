@@ -15,10 +15,8 @@ tokens equal HF generate's before timing, and prints ratios to hf_generate (> 1 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,17 +26,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import surgery  # noqa: E402
-from _data import gsm8k_questions  # noqa: E402
+from _data import gsm8k_questions, model_options, time_rows  # noqa: E402
 from interventions import ResidualAdd  # noqa: E402
 from surgery.prompts import encode_prompts  # noqa: E402
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=5)
+    parser = model_options(__doc__.split("\n")[0], new_tokens=64, reps=5)
     parser.add_argument("--layer", type=int, default=15)
-    parser.add_argument("--device", default=None)
     args = parser.parse_args()
 
     model = surgery.load(device=args.device)
@@ -88,16 +82,7 @@ def main() -> None:
         new_tokens[name] = out.numel() if isinstance(out, torch.Tensor) else sum(out.lengths)
     fired = [sum(map(len, block.fired())) for block in (steer_text, steer_tokens)]
 
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(args.reps):
-        for name, fn in rows.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+    times = time_rows(rows, args.reps)
 
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; batch {args.batch}, up to {args.new_tokens} new tokens, "

@@ -17,10 +17,9 @@ the same values again), so its cost per firing is reported as a fraction of a pl
 
 from __future__ import annotations
 
-import argparse
+import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,16 +29,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import surgery  # noqa: E402
-from _data import gsm8k_questions  # noqa: E402
+from _data import gsm8k_questions, model_options, time_rows  # noqa: E402
 from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask  # noqa: E402
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args()
+    args = model_options(__doc__.split("\n")[0], new_tokens=128, reps=3).parse_args()
 
     model = surgery.load(device=args.device)
     prompts = gsm8k_questions(args.batch)
@@ -74,16 +68,7 @@ def main() -> None:
         reruns = sum(block.reruns() for block in attached if hasattr(block, "reruns"))
         facts[name] = {"tokens": sum(out.lengths), "steps": max(out.lengths), "fires": fires, "inserted": inserted,
                        "reruns": reruns}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.reps):
-        for name in names:
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run(name)
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+    times = time_rows({name: functools.partial(run, name) for name in names}, args.reps)
 
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; batch {args.batch}, up to {args.new_tokens} new tokens, "
