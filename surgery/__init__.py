@@ -10,8 +10,11 @@ The core, one idea per module:
   positions);
 - blocks: ``blocks`` (:class:`Intervention`, :class:`Probe`, :class:`TokenChoice`, the
   registry), ``trace`` (:func:`trace`), ``triggers`` and ``text_match`` (where blocks fire),
-  ``kernels`` (hot ops: torch reference, Triton kernels, the backend choice), ``results``
-  (saving probe results), ``discovery`` (packages export their modules);
+  ``kernels`` (hot ops: torch reference, Triton kernels, the backend choice), ``discovery``
+  (packages export their modules);
+- files: ``storage`` (the one format: safetensors + a JSON header, never pickle), ``saving``
+  (:func:`save_blocks` / :func:`load_blocks`, checked against the model), ``results`` (probe
+  results save and load);
 - text and data: ``thoughts`` (SEAL's thoughts and the think tags), ``examples`` (a few word
   problems for quick tries and tests);
 - the app: ``demo`` and ``cli`` (the ``surgery`` command; nothing else imports them).
@@ -29,6 +32,7 @@ from surgery.blocks import Block, Intervention, Probe, TokenChoice, block_class,
 from surgery.engine import GenerationOutput, generate, run
 from surgery.loading import EMBEDDED_MODEL, load
 from surgery.model import Model, wrap
+from surgery.saving import load_blocks, save_blocks
 from surgery.prompts import encode_prompts
 from surgery.sites import Site
 from surgery.step import Step
@@ -59,9 +63,11 @@ __all__ = [
     "encode_prompts",
     "generate",
     "load",
+    "load_blocks",
     "register_block",
     "registered_blocks",
     "run",
+    "save_blocks",
     "trace",
     "wrap",
 ]
