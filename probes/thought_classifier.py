@@ -69,7 +69,7 @@ from probes.linear_probe import LinearThoughtProbe
 from surgery.blocks import Probe, register_block
 from surgery.results import SavedResult, result_part
 from surgery.step import Step
-from surgery.thoughts import THINK_OPEN, THOUGHT_CLASSES, Thought, split_thoughts, thought_positions
+from surgery.thoughts import THOUGHT_CLASSES, completion_prefix, split_thoughts, thought_positions
 from surgery.triggers import OnText, Trigger
 
 __all__ = [
@@ -290,7 +290,7 @@ class ThoughtClassifier(Probe):
         all_thoughts, all_states = [], []
         for i in range(batch):
             found = thought_positions(model, prompts[i], completions[i])
-            text = _read_as(model, prompts[i]) + "".join(texts[t] for t in completions[i])
+            text = completion_prefix(model, prompts[i]) + "".join(texts[t] for t in completions[i])
             pieces = split_thoughts(text)
             if [label for _, label in found] != [p.label for p in pieces]:  # same rules, same text
                 raise RuntimeError("ThoughtClassifier: thought_positions and split_thoughts disagree; please report this")
@@ -308,12 +308,3 @@ class ThoughtClassifier(Probe):
             all_thoughts.append(thoughts)
             all_states.append(values[torch.tensor(keep, dtype=torch.long, device=values.device)])
         return ClassifiedThoughts(all_thoughts, all_states, self._site, len(rows))
-
-
-def _read_as(model, prompt_ids: list[int]) -> str:
-    """``"<think>"`` when the prompt ends inside a think span, as ``thought_positions`` reads it."""
-    open_id, close_id = model.think_token_ids
-    inside = False
-    for token in prompt_ids:
-        inside = True if token == open_id else False if token == close_id else inside
-    return THINK_OPEN if open_id is not None and inside else ""

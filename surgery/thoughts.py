@@ -53,6 +53,7 @@ __all__ = [
     "TRANSITION_PREFIXES",
     "Thought",
     "classify_thought",
+    "completion_prefix",
     "split_thoughts",
     "thought_positions",
 ]
@@ -209,6 +210,16 @@ def split_thoughts(text: str) -> list[Thought]:
     return thoughts
 
 
+def completion_prefix(model, prompt_ids: list[int]) -> str:
+    """``"<think>"`` when the prompt ends inside a think span (the last of ``<think>`` /
+    ``</think>`` in it decides), else ``""``: how a completion after that prompt is read."""
+    open_id, close_id = model.think_token_ids
+    inside = False
+    for token in prompt_ids:
+        inside = True if token == open_id else False if token == close_id else inside
+    return THINK_OPEN if open_id is not None and inside else ""
+
+
 def thought_positions(model, prompt_ids: list[int], completion_ids: list[int]) -> list[tuple[int, str]]:
     """``(position, label)`` of each SEAL thought of a completion, positions in prompt + completion.
 
@@ -218,13 +229,7 @@ def thought_positions(model, prompt_ids: list[int], completion_ids: list[int]) -
     reasoning chat template), the completion is read as inside the think span.
     """
     texts = model.vocabulary_texts
-    prefix = ""
-    open_id, close_id = model.think_token_ids
-    if open_id is not None:
-        inside = False  # the last of <think> / </think> in the prompt decides
-        for token in prompt_ids:
-            inside = True if token == open_id else False if token == close_id else inside
-        prefix = THINK_OPEN if inside else ""
+    prefix = completion_prefix(model, prompt_ids)
     ends, total = [], len(prefix)
     for token in completion_ids:
         total += len(texts[token])
