@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention, register_block
+from surgery.blocks import Intervention, per_row, register_block
 from surgery.step import Step
 from surgery.triggers import Always, StepWindow, Trigger
 
@@ -64,8 +64,8 @@ class TokenMask(Intervention):
 
     @classmethod
     def example(cls, model, prompts=(), identity: bool = False) -> TokenMask:
-        # one single word (SEAL's vocabulary rule) and one phrase (text matching)
-        return cls(["wait", "so the"], penalty=0.0 if identity else -5.0, when=StepWindow(0, 12))
+        # a word (SEAL's vocabulary rule) and short phrases (text matching) that come up on any text
+        return cls(["wait", "e t", "s a"], penalty=0.0 if identity else -5.0, when=StepWindow(0, 12))
 
     def __init__(
         self,
@@ -92,6 +92,7 @@ class TokenMask(Intervention):
         )
         self._vocabulary: Tensor | None = None
         self._matchers: dict = {}
+        self._fired: list[tuple[Tensor, Tensor]] = []
 
     def _mode(self, word: str) -> str:
         if self.config.match != "auto":
@@ -107,6 +108,17 @@ class TokenMask(Intervention):
     def text_patterns(self) -> tuple[tuple[str, bool], ...]:
         own = tuple((w, self.config.case_sensitive) for w in self._text_words())
         return own + super().text_patterns()
+
+    def reset(self, batch_size: int) -> None:
+        self._fired = []
+
+    def fired(self) -> list[list[int]]:
+        """Per row of the last run, the position ids whose top token the mask penalised or forbade
+        (the logits there are those of the next token: position ``p`` chooses token ``p + 1``)."""
+        return per_row(self._fired)
+
+    def by_row(self) -> list[list[int]]:
+        return self.fired()
 
     def bind(self, model) -> None:
         fold = (lambda s: s) if self.config.case_sensitive else str.lower
@@ -131,6 +143,8 @@ class TokenMask(Intervention):
         for word, matcher in self._matchers.items():
             masked = masked | matcher.completions(step.text_states[(word, self.config.case_sensitive)])
         masked = masked & self.config.when(step)[..., None]
+        if not step.is_rerun:  # where the mask hit the would-be top token (device tensors, no sync)
+            self._fired.append((step.positions, masked.gather(-1, value.argmax(dim=-1, keepdim=True))[..., 0]))
         if self.config.penalty is None:
             return value.masked_fill(masked, float("-inf"))
         return torch.where(masked, value + self.config.penalty, value)
