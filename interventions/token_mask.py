@@ -31,7 +31,7 @@ from torch import Tensor
 
 from surgery.blocks import Intervention, per_row, register_block
 from surgery.step import Step
-from surgery.triggers import Always, StepWindow, Trigger
+from surgery.triggers import Always, OnText, StepWindow, Trigger
 
 __all__ = ["TokenMask", "TokenMaskConfig"]
 
@@ -64,8 +64,11 @@ class TokenMask(Intervention):
 
     @classmethod
     def example(cls, model, prompts=(), identity: bool = False) -> TokenMask:
-        # a word (SEAL's vocabulary rule) and short phrases (text matching) that come up on any text
-        return cls(["wait", "e t", "s a"], penalty=0.0 if identity else -5.0, when=StepWindow(0, 12))
+        # single characters (SEAL's vocabulary rule) that hit the top token of any model within a
+        # few steps, a phrase for text matching, and a trigger that differs between rows (after
+        # line breaks, early on), so a mask leaking across rows shows
+        when = OnText("\n") & StepWindow(0, 16)
+        return cls([".", "e", "let me"], penalty=0.0 if identity else -5.0, when=when)
 
     def __init__(
         self,
