@@ -12,7 +12,7 @@ The core, one idea per module:
   registry), ``trace`` (:func:`trace`), ``triggers`` and ``text_match`` (where blocks fire),
   ``kernels`` (hot ops: torch reference, Triton kernels, the backend choice), ``discovery``
   (packages export their modules);
-- files: ``storage`` (the one format: safetensors + a JSON header, never pickle), ``saving``
+- files: ``config_json`` (a block's config to JSON and back), ``storage`` (the one format: safetensors + a JSON header, never pickle), ``saving``
   (:func:`save_blocks` / :func:`load_blocks`, checked against the model), ``results`` (probe
   results save and load);
 - text and data: ``thoughts`` (SEAL's thoughts and the think tags), ``examples`` (a few word

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -55,6 +53,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from surgery.config_json import config_from_json, config_to_json
 from surgery.step import Step
 
 __all__ = [
@@ -152,8 +151,7 @@ class Block:
 
     def to_dict(self) -> dict:
         """``{"block": name, "config": {...}}``, JSON-serialisable (:meth:`from_dict` reverses it)."""
-        config = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
-        return {"block": self.name, "config": _jsonable(config)}
+        return {"block": self.name, "config": config_to_json(self.config)}
 
     @staticmethod
     def from_dict(data: dict, tensors: dict[str, Tensor] | None = None) -> Block:
@@ -163,7 +161,7 @@ class Block:
         tuples are rebuilt from their JSON form, then :meth:`from_config` makes the block.
         """
         cls = block_class(data["block"])
-        return cls.from_config(_config_from_json(cls, data.get("config", {})), dict(tensors or {}))
+        return cls.from_config(config_from_json(cls.config_class, data.get("config", {})), dict(tensors or {}))
 
     @classmethod
     def from_config(cls, config, tensors: dict[str, Tensor]) -> Block:
@@ -222,38 +220,6 @@ def per_row(records: list[tuple[Tensor | int, Tensor]]) -> list[list[int]]:
             else:
                 rows[row].append(int(values))
     return rows
-
-
-def _config_from_json(cls: type[Block], data: dict):
-    """Rebuild a block's config dataclass from JSON: triggers from dicts, tuples from lists."""
-    from surgery.triggers import Trigger
-
-    config_class = cls.config_class
-    hints = typing.get_type_hints(config_class)
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}'s config has no field(s) {unknown}: expected some of {sorted(known)}")
-
-    def rebuild(hint, value):
-        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        if isinstance(value, dict) and "kind" in value and Trigger in kinds:
-            return Trigger.from_dict(value)
-        if isinstance(value, list) and any(k is tuple or typing.get_origin(k) is tuple for k in kinds):
-            return tuple(value)
-        return value
-
-    return config_class(**{name: rebuild(hints[name], value) for name, value in data.items()})
-
-
-def _jsonable(value):
-    if hasattr(value, "to_dict"):
-        return _jsonable(value.to_dict())
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 @dataclass
