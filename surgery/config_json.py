@@ -4,17 +4,19 @@
 functions; the type hints of the config's fields say what each JSON value becomes again.
 
 Example:
-    >>> from dataclasses import dataclass, field
-    >>> from surgery.triggers import Always, Trigger
+    >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True)
     ... class Config:
     ...     words: tuple[str, ...] = ()
-    ...     when: Trigger = field(default_factory=Always)
+    ...     penalty: float | None = -3.0
     >>> data = config_to_json(Config(words=("wait",)))
     >>> data
-    {'words': ['wait'], 'when': {'kind': 'always'}}
+    {'words': ['wait'], 'penalty': -3.0}
     >>> config_from_json(Config, data) == Config(words=("wait",))
     True
+
+A config's type hints must resolve in the module that defines it (a trigger field needs
+``Trigger`` imported there).
 """
 
 from __future__ import annotations
