@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 
 import torch
@@ -32,12 +33,14 @@ class Model:
         tokenizer: its tokenizer (padding is done on the left by the toolkit, whatever its setting).
         architecture: the site table of its family.
         name: a label for reports and saved experiments.
+        host: the ``TransformerBridge`` or nnsight model it came from (None for a plain HF model).
     """
 
-    def __init__(self, module: nn.Module, tokenizer, *, name: str | None = None):
+    def __init__(self, module: nn.Module, tokenizer, *, name: str | None = None, architecture=None, host=None):
         self.module = module
         self.tokenizer = tokenizer
-        self.architecture: Architecture = architecture_of(module)
+        self.architecture: Architecture = architecture if architecture is not None else architecture_of(module)
+        self.host = host  # the TransformerBridge or nnsight model the user wrapped, if any
         config = module.config
         self.name = name or getattr(config, "_name_or_path", None) or type(module).__name__
         self._active_trace = None
@@ -55,12 +58,12 @@ class Model:
 
     @property
     def d_model(self) -> int:
-        return self.module.get_input_embeddings().embedding_dim
+        return self.module.get_input_embeddings().weight.shape[1]
 
     @property
     def vocab_size(self) -> int:
         """Width of the logits (may exceed ``len(tokenizer)`` when the embedding is padded)."""
-        return self.module.get_output_embeddings().out_features
+        return self.module.get_output_embeddings().weight.shape[0]
 
     @property
     def device(self) -> torch.device:
@@ -162,17 +165,23 @@ def wrap(model, tokenizer=None, *, name: str | None = None) -> Model:
     """Wrap a model object the user already has.
 
     Args:
-        model: an HF causal LM (``transformers.PreTrainedModel``), or a :class:`Model` (returned as is).
-        tokenizer: its tokenizer (required for HF models).
+        model: an HF causal LM (``transformers.PreTrainedModel``), a TransformerLens 4
+            ``TransformerBridge``, an nnsight ``LanguageModel`` (or ``NNsight`` around an HF causal
+            LM), or a :class:`Model` (returned as is).
+        tokenizer: its tokenizer (required for HF models and plain ``NNsight``; a bridge's and a
+            ``LanguageModel``'s own is used otherwise).
         name: a label for reports; defaults to the config's ``_name_or_path``.
+
+    An HF model whose architecture :data:`surgery.sites.ARCHITECTURES` lacks is booted into a
+    TransformerLens bridge (in place, with a warning) when TransformerLens has an adapter for
+    it, and its sites resolve through the bridge's hook points (:mod:`surgery.bridge`).
 
     Returns:
         A :class:`Model`.
 
     Raises:
-        NotImplementedError: for TransformerLens ``TransformerBridge`` and nnsight ``LanguageModel``
-            objects, whose adapters come in a later release (the message says how to pass the
-            underlying HF model instead).
+        ValueError: for a bridge in compatibility mode, a remote or vLLM nnsight model, a missing
+            tokenizer, or an architecture neither our table nor TransformerLens knows.
         TypeError: for anything else.
 
     Example::
@@ -181,21 +190,41 @@ def wrap(model, tokenizer=None, *, name: str | None = None) -> Model:
         model = surgery.wrap(AutoModelForCausalLM.from_pretrained(path),
                      AutoTokenizer.from_pretrained(path))
     """
+    from surgery import bridge as tl_bridge
+    from surgery import nnsight_host
+
     if isinstance(model, Model):
         return model
-    kind = f"{type(model).__module__}.{type(model).__name__}"
-    if kind.startswith("transformer_lens") or kind.startswith("nnsight"):
-        raise NotImplementedError(
-            f"wrapping a {type(model).__name__} is not supported yet; pass the HF model inside it "
-            "instead: surgery.wrap(bridge.original_model, bridge.tokenizer) for a TransformerBridge, "
-            "surgery.wrap(lm._module, lm.tokenizer) for an nnsight LanguageModel"
-        )
+    if tl_bridge.is_bridge(model):
+        return tl_bridge.wrap_bridge(model, tokenizer, name=name)
+    if nnsight_host.is_nnsight(model):
+        return nnsight_host.wrap_nnsight(model, tokenizer, name=name)
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
-            f"surgery.wrap expects a transformers causal LM (PreTrainedModel), got {type(model).__name__}"
+            "surgery.wrap expects a transformers causal LM (PreTrainedModel), a TransformerLens "
+            f"TransformerBridge or an nnsight LanguageModel, got {type(model).__name__}"
         )
     if tokenizer is None:
         raise ValueError("surgery.wrap needs the model's tokenizer: surgery.wrap(model, tokenizer)")
+    if tl_bridge.is_booted(model):
+        raise ValueError(
+            "TransformerLens has rebuilt this model in place (it is a bridge's original_model): wrap "
+            "the bridge instead, surgery.wrap(bridge), so that sites resolve through its hook points"
+        )
+    try:
+        architecture_of(model)
+    except ValueError as unknown:
+        try:
+            bridge = tl_bridge.boot(model, tokenizer, name=name)
+        except ValueError as error:
+            raise ValueError(f"{unknown} TransformerLens cannot resolve it either: {error}") from error
+        warnings.warn(
+            f"{model.config.model_type!r} is not in surgery's site table: booted a TransformerLens bridge "
+            "around the model, in place (its layers are now bridges and attention runs eager), and its "
+            "sites resolve through the bridge's hook points",
+            stacklevel=2,
+        )
+        return tl_bridge.wrap_bridge(bridge, tokenizer, name=name)
     return Model(model.eval(), tokenizer, name=name)

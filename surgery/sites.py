@@ -15,17 +15,34 @@ logits          output of the unembedding                               post, he
 Block L is the L-th decoder layer, 0-based; a negative L counts from the end, so
 ``resid_post.-1`` is the output of the last block *before* the final norm.
 
+TransformerLens 4 hook names are accepted wherever a site is, on every backend, and results
+name the site the way it was written (``str(site)``):
+
+=========================================================  ===========
+TransformerLens hook name                                   site
+=========================================================  ===========
+``blocks.L.hook_in``, ``blocks.L.hook_resid_pre``           resid_pre.L
+``blocks.L.hook_out``, ``blocks.L.hook_resid_post``         resid_post.L
+``blocks.L.attn.hook_out``, ``blocks.L.hook_attn_out``      attn_out.L
+``blocks.L.mlp.hook_out``, ``blocks.L.hook_mlp_out``        mlp_out.L
+``unembed.hook_out``, ``hook_unembed``                      logits
+=========================================================  ===========
+
 Example:
     >>> Site.parse("resid_pre.-1").resolve(n_layers=30)
     Site(kind='resid_pre', layer=29)
     >>> str(Site.parse("logits"))
     'logits'
+    >>> site = Site.parse("blocks.15.hook_in")
+    >>> site == Site("resid_pre", 15), site.canonical, str(site)
+    (True, 'resid_pre.15', 'blocks.15.hook_in')
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,27 +53,50 @@ LAYER_SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 SITE_KINDS = (*LAYER_SITE_KINDS, "logits")
 
 
+# TransformerLens 4 hook names (and their aliases) of the sites
+_TL_BLOCK_HOOKS = {
+    "hook_in": "resid_pre", "hook_resid_pre": "resid_pre",
+    "hook_out": "resid_post", "hook_resid_post": "resid_post",
+    "attn.hook_out": "attn_out", "hook_attn_out": "attn_out",
+    "mlp.hook_out": "mlp_out", "hook_mlp_out": "mlp_out",
+}  # fmt: skip
+_TL_LOGITS_HOOKS = ("unembed.hook_out", "hook_unembed")
+_TL_BLOCK_NAME = re.compile(r"blocks\.(-?\d+)\.(.+)")
+
+
 @dataclass(frozen=True)
 class Site:
-    """A place in the model: a kind and, for all kinds but ``logits``, a block index."""
+    """A place in the model: a kind and, for all kinds but ``logits``, a block index.
+
+    ``written`` keeps a TransformerLens hook name the site was parsed from (not compared), so
+    that ``str(site)`` names it as the user did; :attr:`canonical` is always ours.
+    """
 
     kind: str
     layer: int | None = None
+    written: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: str | Site) -> Site:
-        """Parse ``"resid_pre.20"``, ``"mlp_out.-1"`` or ``"logits"``; raise ValueError otherwise."""
+        """Parse ``"resid_pre.20"``, ``"mlp_out.-1"``, ``"logits"`` or a TransformerLens hook name
+        (see the module docstring); raise ValueError otherwise."""
         if isinstance(text, Site):
             return text
         if not isinstance(text, str):
             raise TypeError(f"a site is a string such as 'resid_pre.20', got {type(text).__name__}")
         if text == "logits":
             return cls("logits")
+        if text in _TL_LOGITS_HOOKS:
+            return cls("logits", written=text)
+        hook = _TL_BLOCK_NAME.fullmatch(text)
+        if hook is not None and hook.group(2) in _TL_BLOCK_HOOKS:
+            return cls(_TL_BLOCK_HOOKS[hook.group(2)], int(hook.group(1)), written=text)
         kind, dot, layer = text.partition(".")
         if kind not in LAYER_SITE_KINDS or not dot:
             raise ValueError(
                 f"unknown site {text!r}: expected one of {', '.join(k + '.L' for k in LAYER_SITE_KINDS)} "
-                "(L a block index, negative counts from the end) or 'logits'"
+                "(L a block index, negative counts from the end), 'logits', or a TransformerLens hook "
+                f"name ({', '.join('blocks.L.' + h for h in _TL_BLOCK_HOOKS)}, {', '.join(_TL_LOGITS_HOOKS)})"
             )
         try:
             index = int(layer)
@@ -73,10 +113,15 @@ class Site:
                 f"site {self} is out of range: the model has {n_layers} blocks, "
                 f"so L must be in 0..{n_layers - 1} (or {-n_layers}..-1 from the end)"
             )
-        return Site(self.kind, self.layer % n_layers)
+        return Site(self.kind, self.layer % n_layers, written=self.written)
+
+    @property
+    def canonical(self) -> str:
+        """The site in our vocabulary, e.g. ``"resid_pre.15"`` for ``blocks.15.hook_in``."""
+        return self.kind if self.layer is None else f"{self.kind}.{self.layer}"
 
     def __str__(self) -> str:
-        return self.kind if self.layer is None else f"{self.kind}.{self.layer}"
+        return self.written or self.canonical
 
 
 @dataclass(frozen=True)

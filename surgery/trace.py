@@ -100,7 +100,7 @@ class Trace:
             if any(block is b for b in self.blocks) or any(block is b for b, _ in plans):
                 raise ValueError(f"{block!r} is already attached to this trace")
             block.bind(self.model)  # first: a block may derive its sites from the model
-            sites = [str(self.model.resolve_site(s)) for s in block.sites()]
+            sites = [self.model.resolve_site(s).canonical for s in block.sites()]
             plans.append((block, sites))
         for block, sites in plans:
             for site in dict.fromkeys(sites):

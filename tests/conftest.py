@@ -210,3 +210,45 @@ def logits_of(model):
     with torch.no_grad():
         ids, mask = surgery.encode_prompts(model, PROMPTS)
         return model.module(input_ids=ids, attention_mask=mask).logits
+
+
+def full_stack(model, words=("Wait", "So")):
+    """The acceptance stack of the backends: SEAL steering at "\\n\\n", a token mask, RR, TTTS
+    and the three probes (fresh blocks each call)."""
+    from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask
+    from probes import MIEstimator, ReasoningGraph, ThoughtClassifier
+
+    vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 5
+    return [
+        SteeringVector(vector, layer=1),
+        TokenMask(["Hmm", "let me check"], penalty=-4.0),
+        RepresentationRecycling(layer=0, trigger_words=words),
+        ThinkingTokenInsertion(words=(" Wait",), budget=6, answer_prompt=" So", answer_tokens=2),
+        MIEstimator(answers=ANSWERS),
+        ThoughtClassifier("resid_pre.1"),
+        ReasoningGraph(n_clusters=2),
+    ]
+
+
+def run_full_stack(model, eos, words=("Wait", "So"), new_tokens=28):
+    """Generate PROMPTS with :func:`full_stack`: (output, blocks, probe results)."""
+    blocks = full_stack(model, words)
+    with surgery.trace(model, *blocks) as tr:
+        out = tr.generate(PROMPTS, new_tokens, chat=True, eos_token_ids=[eos])
+    return out, blocks, [blocks[4].result(out), blocks[5].result(), blocks[6].result()]
+
+
+def assert_same_probe_results(ours, theirs):
+    """MI values, thought states and step vectors agree within float32 tolerance; thoughts exactly."""
+    from tolerance import assert_close
+
+    mi, thoughts, steps = ours
+    mi2, thoughts2, steps2 = theirs
+    for a, b in zip(mi.values, mi2.values, strict=True):
+        assert_close(a, b, precision=torch.float32)
+    assert [p.tolist() for p in mi.peaks] == [p.tolist() for p in mi2.peaks]
+    assert thoughts.thoughts == thoughts2.thoughts
+    for a, b in zip(thoughts.states, thoughts2.states, strict=True):
+        assert_close(a, b, precision=torch.float32)
+    for a, b in zip(steps, steps2, strict=True):
+        assert_close(a, b, precision=torch.float32)

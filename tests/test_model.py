@@ -32,23 +32,6 @@ def test_wrap_accepts_hf_models_and_refuses_the_rest(tiny_llama, tokenizer):
         surgery.wrap(torch.nn.Linear(2, 2), tokenizer)
 
 
-def test_wrap_names_the_way_for_transformer_lens_and_nnsight(tokenizer):
-    from conftest import tiny_model
-    from nnsight import LanguageModel
-    from transformer_lens.model_bridge import TransformerBridge
-
-    tiny_llama = tiny_model("llama", tokenizer)  # its own copy: both libraries add hooks to it
-
-    bridge = TransformerBridge.boot_transformers("tiny", hf_model=tiny_llama.module, tokenizer=tokenizer)
-    assert bridge.original_model is tiny_llama.module  # what the message tells users to pass
-    with pytest.raises(NotImplementedError, match="bridge.original_model"):
-        surgery.wrap(bridge)
-    lm = LanguageModel(tiny_llama.module, tokenizer=tokenizer)
-    assert lm._module is tiny_llama.module
-    with pytest.raises(NotImplementedError, match="lm._module"):
-        surgery.wrap(lm)
-
-
 def test_the_test_tokenizer_has_the_reasoning_tokens(tokenizer):
     vocabulary = tokenizer.get_vocab()
     for token in ("ĊĊ", "<think>", "</think>", "Wait"):  # "ĊĊ" is "\n\n" in byte-level BPE

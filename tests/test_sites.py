@@ -26,6 +26,26 @@ def test_bad_sites_name_what_is_supported(text, message):
         assert "resid_pre.L" in str(error.value) and "logits" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "name, site",
+    [("blocks.15.hook_in", "resid_pre.15"), ("blocks.15.hook_resid_pre", "resid_pre.15"),
+     ("blocks.3.hook_out", "resid_post.3"), ("blocks.3.hook_resid_post", "resid_post.3"),
+     ("blocks.0.attn.hook_out", "attn_out.0"), ("blocks.0.hook_attn_out", "attn_out.0"),
+     ("blocks.-1.mlp.hook_out", "mlp_out.-1"), ("blocks.2.hook_mlp_out", "mlp_out.2"),
+     ("unembed.hook_out", "logits"), ("hook_unembed", "logits")],
+)
+def test_transformer_lens_hook_names_are_sites_named_as_written(name, site):
+    parsed = Site.parse(name)
+    assert parsed == Site.parse(site) and parsed.canonical == site and str(parsed) == name
+    resolved = parsed.resolve(30)
+    assert str(resolved) == name and resolved.canonical == Site.parse(site).resolve(30).canonical
+
+
+def test_other_transformer_lens_hooks_are_refused_with_the_list():
+    with pytest.raises(ValueError, match=r"unknown site 'blocks.1.attn.hook_pattern'.*blocks.L.hook_in"):
+        Site.parse("blocks.1.attn.hook_pattern")
+
+
 def test_out_of_range_names_the_valid_range():
     with pytest.raises(ValueError, match=r"0\.\.29 \(or -30\.\.-1"):
         Site("resid_post", 30).resolve(30)
