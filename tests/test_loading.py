@@ -1,6 +1,9 @@
 """Loading: the embedded model's wheel, the weight cache, clear errors offline."""
 
+import http.server
 import importlib.util
+import socket
+import threading
 
 import pytest
 import torch
@@ -16,16 +19,101 @@ def test_missing_wheel_names_the_pip_command(monkeypatch):
         surgery.load()
 
 
-def test_unknown_model_is_a_clear_error_offline(monkeypatch, tmp_path):
-    import huggingface_hub
+def _offline(monkeypatch, how: str, tmp_path) -> None:
+    """Cut this process off the hub: offline mode, or an endpoint where nothing listens."""
+    from huggingface_hub import constants
 
-    # the variable is read when huggingface_hub is imported: set the constant it was read into
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match="(?s)could not load 'no-such-org/no-such-model'.*offline"):
+    # the variables are read when huggingface_hub is imported: set the constants they were read into
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:
+        with socket.socket() as free:  # a port that was free a moment ago: connecting is refused
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        _use_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+
+
+def _use_endpoint(monkeypatch, url: str) -> None:
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy set for CI must not answer for the local endpoint
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+
+def _record_from_pretrained(monkeypatch, calls: list) -> None:
+    """Replace transformers' from_pretrained: record the call, then stop the load there."""
+    import transformers
+
+    def from_pretrained(name, **options):
+        calls.append((name, options))
+        raise _ReachedFromPretrained
+
+    for auto in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(auto, "from_pretrained", from_pretrained)
+
+
+class _ReachedFromPretrained(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "closed port"])
+def test_unknown_model_is_a_clear_error_offline_without_retries(monkeypatch, tmp_path, how):
+    _offline(monkeypatch, how, tmp_path)
+    calls = []
+    _record_from_pretrained(monkeypatch, calls)  # transformers would retry the hub for ~50 s
+    message = "(?s)could not load 'no-such-org/no-such-model'.*hub cannot be reached.*offline"
+    with pytest.raises(OSError, match=message) as caught:
         surgery.load("no-such-org/no-such-model")
+    assert calls == []
+    assert 'surgery.load("/path/to/folder")' in str(caught.value) and "HF_HUB_OFFLINE=1" in str(caught.value)
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         surgery.load(tmp_path / "missing.gguf")
+
+
+def test_a_reachable_hub_is_asked_once_and_then_left_to_transformers(monkeypatch):
+    heads = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            heads.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _use_endpoint(monkeypatch, f"http://127.0.0.1:{server.server_port}")
+        calls = []
+        _record_from_pretrained(monkeypatch, calls)
+        with pytest.raises(_ReachedFromPretrained):
+            surgery.load("no-such-org/no-such-model")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(heads) == 1 and calls == [("no-such-org/no-such-model", {})]
+
+
+def test_a_model_in_the_hub_cache_loads_offline(monkeypatch, tmp_path, tiny_llama):
+    _offline(monkeypatch, "closed port", tmp_path)
+    repo = tmp_path / "hub-cache" / "models--tiny-org--tiny-llama"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    tiny_llama.module.save_pretrained(repo / "snapshots" / commit)
+    tiny_llama.tokenizer.save_pretrained(repo / "snapshots" / commit)
+    model = surgery.load("tiny-org/tiny-llama", device="cpu")
+    assert model.name == "tiny-org/tiny-llama" and model.n_layers == tiny_llama.n_layers
+    assert surgery.generate(model, ["Wait"], 6).token_ids == surgery.generate(tiny_llama, ["Wait"], 6).token_ids
 
 
 def test_any_hf_folder_loads(tiny_llama, tmp_path):
