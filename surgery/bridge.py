@@ -99,6 +99,10 @@ class BridgeArchitecture:
 def wrap_bridge(bridge, tokenizer=None, *, name: str | None = None):
     """A :class:`~surgery.model.Model` on a ``TransformerBridge`` (what :func:`surgery.wrap` does).
 
+    Without ``tokenizer``, the bridge's own is used: TransformerLens may have made it a new one
+    that prepends BOS to plain text (its ``default_prepend_bos``), unlike the HF tokenizer; pass
+    the HF tokenizer to encode exactly as on the HF model.
+
     Raises ValueError for a bridge in compatibility mode (its weights were processed, so it no
     longer computes the HF model's logits) and for one without a tokenizer.
     """

@@ -218,9 +218,13 @@ def full_stack(model, words=("Wait", "So")):
     from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask
     from probes import MIEstimator, ReasoningGraph, ThoughtClassifier
 
+    from surgery.triggers import OnText
+
     vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 5
+    # SEAL: "\n\n" inside <think>; a model without think tags (SmolLM2) steers at every blank line
+    when = None if model.think_token_ids != (None, None) else OnText("\n\n")
     return [
-        SteeringVector(vector, layer=1),
+        SteeringVector(vector, layer=1, when=when),
         TokenMask(["Hmm", "let me check"], penalty=-4.0),
         RepresentationRecycling(layer=0, trigger_words=words),
         ThinkingTokenInsertion(words=(" Wait",), budget=6, answer_prompt=" So", answer_tokens=2),
