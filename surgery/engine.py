@@ -40,7 +40,7 @@ from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.step import Step
 from surgery.stopping import StopTracker
-from surgery.text_match import text_key
+from surgery.text_match import text_matchers
 
 __all__ = ["GenerationOutput", "generate", "run"]
 
@@ -69,11 +69,6 @@ class GenerationOutput:
     prompt_lengths: list[int]
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _matchers(model: Model, text_patterns) -> dict:
-    keys = dict.fromkeys(text_key(p) for p in text_patterns)
-    return {key: model.text_matcher(*key) for key in keys}
 
 
 def _forward_options(module) -> dict:
@@ -244,7 +239,7 @@ def generate(
     batch = input_ids.shape[0]
     eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else list(eos_token_ids), dtype=torch.long, device=device)
     pad = torch.tensor(model.pad_token_id, device=device)
-    think_ids, matchers = model.think_token_ids, _matchers(model, text_patterns)
+    think_ids, matchers = model.think_token_ids, text_matchers(model, text_patterns)
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -310,7 +305,7 @@ def run(
     check_context(model, attention_mask)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    matchers = _matchers(model, text_patterns)
+    matchers = text_matchers(model, text_patterns)
     step = Step.prefill(input_ids, attention_mask, model.think_token_ids, matchers)
     mask = None if bool(attention_mask.all()) else attention_mask
     try:

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-__all__ = ["TextKey", "TextMatcher", "text_key"]
+__all__ = ["TextKey", "TextMatcher", "text_key", "text_matchers"]
 
 TextKey = tuple[str, bool]
 """A tracked string and whether it is matched with case: ``("\\n\\n", True)``."""
@@ -32,6 +32,15 @@ TextKey = tuple[str, bool]
 def text_key(pattern: str | TextKey) -> TextKey:
     """Normalise a tracked string to its key: a bare string is matched with case."""
     return (pattern, True) if isinstance(pattern, str) else (pattern[0], bool(pattern[1]))
+
+
+def text_matchers(model, patterns) -> dict[TextKey, TextMatcher]:
+    """The model's matcher of each tracked string in ``patterns`` (strings or keys), once per key.
+
+    What every decode loop builds before its prefill (the engine's, and the nnsight adapter's).
+    """
+    keys = dict.fromkeys(text_key(p) for p in patterns)
+    return {key: model.text_matcher(*key) for key in keys}
 
 
 def _failure(pattern: str) -> list[int]:
