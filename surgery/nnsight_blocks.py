@@ -77,6 +77,7 @@ from surgery.blocks import Intervention, Probe
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
+from surgery.trace import add_routes, apply_blocks, check_blocks
 
 __all__ = ["NNsightBlocks"]
 
@@ -109,23 +110,17 @@ class NNsightBlocks:
 
         self.lm = lm
         self.model = model = wrap(lm, tokenizer)
-        self.blocks = tuple(blocks)
+        choosers = [b for b in blocks if isinstance(b, Intervention) and b.edits_tokens]
+        if choosers:
+            raise ValueError(
+                f"{', '.join(type(b).__name__ for b in choosers)} change(s) the tokens generation emits (overriding "
+                "choose()), and inside nnsight's lm.generate the tokens are picked by HF's generate, where no block "
+                "can reach them: use surgery.trace(surgery.wrap(lm), ...) for it, which runs on the same model"
+            )
+        plans = check_blocks(model, blocks)
+        self.blocks = tuple(block for block, _ in plans)
         routes: dict[str, tuple[list[Intervention], list[Probe]]] = {}
-        for i, block in enumerate(self.blocks):
-            if not isinstance(block, (Intervention, Probe)):
-                raise TypeError(f"NNsightBlocks takes Interventions or Probes, got {type(block).__name__}")
-            if any(block is other for other in self.blocks[:i]):
-                raise ValueError(f"{block!r} is given twice")
-            if isinstance(block, Intervention) and block.edits_tokens:
-                raise ValueError(
-                    f"{type(block).__name__} changes the tokens generation emits (it overrides choose()), and inside "
-                    "nnsight's lm.generate the tokens are picked by HF's generate, where no block can reach them: "
-                    "use surgery.trace(surgery.wrap(lm), ...) for it, which runs on the same model"
-                )
-            block.bind(model)  # first: a block may derive its sites from the model
-            for site in dict.fromkeys(model.resolve_site(s).canonical for s in block.sites()):
-                interventions, probes = routes.setdefault(site, ([], []))
-                (interventions if isinstance(block, Intervention) else probes).append(block)
+        add_routes(routes, plans)
         self._sites = [(site, *self._place(Site.parse(site)), *routes[site]) for site in sorted(routes, key=_forward_rank)]
         if eos_token_ids is None:
             eos_token_ids = getattr(model.module.generation_config, "eos_token_id", None)
@@ -174,12 +169,8 @@ class NNsightBlocks:
         self._step, self._seen = step, cached + ids.shape[1]
         for site, envoy, attribute, interventions, probes in self._sites:
             served = getattr(envoy, attribute)
-            value = edited = served[0] if isinstance(served, tuple) else served
-            view = step.tail(value.shape[1])  # a generate's prefill logits: last position only
-            for block in interventions:
-                edited = block.edit(site, edited, view)
-            for probe in probes:
-                probe.observe(site, edited, view)
+            value = served[0] if isinstance(served, tuple) else served
+            edited = apply_blocks(site, value, step, interventions, probes)  # prefill logits: last position only
             if edited is not value:
                 setattr(envoy, attribute, (edited, *served[1:]) if isinstance(served, tuple) else edited)
         return step

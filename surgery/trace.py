@@ -32,7 +32,7 @@ from surgery.model import Model
 from surgery.sites import Site, hook_site
 from surgery.step import Step
 
-__all__ = ["Trace", "trace"]
+__all__ = ["Trace", "add_routes", "apply_blocks", "check_blocks", "trace"]
 
 
 class Trace:
@@ -92,39 +92,17 @@ class Trace:
         return block
 
     def _attach(self, blocks) -> None:
-        # Check every block before installing anything: a bad block leaves the model untouched.
-        plans = []
-        for block in blocks:
-            if not isinstance(block, (Intervention, Probe)):
-                raise TypeError(f"trace blocks are Interventions or Probes, got {type(block).__name__}")
-            if any(block is b for b in self.blocks) or any(block is b for b, _ in plans):
-                raise ValueError(f"{block!r} is already attached to this trace")
-            block.bind(self.model)  # first: a block may derive its sites from the model
-            sites = [self.model.resolve_site(s).canonical for s in block.sites()]
-            plans.append((block, sites))
-        for block, sites in plans:
-            for site in dict.fromkeys(sites):
-                if site not in self._routes:
-                    self._routes[site] = ([], [])
-                    module, kind = self.model.architecture.module_for(self.model.module, Site.parse(site))
-                    self._handles.append(hook_site(module, kind, self._router(site)))
-                interventions, probes = self._routes[site]
-                (interventions if isinstance(block, Intervention) else probes).append(block)
-            self.blocks.append(block)
+        plans = check_blocks(self.model, blocks, attached=self.blocks)
+        for site in add_routes(self._routes, plans):
+            module, kind = self.model.architecture.module_for(self.model.module, Site.parse(site))
+            self._handles.append(hook_site(module, kind, self._router(site)))
+        self.blocks.extend(block for block, _ in plans)
 
     def _router(self, site: str):
         def route(value: Tensor) -> Tensor:
-            step = self._step
-            if step is None:
+            if self._step is None:
                 return value
-            step = step.tail(value.shape[1])
-            interventions, probes = self._routes[site]
-            for block in interventions:
-                value = block.edit(site, value, step)
-            if not step.is_rerun:  # probes see a recomputed position's first pass only
-                for probe in probes:
-                    probe.observe(site, value, step)
-            return value
+            return apply_blocks(site, value, self._step, *self._routes[site])
 
         return route
 
@@ -170,6 +148,51 @@ class Trace:
 
     def _text_patterns(self) -> tuple[tuple[str, bool], ...]:
         return tuple(dict.fromkeys(p for block in self.blocks for p in block.text_patterns()))
+
+
+def check_blocks(model: Model, blocks, attached=()) -> list[tuple[Block, list[str]]]:
+    """Check ``blocks`` against ``model`` before any hook is installed; return their sites.
+
+    Each must be an Intervention or a Probe, not among ``attached`` nor given twice, and pass
+    its :meth:`~surgery.blocks.Block.bind`. Returns ``(block, canonical sites)`` per block, so a
+    bad block raises while the model is still untouched.
+    """
+    plans: list[tuple[Block, list[str]]] = []
+    for block in blocks:
+        if not isinstance(block, (Intervention, Probe)):
+            raise TypeError(f"blocks are Interventions or Probes, got {type(block).__name__}")
+        if any(block is b for b in attached) or any(block is b for b, _ in plans):
+            raise ValueError(f"{block!r} is already attached (or given twice)")
+        block.bind(model)  # first: a block may derive its sites from the model
+        plans.append((block, [model.resolve_site(s).canonical for s in block.sites()]))
+    return plans
+
+
+def add_routes(routes: dict[str, tuple[list, list]], plans) -> list[str]:
+    """File each block of ``plans`` (from :func:`check_blocks`) under its sites in ``routes``
+    (site -> (interventions, probes), in the order given); return the sites new to ``routes``."""
+    new = []
+    for block, sites in plans:
+        for site in dict.fromkeys(sites):
+            if site not in routes:
+                routes[site] = ([], [])
+                new.append(site)
+            interventions, probes = routes[site]
+            (interventions if isinstance(block, Intervention) else probes).append(block)
+    return new
+
+
+def apply_blocks(site: str, value: Tensor, step: Step, interventions, probes) -> Tensor:
+    """Pass one site's value through its blocks for one forward: the interventions edit it in
+    order, then the probes see the result (not on a re-run). ``step`` is aligned to the value's
+    positions first (:meth:`~surgery.step.Step.tail`)."""
+    step = step.tail(value.shape[1])
+    for block in interventions:
+        value = block.edit(site, value, step)
+    if not step.is_rerun:  # probes see a recomputed position's first pass only
+        for probe in probes:
+            probe.observe(site, value, step)
+    return value
 
 
 def trace(model, *blocks) -> Trace:

@@ -183,7 +183,7 @@ def test_the_module_docstring_example_runs_and_matches_our_trace():
 def test_token_choice_blocks_are_refused_with_the_way_to_run_them(setup):
     model, lm, _ = setup
     for block in (ThinkingTokenInsertion(words=(" Wait",), budget=4), RepresentationRecycling(layer=0)):
-        with pytest.raises(ValueError, match=rf"{type(block).__name__} changes the tokens.*surgery\.trace\(surgery\.wrap\(lm\)"):
+        with pytest.raises(ValueError, match=rf"{type(block).__name__} change\(s\) the tokens.*surgery\.trace\(surgery\.wrap\(lm\)"):
             NNsightBlocks(lm, ResidualAdd(vector(model), site="resid_pre.0"), block)
 
 

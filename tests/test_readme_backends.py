@@ -43,3 +43,8 @@ def test_the_backends_section_runs(tmp_path):
         names = runpy.run_path(str(script))
     steer, tokens = names["steer"], names["tokens"]
     assert sum(map(len, steer.fired())) > 0 and len(tokens) == len(names["prompts"])
+    # TLHooks inside bridge.generate: our engine's tokens (the bridge feeds EOS after a row's stop)
+    out, tl_tokens = names["out"], names["tl_tokens"]
+    width = tl_tokens.shape[1] - 16
+    assert [row[: len(mine)] for row, mine in zip(tl_tokens[:, width:].tolist(), out.token_ids)] == out.token_ids
+    assert names["tl_logits"].shape[:2] == (len(names["prompts"]), width)
