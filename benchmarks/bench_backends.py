@@ -6,17 +6,20 @@ Run: python benchmarks/bench_backends.py [--batch 8] [--new-tokens 64] [--reps 3
 SmolLM2-135M-Instruct on the first GSM8K test questions (chat template applied as text), greedy,
 every row generating exactly ``--new-tokens`` (no EOS stop, so every row does the same work).
 The steering is the same everywhere: add a fixed vector to the residual stream entering block
-15 where the fed token contains "\\n\\n". Rows, timed ``--reps`` times in interleaved order after
-one warm-up, medians:
+15 at the token that completes a "\\n\\n" (SmolLM2 writes it as two "\\n" tokens, so ours is
+``OnText("\\n\\n")`` and the idioms look at the previous fed token too). Rows, timed ``--reps``
+times in interleaved order after one warm-up, medians:
 
   hf_generate        HF ``generate``, nothing attached (reference speed)
-  ours_hf            ``surgery.trace(model, ResidualAdd(..., when=OnTokens("\\n\\n")))``
-  nnsight_idiom      ``lm.generate`` + ``tracer.iter``: per step read the fed ids, add where they
-                     are "\\n\\n" tokens (``lm.model.layers[15].input``)
+  ours_hf            ``surgery.trace(model, ResidualAdd(..., when=OnText("\\n\\n")))``
+  nnsight_idiom      ``lm.generate`` + ``tracer.iter``: per step read the fed ids, add where a
+                     newline token follows one (``lm.model.layers[15].input``)
   ours_nnsight       our engine on ``surgery.wrap(lm)`` (the same HF module)
+  nnsight_blocks     our ResidualAdd inside nnsight's own ``lm.generate`` (``NNsightBlocks``)
   tl_idiom           ``bridge.hooks(...)`` around ``bridge.generate``: a hook on ``embed.hook_in``
                      keeps the fed ids, one on ``blocks.15.hook_in`` adds the vector
   ours_bridge        our engine on ``surgery.wrap(bridge)``
+  tl_hooks           our ResidualAdd inside ``bridge.generate`` (``TLHooks``)
 
 The bridge rows run on a booted copy of the model (TransformerLens rebuilds it in place, with
 eager attention and hook points in every block); the others on an unbooted copy. Ratios compare
@@ -41,7 +44,9 @@ import surgery  # noqa: E402
 from _data import gsm8k_questions, model_options, time_rows  # noqa: E402
 from interventions import ResidualAdd  # noqa: E402
 from surgery.prompts import apply_chat_template  # noqa: E402
-from surgery.triggers import OnTokens  # noqa: E402
+from surgery.nnsight_blocks import NNsightBlocks  # noqa: E402
+from surgery.tl_hooks import TLHooks  # noqa: E402
+from surgery.triggers import OnText  # noqa: E402
 
 LAYER = 15
 
@@ -62,11 +67,27 @@ def main() -> None:
     texts = apply_chat_template(model, gsm8k_questions(args.batch))
     n = args.new_tokens
     vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype) * 4
-    separators = model.vocabulary_mask(("\n\n",))
+    starts_newline = torch.tensor([t.startswith("\n") for t in model.vocabulary_texts], device=model.device)
+    ends_newline = torch.tensor([t.endswith("\n") for t in model.vocabulary_texts], device=model.device)
+    fires = {}
+
+    def steering():
+        return ResidualAdd(vector, site=f"resid_pre.{LAYER}", when=OnText("\n\n"))
 
     def ours(target):
-        with surgery.trace(target, ResidualAdd(vector, site=f"resid_pre.{LAYER}", when=OnTokens("\n\n"))) as tr:
-            return tr.generate(texts, n, eos_token_ids=[], progress=False).token_ids
+        with surgery.trace(target, add := steering()) as tr:
+            tokens = tr.generate(texts, n, eos_token_ids=[], progress=False).token_ids
+        fires["ours"] = sum(map(len, add.fired()))
+        return tokens
+
+    def separator_after(ids, previous):
+        """Where a newline token follows a token ending in a newline (the fed ids [B, T], and
+        the previous step's last fed id per row or None in the prefill)."""
+        before = ids.new_zeros(ids.shape)  # id 0 ends no line
+        before[:, 1:] = ids[:, :-1]
+        if previous is not None:
+            before[:, 0] = previous
+        return starts_newline[ids] & ends_newline[before]
 
     def hf_generate():
         ids, mask = surgery.encode_prompts(model, texts)
@@ -76,50 +97,83 @@ def main() -> None:
 
     def nnsight_idiom():
         with torch.no_grad(), lm.generate(texts, max_new_tokens=n, min_new_tokens=n, do_sample=False) as tracer:
+            previous = None
             for _ in tracer.iter[:n]:
                 ids = lm.model.embed_tokens.input
                 hidden = lm.model.layers[LAYER].input
-                hidden[separators[ids]] += vector
+                hidden[separator_after(ids, previous)] += vector
+                previous = ids[:, -1]
             out = tracer.result.save()
+        return out
+
+    def nnsight_blocks():
+        blocks = NNsightBlocks(lm, add := steering(), eos_token_ids=[])
+        with torch.no_grad(), lm.generate(max_new_tokens=n, min_new_tokens=n, do_sample=False) as tracer:
+            with tracer.invoke(texts):
+                for _ in tracer.iter[:n]:
+                    blocks.step()
+            with tracer.invoke():
+                out = tracer.result.save()
+        fires["nnsight_blocks"] = sum(map(len, add.fired()))
         return out
 
     def tl_idiom():
         fed = {}
 
         def keep_ids(ids, hook):
-            fed["ids"] = ids
+            fed["here"] = separator_after(ids, fed.get("last"))
+            fed["last"] = ids[:, -1]
             return ids
 
         def steer(resid, hook):
-            return resid + separators[fed["ids"]][..., None] * vector
+            return resid + fed["here"][..., None] * vector
 
         hooks = [("embed.hook_in", keep_ids), (f"blocks.{LAYER}.hook_in", steer)]
         with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
             return bridge.generate(texts, max_new_tokens=n, do_sample=False, stop_at_eos=False, prepend_bos=False,
                                    return_type="tokens", verbose=False)
 
+    def tl_hooks():
+        with torch.no_grad(), TLHooks(bridge, add := steering(), eos_token_ids=[], tokenizer=booted.tokenizer) as hooks:
+            with bridge.hooks(fwd_hooks=hooks.fwd_hooks()):
+                tokens = bridge.generate(texts, max_new_tokens=n, do_sample=False, stop_at_eos=False, prepend_bos=False,
+                                         return_type="tokens", verbose=False)
+        fires["tl_hooks"] = sum(map(len, add.fired()))
+        return tokens
+
     rows = {
         "hf_generate": hf_generate,
         "ours_hf": functools.partial(ours, model),
         "nnsight_idiom": nnsight_idiom,
         "ours_nnsight": functools.partial(ours, wrapped_lm),
+        "nnsight_blocks": nnsight_blocks,
         "tl_idiom": tl_idiom,
         "ours_bridge": functools.partial(ours, bridged),
+        "tl_hooks": tl_hooks,
     }
     for fn in rows.values():  # warm-up
         fn()
+    expected = ours(model)
     same = {
-        "nnsight": nnsight_idiom()[:, -n:].tolist() == ours(wrapped_lm),
-        "bridge": tl_idiom()[:, -n:].tolist() == ours(bridged),
+        "nnsight idiom": nnsight_idiom()[:, -n:].tolist() == expected,
+        "ours on nnsight": ours(wrapped_lm) == expected,
+        "NNsightBlocks": nnsight_blocks()[:, -n:].tolist() == expected,
+        "TransformerLens idiom": tl_idiom()[:, -n:].tolist() == expected,
+        "ours on the bridge": ours(bridged) == expected,
+        "TLHooks": tl_hooks()[:, -n:].tolist() == expected,
     }
+    fired = fires["ours"]
+    assert fired and fires["nnsight_blocks"] == fires["tl_hooks"] == fired, fires
     times = time_rows(rows, args.reps)
 
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     tokens = args.batch * n
     print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; batch {args.batch}, {n} new tokens, median of {args.reps}")
-    print(f"same tokens as the idiom: nnsight {same['nnsight']}, TransformerLens {same['bridge']}")
+    print(f"steering fired {fired} times a run; same tokens as our engine on HF: "
+          + ", ".join(f"{name} {ok}" for name, ok in same.items()))
     print(f"{'row':<16}{'median s':>10}{'tok/s':>9}{'vs idiom':>10}")
-    idiom_of = {"ours_hf": "hf_generate", "ours_nnsight": "nnsight_idiom", "ours_bridge": "tl_idiom"}
+    idiom_of = {"ours_hf": "hf_generate", "ours_nnsight": "nnsight_idiom", "nnsight_blocks": "nnsight_idiom",
+                "ours_bridge": "tl_idiom", "tl_hooks": "tl_idiom"}
     for name in rows:
         median = statistics.median(times[name])
         ratio = f"{statistics.median(times[idiom_of[name]]) / median:>9.2f}x" if name in idiom_of else ""
