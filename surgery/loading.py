@@ -119,7 +119,11 @@ def _cached_gguf(path: Path):
         module.hf_quantizer = None
         module.config.quantization_config = None
         _fill_cache(module, tokenizer, target, source=path)
-        return module, tokenizer
+        if not (target / "complete").exists():  # the cache could not be written (warned): serve these
+            return module, tokenizer
+        # a first load returns what every later load returns: the model and tokenizer read from the
+        # cache (name_or_path and saved config included; TransformerLens, for one, reads them)
+        del module
     tokenizer = AutoTokenizer.from_pretrained(target)
     module = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     return module, tokenizer

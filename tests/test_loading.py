@@ -149,6 +149,9 @@ def test_embedded_model_loads_from_the_wheel_and_then_from_the_cache(monkeypatch
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert first.tokenizer("a\n\nWait")["input_ids"] == second.tokenizer("a\n\nWait")["input_ids"]
     assert first.tokenizer.chat_template == second.tokenizer.chat_template
+    # the first load is read back from the cache too, so it is the same in every respect
+    assert first.tokenizer.name_or_path == second.tokenizer.name_or_path == str(cached[0])
+    assert first.module.config.to_dict() == second.module.config.to_dict()
 
 
 def test_an_unwritable_cache_warns_and_still_loads(monkeypatch, tmp_path, tiny_llama):
