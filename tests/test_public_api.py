@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+import experiments
 import interventions
 import probes
 import surgery
 
-PACKAGES = [surgery, interventions, probes]
+PACKAGES = [surgery, interventions, probes, experiments]
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 MOST_LINES = 380  # "no module above about 350 lines"
@@ -58,7 +59,7 @@ def test_every_block_module_has_its_test_file(package):
 def test_modules_stay_small():
     sizes = {
         str(path.relative_to(ROOT)): len(path.read_text().splitlines())
-        for package in ("surgery", "interventions", "probes", "benchmarks")
+        for package in ("surgery", "interventions", "probes", "experiments", "benchmarks")
         for path in (ROOT / package).rglob("*.py")
     }
     large = {path: n for path, n in sizes.items() if n > MOST_LINES}
@@ -66,12 +67,13 @@ def test_modules_stay_small():
 
 
 def test_layers_point_one_way():
-    """surgery imports neither interventions nor probes, and those two not each other (checked in
-    fresh interpreters, so the modules already imported here keep their identity)."""
+    """surgery imports neither interventions nor probes, those two not each other, and nothing
+    below experiments imports it (checked in fresh interpreters, so the modules already imported
+    here keep their identity)."""
     checks = {
-        "surgery": ("interventions", "probes"),
-        "interventions": ("probes",),
-        "probes": ("interventions",),
+        "surgery": ("interventions", "probes", "experiments"),
+        "interventions": ("probes", "experiments"),
+        "probes": ("interventions", "experiments"),
     }
     for package, forbidden in checks.items():
         code = f"import sys, {package}; print(sorted(n for n in sys.modules if n.startswith({forbidden!r})))"
