@@ -57,10 +57,10 @@ _HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _SAMPLE_HINT = "the package ships a GSM8K sample: experiments.load_problems(experiments.SAMPLE_GSM8K)"
 
-Record = tuple[int, dict, str]  # (index in the source, the record, where it is, for errors)
+_Record = tuple[int, dict, str]  # (index in the source, the record, where it is, for errors)
 
 
-def _jsonl_records(path: Path) -> Iterator[Record]:
+def _jsonl_records(path: Path) -> Iterator[_Record]:
     with path.open(encoding="utf-8") as file:
         for index, line in enumerate(file):
             if not line.strip():
@@ -89,13 +89,13 @@ def _import_datasets():
     return datasets
 
 
-def _datasets_records(path: Path) -> Iterator[Record]:
+def _datasets_records(path: Path) -> Iterator[_Record]:
     table = _import_datasets().load_dataset(_DATASETS_BUILDERS[path.suffix], data_files=str(path), split="train")
     for index, record in enumerate(table):
         yield index, dict(record), f"{path} row {index + 1}"
 
 
-def _hub_records(name: str, subset: str | None, split: str) -> Iterator[Record]:
+def _hub_records(name: str, subset: str | None, split: str) -> Iterator[_Record]:
     from surgery.loading import hub_unreachable
 
     reason = hub_unreachable()
@@ -159,7 +159,7 @@ def _problem(record: dict, index: int, where: str, format: str, fields: tuple[st
     return Problem(id=f"{name}-{index}", question=question, answer=answer, solution=solution, meta=meta)
 
 
-def _records(source: str | os.PathLike, subset: str | None, split: str) -> tuple[Iterator[Record], str]:
+def _records(source: str | os.PathLike, subset: str | None, split: str) -> tuple[Iterator[_Record], str]:
     """The records of ``source`` and the default id prefix."""
     path = Path(source)
     if path.is_file():
