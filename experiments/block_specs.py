@@ -139,6 +139,8 @@ def parse_block(path: str, table, base: str | Path, shape: ModelShape | None, *,
             except ValueError as error:
                 raise StudyConfigError(field_path(path, key), str(error)) from None
     answers_from = table.get("answers_from")
+    if answers_from is not None and "answers" in given:
+        raise StudyConfigError(field_path(path, "answers"), 'give answers or answers_from = "dataset", not both')
     if answers_from is not None and (answers_from != "dataset" or "answers" not in fields):
         fix = 'write answers_from = "dataset"' if "answers" in fields else f"{name} has no answers field: remove it"
         raise StudyConfigError(field_path(path, "answers_from"), f"cannot take answers from {answers_from!r}: {fix}")

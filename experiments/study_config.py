@@ -47,11 +47,14 @@ The format (every key shown; the comments give the defaults and the choices)::
       { type = "steering_vector", from = "runs/vec.safetensors", alpha = 1.0 },
     ]
 
-    [conditions.mask]
+    [conditions.mask]                       # a block is a one-line table: type, then its config's fields
     blocks = [
-      { type = "token_mask", words = ["Wait", "Alternatively"], penalty = -3.0,
-        when = { kind = "step_window", start = 0, stop = 200 } },
+      { type = "token_mask", words = ["Wait", "Alternatively"], penalty = -3.0 },
+      { type = "representation_recycling", layer = 20, probability = 0.5 },
     ]
+
+    [conditions.late_mask]                  # triggers are tables too (surgery.triggers' to_dict form)
+    blocks = [{ type = "token_mask", words = ["Wait"], when = { kind = "step_window", start = 100 } }]
 
     [probes]                                # optional: attached in every condition
     mi = { type = "mi_estimator", answers_from = "dataset" }
@@ -80,6 +83,7 @@ import os
 import re
 import tomllib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +93,7 @@ from experiments.config_checks import StudyConfigError, check_keys, check_value,
 from experiments.model_shape import EMBEDDED, ModelShape, model_shape
 from experiments.problems import Problem
 from experiments.study_sections import DatasetSpec, GenerationSpec, ModelSpec, PromptSpec, parse_section
+from surgery.blocks import Block
 from surgery.loading import EMBEDDED_MODEL
 
 __all__ = ["StudyConfig", "load_study_config"]
@@ -136,7 +141,7 @@ class StudyConfig:
         """SHA-256 of :meth:`to_dict` as sorted JSON."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-    def build_blocks(self, condition: str, model: surgery.Model) -> list:
+    def build_blocks(self, condition: str, model: surgery.Model) -> list[Block]:
         """The interventions of ``condition``, built for the loaded ``model``, in order."""
         if condition not in self.conditions:
             close = difflib.get_close_matches(condition, list(self.conditions), n=1)
@@ -145,7 +150,7 @@ class StudyConfig:
                            f"Conditions: {', '.join(self.conditions)}")
         return [spec.build(model) for spec in self.conditions[condition]]
 
-    def build_probes(self, model: surgery.Model, problems: list[Problem] | None = None) -> dict:
+    def build_probes(self, model: surgery.Model, problems: Sequence[Problem] | None = None) -> dict[str, Block]:
         """The probes, fresh, built for ``model``: name -> probe.
 
         Args:
@@ -204,6 +209,8 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
 def _shape(model: ModelSpec) -> ModelShape | None:
     try:
         shape = model_shape(model.name)
+    except ImportError as error:  # the embedded model's wheel is missing: the error says how to install it
+        raise StudyConfigError("model.name", str(error)) from None
     except (OSError, ValueError) as error:
         raise StudyConfigError("model.name", f"{error}. Give a folder holding a model's config.json") from None
     if shape is None:

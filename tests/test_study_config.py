@@ -2,6 +2,7 @@
 
 import json
 import re
+import textwrap
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import surgery
 import surgery.loading
 from experiments import Problem
 from experiments.config_checks import StudyConfigError
+import experiments.study_config
 from experiments.study_config import load_study_config
 from experiments.study_sections import DatasetSpec, GenerationSpec, ModelSpec, PromptSpec
 from interventions import RepresentationRecycling, SteeringVector, TokenMask
@@ -219,6 +221,8 @@ BAD = {
                             "no file at"),
     "probe in a condition": (('type = "steering_vector", from = "vec.safetensors", alpha = 2.0', 'type = "mi_estimator"'),
                              "conditions.seal.blocks[0].type", "mi_estimator is a probe: list it under [probes]"),
+    "answers twice": (('answers_from = "dataset"', 'answers_from = "dataset", answers = ["8"]'), "probes.mi.answers",
+                      'give answers or answers_from = "dataset", not both'),
     "answers from elsewhere": (('answers_from = "dataset"', 'answers_from = "file"'), "probes.mi.answers_from",
                                'write answers_from = "dataset"'),
     "missing dataset file": (('path = "data/test.jsonl"', 'path = "data/train.jsonl"'), "dataset.path",
@@ -262,3 +266,16 @@ def test_the_model_spec_loads_through_surgery_load_which_the_checks_above_refuse
     with pytest.raises(AssertionError, match="a model was loaded"):
         ModelSpec().load()
     assert model_loads == [(None,)]
+
+
+def test_the_format_in_the_module_docstring_is_a_valid_study(tmp_path, model_loads):
+    doc = experiments.study_config.__doc__
+    text = textwrap.dedent(doc[doc.index("::\n\n") + 3 : doc.index("\nExample:")])
+    folder = tmp_path / "study"
+    (tmp_path / "shared" / "data" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "gsm8k" / "test.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    SteeringVector(torch.zeros(576), layer=15).save(folder / "runs" / "vec.safetensors")
+    study = load_study_config(write(folder, text))
+    assert list(study.conditions) == ["plain", "seal", "mask", "late_mask"] and list(study.probes) == ["mi", "thoughts", "graph"]
+    assert study.model == ModelSpec() and study.dataset.format == "gsm8k"
+    assert model_loads == []
