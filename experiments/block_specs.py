@@ -121,7 +121,7 @@ def parse_block(path: str, table, base: str | Path, shape: ModelShape | None, *,
     if name not in registry:
         close = difflib.get_close_matches(str(name), list(registry), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        what = "missing" if name is None else f"no block is registered as {name!r}."
+        what = "missing." if name is None else f"no block is registered as {name!r}."
         raise StudyConfigError(field_path(path, "type"), f"{what}{hint} Registered blocks: {', '.join(registry)}")
     cls = registry[name]
     if not issubclass(cls, wanted):
