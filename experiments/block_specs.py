@@ -92,6 +92,8 @@ class BlockSpec:
             config["answers"] = list(answers)
         tensors = {}
         if self.source is not None:
+            if hashlib.sha256(Path(self.source).read_bytes()).hexdigest() != self.source_sha256:
+                raise ValueError(f"{self.field}: {self.source} changed since the study was read: read the study again")
             shape = ModelShape(model.n_layers, model.d_model, model.architecture.name)
             tensors = _saved_block(self.field, self.source, self.type, shape, model.name).tensors()
             tensors = {name: t.to(device=model.device, dtype=model.dtype if t.is_floating_point() else t.dtype)
@@ -99,7 +101,9 @@ class BlockSpec:
         return Block.from_dict({"block": self.type, "config": config}, tensors)
 
 
-def parse_block(path: str, table, base: str | Path, shape: ModelShape | None, *, kind: str, model_name: str = "the model") -> BlockSpec:
+def parse_block(
+    path: str, table, base: str | Path, shape: ModelShape | None, *, kind: str, model_name: str = "the model"
+) -> BlockSpec:
     """Check one block table (see the module docstring) and return its spec.
 
     Args:
@@ -127,7 +131,8 @@ def parse_block(path: str, table, base: str | Path, shape: ModelShape | None, *,
     if not issubclass(cls, wanted):
         other = "probe" if kind == "intervention" else "intervention"
         place = _KINDS[other][1]
-        raise StudyConfigError(field_path(path, "type"), f"{name} is {'a' if other == 'probe' else 'an'} {other}: list it under {place}")
+        article = "a" if other == "probe" else "an"
+        raise StudyConfigError(field_path(path, "type"), f"{name} is {article} {other}: list it under {place}")
     hints = typing.get_type_hints(cls.config_class)
     fields = [f.name for f in dataclasses.fields(cls.config_class)]
     check_keys(path, table, [*fields, *RESERVED_KEYS])
@@ -183,7 +188,8 @@ def _saved_block(path: str, source: str, name: str, shape: ModelShape | None, mo
     block = matching[0]
     facts = document.get("model") or getattr(block.config, "metadata", None) or {}
     if shape is not None and block.tensors():
-        if any(key in facts and facts[key] != mine for key, mine in (("architecture", shape.architecture), ("d_model", shape.d_model))):
+        ours = {"architecture": shape.architecture, "d_model": shape.d_model}
+        if any(key in facts and facts[key] != value for key, value in ours.items()):
             made_for = facts.get("name") or facts.get("model") or "another model"
             raise StudyConfigError(
                 path, f"{source} holds a {name} made for {made_for} ({facts.get('architecture', '?')}, "

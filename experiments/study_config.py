@@ -178,7 +178,8 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
-        hint = " Each table and key may appear once: rename or merge the repeated one." if "twice" in str(error) or "overwrite" in str(error) else ""
+        repeated = "twice" in str(error) or "overwrite" in str(error)
+        hint = " Each table and key may appear once: rename or merge the repeated one." if repeated else ""
         raise StudyConfigError("", f"{path} is not valid TOML: {error}.{hint} (Strings need quotes; an inline "
                                    "table { ... } must fit on one line.)") from None
     base = path.parent
@@ -227,7 +228,9 @@ def _named_tables(parent: str, tables) -> dict:
         raise StudyConfigError(parent, f"expected [{parent}.NAME] tables, got {tables!r}")
     for name in tables:
         if not _NAME.fullmatch(name):
-            raise StudyConfigError(field_path(parent, name), "names are letters, digits, '_', '-' or '.' (they name files): rename it")
+            raise StudyConfigError(
+                field_path(parent, name), "names are letters, digits, '_', '-' or '.' (they name files): rename it"
+            )
     return tables
 
 
@@ -242,10 +245,12 @@ def _conditions(tables, base: Path, shape: ModelShape | None, label: str) -> dic
         check_keys(where, table, ["blocks"])
         blocks = table.get("blocks")
         if not isinstance(blocks, list):
-            raise StudyConfigError(field_path(where, "blocks"), "missing or not a list: write blocks = [] for no intervention, "
-                                                                 'or blocks = [{ type = "token_mask", words = ["Wait"] }]')
+            raise StudyConfigError(
+                field_path(where, "blocks"),
+                'missing or not a list: write blocks = [] for no intervention, or blocks = [{ type = "token_mask", ... }]',
+            )
+        paths = [field_path(field_path(where, "blocks"), i) for i in range(len(blocks))]
         conditions[name] = tuple(
-            parse_block(field_path(field_path(where, "blocks"), i), block, base, shape, kind="intervention", model_name=label)
-            for i, block in enumerate(blocks)
+            parse_block(path, block, base, shape, kind="intervention", model_name=label) for path, block in zip(paths, blocks)
         )
     return conditions

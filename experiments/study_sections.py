@@ -141,7 +141,8 @@ def _dataset(spec: DatasetSpec, base: Path) -> DatasetSpec:
         raise StudyConfigError("dataset", f'give either path = "file" or sample = one of {", ".join(DATASET_SAMPLES)}')
     if spec.sample is not None:
         if spec.sample not in DATASET_SAMPLES:
-            raise StudyConfigError("dataset.sample", f"{spec.sample!r} is not a shipped sample: use one of {', '.join(DATASET_SAMPLES)}")
+            samples = ", ".join(DATASET_SAMPLES)
+            raise StudyConfigError("dataset.sample", f"{spec.sample!r} is not a shipped sample: use one of {samples}")
         spec = dataclasses.replace(spec, format=spec.format or spec.sample)
     else:
         file = (base / Path(spec.path).expanduser()).resolve()
@@ -152,7 +153,8 @@ def _dataset(spec: DatasetSpec, base: Path) -> DatasetSpec:
             )
         inferred = _FORMAT_OF_SUFFIX.get(file.suffix)
         if spec.format is None and inferred is None:
-            raise StudyConfigError("dataset.format", f"cannot tell the format of {file.name}: write format = one of {', '.join(DATASET_FORMATS)}")
+            formats = ", ".join(DATASET_FORMATS)
+            raise StudyConfigError("dataset.format", f"cannot tell the format of {file.name}: write format = one of {formats}")
         spec = dataclasses.replace(spec, path=str(file), format=spec.format or inferred)
     if spec.format not in DATASET_FORMATS:
         raise StudyConfigError("dataset.format", f"{spec.format!r} is not one of {', '.join(DATASET_FORMATS)}")

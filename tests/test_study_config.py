@@ -177,6 +177,9 @@ def test_build_blocks_gives_the_blocks_built_by_hand_and_they_run(study_folder, 
         study.build_blocks("seel", tiny_llama)
     with pytest.raises(ValueError, match=r"probes\.mi takes its answers from the dataset"):
         study.build_probes(tiny_llama)
+    save_blocks(study_folder / "vec.safetensors", [SteeringVector(torch.ones(64), layer=2)], tiny_llama)
+    with pytest.raises(ValueError, match=r"conditions\.seal\.blocks\[0\]: .*vec\.safetensors changed since the study was read"):
+        study.build_blocks("seal", tiny_llama)
 
 
 def test_a_vector_saved_for_a_64_wide_model_is_refused_for_another_width(study_folder, tokenizer, model_loads):
