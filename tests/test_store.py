@@ -2,7 +2,8 @@
 
 The kill and concurrency tests run a worker script in subprocesses. It loads ``experiments/store.py``
 alone (not the ``experiments`` package, which imports torch) so that it starts in a tenth of a
-second; the folder is created here first, so the worker never needs ``surgery``.
+second; the folder is created here first (``start_worker``), so the worker never needs ``surgery``
+(which writes a new folder's config.json).
 """
 
 import fcntl
@@ -51,6 +52,8 @@ for problem, condition in keys:
 
 
 def start_worker(folder, mode, keys, config=CONFIG):
+    if not Path(folder, "config.json").exists():
+        ResultStore(folder, config)  # created here: the worker never imports surgery
     environment = dict(os.environ, PYTHONPATH=str(ROOT))
     arguments = [str(ROOT), str(folder), mode, json.dumps(keys), json.dumps(config)]
     return subprocess.Popen([sys.executable, "-c", WORKER, *arguments], env=environment)
@@ -213,7 +216,6 @@ def test_a_killed_run_resumes_to_what_an_uninterrupted_run_stores(tmp_path):
     expected = list(ResultStore(tmp_path / "uninterrupted", CONFIG).records())
     assert [(r["problem"], r["condition"]) for r in expected] == KEYS
 
-    ResultStore(tmp_path / "killed", CONFIG)
     worker = start_worker(tmp_path / "killed", "slow", KEYS)
     wait_until(lambda: len(lines(tmp_path / "killed")) > 5)
     os.kill(worker.pid, signal.SIGKILL)
@@ -228,7 +230,6 @@ def test_a_run_killed_in_the_middle_of_a_line_resumes(tmp_path):
     expected = list(ResultStore(tmp_path / "uninterrupted", CONFIG).records())
 
     folder = tmp_path / "killed"
-    ResultStore(folder, CONFIG)
     worker = start_worker(folder, "cut", KEYS)
     wait_until(lambda: (folder / "half-written").exists())
     os.kill(worker.pid, signal.SIGKILL)
