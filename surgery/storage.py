@@ -7,8 +7,9 @@ layout changes) and ``json`` (the rest of the document). Reading never unpickles
 opening a file someone sent you runs none of their code; a pickle, a ``torch.save`` archive, a
 truncated file or a file from a newer version is refused with an error that says which.
 
-Files are written to a temporary name beside the target and renamed into place, so an
-interrupted save leaves the previous file (or none), never half of one.
+Files are written to a temporary name beside the target, flushed to disk and renamed into place
+(:func:`atomic_path`), so an interrupted save leaves the previous file (or none), never half of
+one. Other file formats of the toolkit (a study's ``config.json``) are written the same way.
 
 Example:
     >>> import tempfile, torch
@@ -24,11 +25,51 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["read", "write"]
+__all__ = ["atomic_path", "read", "write"]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write the new file at: when the block ends cleanly the
+    file is flushed to disk (``os.fsync``) and renamed over ``path`` (``os.replace``, atomic), then
+    the folder is flushed too; when it raises (or is interrupted) the temporary file is removed and
+    ``path`` is left as it was. Parent folders are created.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "note.txt"
+        >>> with atomic_path(target) as staging:
+        ...     _ = staging.write_text("hello")
+        >>> target.read_text(), [p.name for p in target.parent.iterdir()]
+        ('hello', ['note.txt'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(staging)
+        _fsync(staging, os.O_RDONLY)
+        os.replace(staging, path)
+        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # the rename itself
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    """Flush a file's (or a folder's) data to disk."""
+    handle = os.open(path, flags)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write(path: str | os.PathLike, kind: str, version: int, document: dict, tensors: dict[str, Tensor]) -> Path:
@@ -40,17 +81,10 @@ def write(path: str | os.PathLike, kind: str, version: int, document: dict, tens
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": kind, "version": str(int(version)), "json": json.dumps(document)}
     plain = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(plain, staging, metadata=header)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    with atomic_path(path) as staging:
+        save_file(plain, str(staging), metadata=header)
     return path
 
 
