@@ -5,7 +5,8 @@ The core, one idea per module:
 - models: ``loading`` (:func:`load`), ``model`` (:class:`Model`, :func:`wrap`), ``sites``
   (:class:`Site` and the per-architecture tables);
 - running: ``prompts`` (:func:`encode_prompts`, the chat template, the context check),
-  ``engine`` (:func:`generate`, :func:`run`), ``stopping`` (when rows stop, and why), ``step``
+  ``engine`` (:func:`generate`, :func:`run`), ``sampling`` (one random stream per row, so a
+  sampled row does not depend on its batch), ``stopping`` (when rows stop, and why), ``step``
   (:class:`Step`, what blocks see per forward pass), ``capture`` (reading a site at chosen
   positions);
 - blocks: ``blocks`` (:class:`Intervention`, :class:`Probe`, :class:`TokenChoice`, the

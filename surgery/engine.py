@@ -7,12 +7,14 @@ re-running layers for one position. With nothing attached, its greedy tokens equ
 from the attention mask, no mask at all when nothing is padded, a ``DynamicCache``, the last
 position's logits only, pad tokens for finished rows).
 
-:func:`generate` reads prefill, loop, output. Per generated token the loop picks (argmax or a
-sample), asks :class:`~surgery.stopping.StopTracker` which rows their token stops, offers the
-choice to the token-editing blocks (a :class:`~surgery.blocks.TokenChoice`), records the stops
-and feeds the tokens back (``_Forward``, which owns the KV cache and the re-runs). It waits on
-the device only every ``check_every`` steps, to ask whether every row is done, and every step
-when stop strings need the text. Prompts are encoded by :mod:`surgery.prompts`.
+:func:`generate` reads prefill, loop, output. Per generated token the loop picks (the argmax, or
+a sample with one random stream per row: :mod:`surgery.sampling`), asks
+:class:`~surgery.stopping.StopTracker` which rows their token stops, offers the choice to the
+token-editing blocks (a :class:`~surgery.blocks.TokenChoice`), records the stops and feeds the
+tokens back (``_Forward``, which owns the KV cache and the re-runs). It waits on the device only
+every ``check_every`` steps, to ask whether every row is done, and every step when stop strings
+need the text (and, when sampling, at each draw: ``torch.multinomial`` checks its input).
+Prompts are encoded by :mod:`surgery.prompts`.
 
 Example:
     >>> import surgery
@@ -38,12 +40,12 @@ from transformers import DynamicCache
 from surgery.blocks import TokenChoice
 from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
+from surgery.sampling import RowKey, RowSampler, row_keys_for
 from surgery.step import Step
 from surgery.stopping import StopTracker
 from surgery.text_match import text_matchers
 
 __all__ = ["GenerationOutput", "generate", "run"]
-
 
 
 @dataclass
@@ -76,18 +78,6 @@ def _forward_options(module) -> dict:
     if "logits_to_keep" in inspect.signature(module.forward).parameters:
         options["logits_to_keep"] = 1
     return options
-
-
-def _sample(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
-    logits = logits / temperature
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
 class _Forward:
@@ -197,6 +187,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    row_keys: Sequence[RowKey] | None = None,
     stop_strings: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
     chat: bool = False,
@@ -215,7 +206,14 @@ def generate(
         do_sample: sample instead of taking the argmax (greedy, the default).
         temperature: softmax temperature when sampling.
         top_p: nucleus sampling mass (1.0 keeps every token).
-        seed: seeds the sampler's own generator (same batch + seed = same tokens).
+        seed: when sampling, each row draws from its own random stream, seeded from (seed,
+            its row key), so a row samples the same tokens alone or anywhere in any batch
+            (:mod:`surgery.sampling`). None draws the seed from torch's global CPU generator
+            (``torch.manual_seed`` makes the run repeatable).
+        row_keys: one string or int per row, unique, naming the row's random stream; default:
+            the row's prompt tokens plus which copy of that prompt it is in the batch (so
+            copies differ, and a prompt's first copy samples the same wherever it runs).
+            Ignored when greedy.
         stop_strings: a row stops once its generated text contains one of these.
         eos_token_ids: ids that stop a row; default: the model's EOS ids.
         chat: apply the chat template (see :func:`surgery.prompts.encode_prompts`).
@@ -234,15 +232,14 @@ def generate(
     _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings)
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     check_context(model, attention_mask, max_new_tokens)
+    keys = row_keys_for(input_ids, attention_mask, row_keys)  # on the CPU, before the move
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch = input_ids.shape[0]
     eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else list(eos_token_ids), dtype=torch.long, device=device)
     pad = torch.tensor(model.pad_token_id, device=device)
     think_ids, matchers = model.think_token_ids, text_matchers(model, text_patterns)
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    sampler = RowSampler(seed, keys, temperature, top_p) if do_sample else None
     if progress is None:
         progress = sys.stderr.isatty() and max_new_tokens * batch >= 512
     # How often the loop asks the device whether every row is done: each ask is a host sync.
@@ -263,7 +260,7 @@ def generate(
                 torch.cuda.synchronize(device)  # once, so the prefill time is real
             prefill_s = time.perf_counter() - start
             for k in range(max_new_tokens):
-                chosen = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(dim=-1)
+                chosen = sampler.sample(logits) if sampler is not None else logits.argmax(dim=-1)
                 chosen = torch.where(finished, pad, chosen)
                 own, forced = stops.own(chosen, finished), torch.zeros_like(finished)
                 if on_choose is not None:
