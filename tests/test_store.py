@@ -168,6 +168,15 @@ def test_a_cut_last_line_is_cut_off_on_open_and_before_an_append(tmp_path):
     assert [(r["problem"], r["condition"]) for r in ResultStore(tmp_path, CONFIG).records()] == KEYS[:3]
 
 
+def test_a_results_file_cut_short_behind_an_open_store_is_an_error(tmp_path):
+    store = ResultStore(tmp_path, CONFIG)
+    for key in KEYS[:2]:
+        store.append(*key, payload(key))
+    (tmp_path / "results.jsonl").write_bytes(lines(tmp_path)[0] + b"\n")
+    with pytest.raises(ValueError, match="shrank"):
+        store.append(*KEYS[2], payload(KEYS[2]))
+
+
 def test_a_corrupted_line_in_the_middle_is_an_error_with_its_number(tmp_path):
     store = ResultStore(tmp_path, CONFIG)
     for key in KEYS[:3]:
