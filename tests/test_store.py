@@ -90,7 +90,8 @@ def test_round_trip(tmp_path):
     assert {r["config_hash"] for r in records} == {config_hash(CONFIG)}
     assert store.done() == set(KEYS[:3])
     document = json.loads((tmp_path / "study" / "config.json").read_text())
-    assert document == {"format": "experiments.store", "version": 1, "config": CONFIG, "config_hash": config_hash(CONFIG)}
+    expected = {"format": "experiments.store", "version": 1, "config": CONFIG, "config_hash": config_hash(CONFIG)}
+    assert document == expected
     assert config_hash(CONFIG) == hashlib.sha256(canonical_json(CONFIG).encode()).hexdigest()
     assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["config.json", "results.jsonl", "store.lock"]
 
