@@ -236,7 +236,7 @@ class ResultStore:
             os.close(handle)
 
     def _catch_up(self) -> None:
-        """Read the lines appended since the last read (the lock held); cut a cut last line off.
+        """Read the lines appended since the last read (the lock held), cutting off a last line without its newline.
 
         Every writer holds the lock while it writes, so a last line without its newline seen under
         the lock belongs to a process that died mid-write: it is truncated, and its record is not done.
@@ -249,22 +249,21 @@ class ResultStore:
                     "open: something other than a ResultStore edited it"
                 )
             file.seek(self._offset)
-            new = file.read()
-            end = new.rfind(b"\n") + 1
-            if end < len(new):
-                file.truncate(self._offset + end)
-                os.fsync(file.fileno())
-        for line in new[:end].split(b"\n")[:-1]:
-            self._lines += 1
-            record = self._parse(line, self._lines)
-            key = (record["problem"], record["condition"])
-            if key in self._done:
-                raise ValueError(
-                    f"{self.results_path} line {self._lines} stores {key!r} a second time: the file is "
-                    "corrupted (a record is appended once). Remove one of the two lines."
-                )
-            self._done.add(key)
-        self._offset += end
+            for line in file:  # line by line: a large file is never in memory at once
+                if not line.endswith(b"\n"):
+                    file.truncate(self._offset)
+                    os.fsync(file.fileno())
+                    return
+                self._lines += 1
+                record = self._parse(line, self._lines)
+                key = (record["problem"], record["condition"])
+                if key in self._done:
+                    raise ValueError(
+                        f"{self.results_path} line {self._lines} stores {key!r} a second time: the file is "
+                        "corrupted (a record is appended once). Remove one of the two lines."
+                    )
+                self._done.add(key)
+                self._offset += len(line)
 
     def _parse(self, line: bytes, number: int) -> dict:
         """One complete line as a record of this store's config, or an error naming the line."""

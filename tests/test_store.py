@@ -90,7 +90,8 @@ def test_round_trip(tmp_path):
     assert {r["config_hash"] for r in records} == {config_hash(CONFIG)}
     assert store.done() == set(KEYS[:3])
     document = json.loads((tmp_path / "study" / "config.json").read_text())
-    assert document == {"format": "experiments.store", "version": 1, "config": CONFIG, "config_hash": config_hash(CONFIG)}
+    expected = {"format": "experiments.store", "version": 1, "config": CONFIG, "config_hash": config_hash(CONFIG)}
+    assert document == expected
     assert config_hash(CONFIG) == hashlib.sha256(canonical_json(CONFIG).encode()).hexdigest()
     assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["config.json", "results.jsonl", "store.lock"]
 
@@ -166,6 +167,15 @@ def test_a_cut_last_line_is_cut_off_on_open_and_before_an_append(tmp_path):
         file.write(b'{"condition":"baseline","config_hash":"')  # another worker died mid-line while this store is open
     store.append(*KEYS[2], payload(KEYS[2]))
     assert [(r["problem"], r["condition"]) for r in ResultStore(tmp_path, CONFIG).records()] == KEYS[:3]
+
+
+def test_a_results_file_cut_short_behind_an_open_store_is_an_error(tmp_path):
+    store = ResultStore(tmp_path, CONFIG)
+    for key in KEYS[:2]:
+        store.append(*key, payload(key))
+    (tmp_path / "results.jsonl").write_bytes(lines(tmp_path)[0] + b"\n")
+    with pytest.raises(ValueError, match="shrank"):
+        store.append(*KEYS[2], payload(KEYS[2]))
 
 
 def test_a_corrupted_line_in_the_middle_is_an_error_with_its_number(tmp_path):
