@@ -1,0 +1,136 @@
+"""Run a study: every (problem, condition) generated, graded, summarised and appended to its store.
+
+:func:`run_study` takes a checked :class:`~experiments.study_config.StudyConfig`, opens its
+:class:`~experiments.store.ResultStore` in ``config.output`` (refused if the folder holds another
+study), and skips what the store already has: killed at any moment, the same call continues
+where it stopped, and nothing is done twice. For each condition, the problems still to do run in
+batches of ``generation.batch_size`` inside one trace holding the condition's interventions and
+fresh probes; each row is graded (:func:`experiments.grading.grade`), summarised
+(:func:`experiments.row_summaries.summarise_rows`), its tensors written to
+``tensors/<condition>/<problem id>.safetensors`` and then its record appended (the record is the
+commit: a sidecar without its record is simply written again).
+
+Rows do not depend on the batch they run in (our engine's contract; sampling draws each row from
+its own stream, keyed by the problem id), so a resumed run and a sharded one (``shard=(i, n)``:
+every n-th problem from the i-th) store what one uninterrupted run stores.
+
+Example::
+
+    config = load_study_config("EXPERIMENT.toml")
+    store = run_study(config)                     # progress bar with rate and ETA
+    [r["payload"]["grade"]["correct"] for r in store.records()]
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import surgery
+from experiments.grading import grade
+from experiments.problems import Problem
+from experiments.row_summaries import summarise_rows
+from experiments.store import ResultStore
+from experiments.study_config import StudyConfig
+from surgery.storage import atomic_path
+
+__all__ = ["block_names", "run_batch", "run_study", "study_problems", "tensor_path"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def study_problems(config: StudyConfig) -> list[Problem]:
+    """The study's problems: its ``[dataset]`` file or shipped sample, offset and limit applied."""
+    from experiments.datasets import load_problems, sample_problems
+
+    spec = config.dataset
+    if spec.sample is not None:
+        problems = sample_problems()
+        end = None if spec.limit is None else spec.offset + spec.limit
+        return problems[spec.offset : end]
+    fmt = spec.format if spec.format in ("gsm8k", "math") else None  # json/csv/parquet: read by suffix
+    return load_problems(spec.path, format=fmt, limit=spec.limit, offset=spec.offset)
+
+
+def block_names(config: StudyConfig, condition: str) -> list[str]:
+    """Names of a condition's interventions in its records: the block type, ``#2``... when repeated."""
+    names, seen = [], {}
+    for spec in config.conditions[condition]:
+        seen[spec.type] = seen.get(spec.type, 0) + 1
+        names.append(spec.type if seen[spec.type] == 1 else f"{spec.type}#{seen[spec.type]}")
+    return names
+
+
+def tensor_path(folder: str | Path, condition: str, problem_id: str) -> Path:
+    """Where a row's tensors go: ``folder/tensors/<condition>/<problem id>.safetensors`` (names made safe)."""
+    return Path(folder) / "tensors" / _UNSAFE.sub("_", condition) / f"{_UNSAFE.sub('_', problem_id)}.safetensors"
+
+
+def run_batch(config: StudyConfig, condition: str, problems: Sequence[Problem], model: surgery.Model):
+    """Generate ``problems`` under ``condition`` in one trace; one :class:`RowSummary` per problem,
+    its record holding the grade."""
+    interventions = dict(zip(block_names(config, condition), config.build_blocks(condition, model), strict=True))
+    probes = config.build_probes(model, problems)
+    gen = config.generation
+    prompts = [config.prompt.render(problem) for problem in problems]
+    start = time.perf_counter()
+    with surgery.trace(model, *interventions.values(), *probes.values()) as tr:
+        out = tr.generate(prompts, gen.max_new_tokens, chat=config.prompt.chat, do_sample=gen.do_sample,
+                          temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
+                          stop_strings=gen.stop_strings, row_keys=[problem.id for problem in problems],
+                          progress=False)
+    seconds = time.perf_counter() - start
+    rows = summarise_rows(out, interventions, probes, model.tokenizer, prompts=prompts, seconds=seconds)
+    for problem, row in zip(problems, rows, strict=True):
+        row.record["grade"] = grade(row.record["text"], problem.answer).to_dict()
+    return rows
+
+
+def run_study(config: StudyConfig, *, model: surgery.Model | None = None, problems: Sequence[Problem] | None = None,
+              shard: tuple[int, int] | None = None, progress: bool = True) -> ResultStore:
+    """Run what ``config`` asks and its store lacks; return the store.
+
+    Args:
+        config: the checked study (:func:`~experiments.study_config.load_study_config`).
+        model: the loaded model; default: ``config.model.load()``, and only when something is
+            left to do.
+        problems: the problems; default: :func:`study_problems`.
+        shard: ``(index, count)``: run only problems ``index, index + count, ...`` (workers).
+        progress: a progress bar over (problem, condition) pairs, with rate and ETA.
+    """
+    store = ResultStore(config.output, config.to_dict())
+    problems = list(study_problems(config) if problems is None else problems)
+    if len({problem.id for problem in problems}) != len(problems):
+        raise ValueError("the study's problems have repeated ids: each problem needs its own id")
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard {shard} is not (index, count) with 0 <= index < count")
+        problems = problems[index::count]
+    done = store.done()
+    todo = {c: [p for p in problems if (p.id, c) not in done] for c in config.conditions}
+    total = sum(map(len, todo.values()))
+    if total == 0:
+        return store
+    model = config.model.load() if model is None else model
+    batch_size = config.generation.batch_size
+    with tqdm(total=total, unit="run", desc=config.name, disable=not progress, dynamic_ncols=True) as bar:
+        for condition, pending in todo.items():
+            bar.set_postfix_str(condition)
+            for first in range(0, len(pending), batch_size):
+                batch = pending[first : first + batch_size]
+                for problem, row in zip(batch, run_batch(config, condition, batch, model), strict=True):
+                    if row.tensors:
+                        path = tensor_path(store.folder, condition, problem.id)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        with atomic_path(path) as staging:
+                            save_file(row.tensors, str(staging))
+                        row.record["tensors"] = str(path.relative_to(store.folder))
+                    store.append(problem.id, condition, row.record)
+                bar.update(len(batch))
+    return store
