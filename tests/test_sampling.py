@@ -88,8 +88,8 @@ def test_default_keys_are_the_prompt_and_its_copy_number():
 @pytest.mark.parametrize(
     "row_keys, error, message",
     [(["a"], ValueError, "one key per prompt"), ("ab", ValueError, "one key per prompt"),
-     (["a", "a"], ValueError, "unique"), (["a", None], TypeError, "strings or ints"),
-     (["a", True], TypeError, "strings or ints")],
+     (["a", "a"], ValueError, "unique"), (["a", None], TypeError, "strings or ints|'row_keys'"),
+     (["a", True], TypeError, "strings or ints|'row_keys'")],
 )
 def test_bad_row_keys_are_clear_errors(tiny_llama, row_keys, error, message):
     with pytest.raises(error, match=message):
