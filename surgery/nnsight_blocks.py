@@ -77,7 +77,7 @@ from surgery.blocks import Intervention, Probe
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
-from surgery.trace import add_routes, apply_blocks, check_blocks
+from surgery.trace import add_routes, apply_blocks, check_blocks, refuse_token_choice
 
 __all__ = ["NNsightBlocks"]
 
@@ -110,13 +110,9 @@ class NNsightBlocks:
 
         self.lm = lm
         self.model = model = wrap(lm, tokenizer)
-        choosers = [b for b in blocks if isinstance(b, Intervention) and b.edits_tokens]
-        if choosers:
-            raise ValueError(
-                f"{', '.join(type(b).__name__ for b in choosers)} change(s) the tokens generation emits (overriding "
-                "choose()), and inside nnsight's lm.generate the tokens are picked by HF's generate, where no block "
-                "can reach them: use surgery.trace(surgery.wrap(lm), ...) for it, which runs on the same model"
-            )
+        refuse_token_choice(blocks, "generation emits (overriding choose()), and inside nnsight's lm.generate the "
+                            "tokens are picked by HF's generate, where no block can reach them: use "
+                            "surgery.trace(surgery.wrap(lm), ...) for it, which runs on the same model")
         plans = check_blocks(model, blocks)
         self.blocks = tuple(block for block, _ in plans)
         routes: dict[str, tuple[list[Intervention], list[Probe]]] = {}

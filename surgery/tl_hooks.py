@@ -63,11 +63,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
-from surgery.trace import add_routes, apply_blocks, check_blocks
+from surgery.trace import add_routes, apply_blocks, check_blocks, refuse_token_choice
 
 __all__ = ["TLHooks"]
 
@@ -98,14 +97,10 @@ class TLHooks:
 
         if not is_bridge(bridge):
             raise TypeError(f"TLHooks expects a TransformerLens TransformerBridge, got {type(bridge).__name__}")
-        choosers = [b for b in blocks if isinstance(b, Intervention) and b.edits_tokens]
-        if choosers:
-            raise ValueError(
-                f"{', '.join(type(b).__name__ for b in choosers)} change(s) the tokens a generation emits, and "
-                "bridge.generate picks its tokens inside its own loop, with no hook to change them or to roll "
-                "back its KV cache. Run token-choice blocks with our engine on the same bridge: "
-                "with surgery.trace(surgery.wrap(bridge), *blocks) as tr: tr.generate(...)"
-            )
+        refuse_token_choice(blocks, "a generation emits, and bridge.generate picks its tokens inside its own loop, with "
+                            "no hook to change them or to roll back its KV cache. Run token-choice blocks with our "
+                            "engine on the same bridge: with surgery.trace(surgery.wrap(bridge), *blocks) as tr: "
+                            "tr.generate(...)")
         self.bridge = bridge
         self.model = wrap(bridge, tokenizer)
         plans = check_blocks(self.model, blocks)

@@ -32,7 +32,7 @@ from surgery.model import Model
 from surgery.sites import Site, hook_site
 from surgery.step import Step
 
-__all__ = ["Trace", "add_routes", "apply_blocks", "check_blocks", "trace"]
+__all__ = ["Trace", "add_routes", "apply_blocks", "check_blocks", "refuse_token_choice", "trace"]
 
 
 class Trace:
@@ -166,6 +166,15 @@ def check_blocks(model: Model, blocks, attached=()) -> list[tuple[Block, list[st
         block.bind(model)  # first: a block may derive its sites from the model
         plans.append((block, [model.resolve_site(s).canonical for s in block.sites()]))
     return plans
+
+
+def refuse_token_choice(blocks, why: str) -> None:
+    """Raise ValueError when ``blocks`` hold token-choice interventions (they override
+    :meth:`~surgery.blocks.Intervention.choose`) that a host's own loop cannot run; ``why`` says
+    why not and what runs them instead."""
+    choosers = [block for block in blocks if isinstance(block, Intervention) and block.edits_tokens]
+    if choosers:
+        raise ValueError(f"{', '.join(type(block).__name__ for block in choosers)} change(s) the tokens {why}")
 
 
 def add_routes(routes: dict[str, tuple[list, list]], plans) -> list[str]:
