@@ -77,8 +77,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 import re
 import tomllib
@@ -92,6 +90,7 @@ from experiments.block_specs import BlockSpec, parse_block
 from experiments.config_checks import StudyConfigError, check_keys, check_value, field_path
 from experiments.model_shape import EMBEDDED, ModelShape, model_shape
 from experiments.problems import Problem
+from experiments.store import config_hash
 from experiments.study_sections import DatasetSpec, GenerationSpec, ModelSpec, PromptSpec, parse_section
 from surgery.blocks import Block
 from surgery.loading import EMBEDDED_MODEL
@@ -138,8 +137,9 @@ class StudyConfig:
         }
 
     def fingerprint(self) -> str:
-        """SHA-256 of :meth:`to_dict` as sorted JSON."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """SHA-256 of :meth:`to_dict` as canonical JSON: the hash the study's store keeps
+        (:func:`experiments.store.config_hash`)."""
+        return config_hash(self.to_dict())
 
     def build_blocks(self, condition: str, model: surgery.Model) -> list[Block]:
         """The interventions of ``condition``, built for the loaded ``model``, in order."""

@@ -110,6 +110,7 @@ def reference(tmp_path_factory):
 
 def test_every_problem_and_condition_is_stored_once_graded_and_summarised(reference):
     folder, config, results = reference
+    assert ResultStore(config.output, config.to_dict()).config_hash == config.fingerprint()  # one hash
     assert sorted(results) == sorted((f"problems-{i}", c) for i in range(len(QUESTIONS)) for c in CONDITIONS)
     problems = {p.id: p for p in study_problems(config)}
     for (problem_id, condition), payload in results.items():
