@@ -10,7 +10,10 @@ Paper-compatible defaults: site ``resid_pre`` (input to block ``layer``), ``alph
 ``OnTokens("\\n\\n") & InThink()`` (tokens whose text contains "\\n\\n", inside ``<think>``),
 no normalisation of ``S``. Deviations, all opt-in: any site kind, any trigger. For models that
 write a blank line as two "\\n" tokens (SmolLM2) pass ``when=OnText("\\n\\n")``; for models
-without think tokens drop ``InThink()``.
+without think tokens drop ``InThink()``. :func:`seal_trigger_for` picks for a model: SEAL's
+trigger where it has think tokens, else every generated blank line, wherever its tokens split
+it, which is where extraction reads the states; it is what :meth:`~SteeringVector.from_thoughts`
+gives a vector unless told otherwise.
 
 Extraction (:meth:`SteeringVector.from_thoughts`) runs each trace through the model once,
 labels its thoughts with :mod:`surgery.thoughts` (SEAL's keyword rules, the "think differently"
@@ -47,14 +50,24 @@ from surgery.prompts import encode_prompts
 from surgery.sites import Site
 from surgery.thoughts import THOUGHT_CLASSES, thought_positions
 from surgery.saving import load_blocks, save_blocks
-from surgery.triggers import InThink, OnText, OnTokens, Trigger
+from surgery.triggers import InThink, OnText, OnTokens, StepWindow, Trigger
 
-__all__ = ["SteeringVector", "SteeringVectorConfig", "seal_trigger"]
+__all__ = ["SteeringVector", "SteeringVectorConfig", "seal_trigger", "seal_trigger_for"]
 
 
 def seal_trigger() -> Trigger:
     """SEAL's trigger: the fed token contains "\\n\\n" and the row is inside ``<think>``."""
     return OnTokens("\n\n") & InThink()
+
+
+def seal_trigger_for(model) -> Trigger:
+    """SEAL's trigger for ``model``: :func:`seal_trigger` when it has ``<think>`` tokens; else
+    ``OnText("\\n\\n") & StepWindow(1)``: the whole completion is the reasoning (as
+    :func:`surgery.thoughts.thought_positions` reads it), so every generated token that completes a
+    blank line, even one written as two "\\n" tokens (prompt positions never fire)."""
+    if model.think_token_ids != (None, None):
+        return seal_trigger()
+    return OnText("\n\n") & StepWindow(1)
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,7 @@ class SteeringVector(ResidualAdd):
     def from_thoughts(
         cls,
         model,
-        traces: Sequence[tuple[str, str]],
+        traces: Sequence[tuple[str, str | Sequence[int]]],
         layer: int,
         *,
         site: str = "resid_pre",
@@ -148,12 +161,15 @@ class SteeringVector(ResidualAdd):
 
         Args:
             model: the wrapped model.
-            traces: ``(prompt, completion)`` pairs: the completion is the generated reasoning.
+            traces: ``(prompt, completion)`` pairs: the completion is the generated reasoning, as
+                text or as the token ids the model generated (ids read the trace exactly as it
+                was made; text is tokenised again, which may split some tokens differently).
             layer: block index; the states are read at ``site.layer`` (default ``resid_pre``).
             chat: wrap prompts in the chat template (as they were when the traces were made).
             batch_size: traces per forward pass.
             progress: show a progress bar (default: when there are several batches).
-            **options: passed to the constructor (``alpha``, ``when``).
+            **options: passed to the constructor (``alpha``, ``when``; ``when`` defaults to
+                :func:`seal_trigger_for` the model).
 
         Returns:
             The vector, with ``metadata`` naming the model, site, width and class counts.
@@ -174,7 +190,8 @@ class SteeringVector(ResidualAdd):
             for prompt, completion in traces[start : start + batch_size]:
                 prompt_ids, attention = encode_prompts(model, [prompt], chat=chat)
                 prompt_row = prompt_ids[0][attention[0].bool()].tolist()
-                completion_row = model.tokenizer(completion, add_special_tokens=False)["input_ids"]
+                completion_row = (model.tokenizer(completion, add_special_tokens=False)["input_ids"]
+                                  if isinstance(completion, str) else [int(token) for token in completion])
                 found = thought_positions(model, prompt_row, completion_row)
                 rows.append(prompt_row + completion_row)
                 positions.append([p for p, _ in found])
@@ -198,6 +215,7 @@ class SteeringVector(ResidualAdd):
             "class_counts": counts,
             "n_traces": len(traces),
         }
+        options.setdefault("when", seal_trigger_for(model))
         return cls(vector, layer=resolved.layer, site=resolved.kind, metadata=metadata, **options)
 
     # ---- saving ----------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from test_recycling import reference_logits
 from test_steering import naive_vector
 
 import surgery
-from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask
+from interventions import (RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask, seal_trigger,
+                           seal_trigger_for)
 from surgery.examples import ARITHMETIC_PROBLEMS
+from surgery.thoughts import thought_positions
 from surgery.triggers import OnText
 
 pytestmark = pytest.mark.slow
@@ -45,6 +47,25 @@ def test_extraction_on_gsm8k_traces_equals_the_naive_reference(smollm2):
     assert steer.metadata["class_counts"] == counts
     assert counts["execution"] >= 6 and counts["reflection"] >= 6 and counts["transition"] >= 6
     assert_close(steer.vector, reference)
+
+
+def test_an_extracted_vector_fires_at_the_separators_its_states_were_read_at(smollm2):
+    # SmolLM2 has no think tags and writes a blank line as two "\n" tokens: SEAL's own trigger
+    # (a "\n\n" token inside <think>) cannot fire on it, so the vector gets seal_trigger_for's
+    steer = SteeringVector.from_thoughts(smollm2, gsm8k_traces(3), layer=15, chat=True, alpha=0.0)
+    assert steer.config.when == seal_trigger_for(smollm2) != seal_trigger()
+    with surgery.trace(smollm2, steer) as tr:
+        out = tr.generate(ARITHMETIC_PROBLEMS[:3], 96, chat=True)
+    texts, read = smollm2.vocabulary_texts, 0
+    for row, prompt in enumerate(ARITHMETIC_PROBLEMS[:3]):
+        prompt_ids = surgery.encode_prompts(smollm2, [prompt], chat=True)[0][0].tolist()
+        fed = prompt_ids + out.token_ids[row][:-1]
+        states_read = [p for p, _ in thought_positions(smollm2, prompt_ids, out.token_ids[row][:-1])]
+        fired = steer.fired()[row]
+        assert set(states_read) <= set(fired)  # it acts wherever extraction reads a thought's state
+        assert all(p >= len(prompt_ids) and "".join(texts[t] for t in fed[: p + 1]).endswith("\n\n") for p in fired)
+        read += len(states_read)
+    assert read >= 2
 
 
 def test_steering_fires_where_the_text_reaches_blank_lines(smollm2):

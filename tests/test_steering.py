@@ -24,7 +24,8 @@ def naive_vector(model, traces, layer, chat=True):
     for prompt, completion in traces:
         ids, _ = surgery.encode_prompts(model, [prompt], chat=chat)
         prompt_row = ids[0].tolist()
-        completion_row = model.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        completion_row = (model.tokenizer(completion, add_special_tokens=False)["input_ids"]
+                          if isinstance(completion, str) else list(completion))
         with torch.no_grad():
             hidden = model.module(input_ids=torch.tensor([prompt_row + completion_row]),
                                   output_hidden_states=True).hidden_states[layer][0]
@@ -62,6 +63,18 @@ def test_extraction_equals_the_naive_full_hidden_state_reference(tiny, layer):
     assert_close(steer.vector, reference)
     assert steer.metadata["class_counts"] == counts == {"execution": 6, "reflection": 2, "transition": 1}
     assert steer.metadata["site"] == f"resid_pre.{layer % tiny.n_layers}"
+
+
+def test_extraction_reads_token_ids_as_generated_not_retokenised(tiny):
+    # ids as a model emits them: each piece its own tokens, which tokenising the joined text need not give
+    pieces = [piece for _, completion in TRACES for piece in [completion.split("\n\n")]]
+    traces = [(prompt, [t for i, piece in enumerate(split) for t in
+                        tiny.tokenizer(("\n\n" if i else "") + piece, add_special_tokens=False)["input_ids"]])
+              for (prompt, _), split in zip(TRACES, pieces, strict=True)]
+    steer = SteeringVector.from_thoughts(tiny, traces, layer=1, chat=True, batch_size=2)
+    reference, counts = naive_vector(tiny, traces, 1)
+    assert_close(steer.vector, reference)
+    assert steer.metadata["class_counts"] == counts and counts["reflection"] + counts["transition"] > 0
 
 
 def test_save_and_load_round_trip(tiny, tmp_path):
