@@ -1,4 +1,4 @@
-"""The ``surgery`` command: ``surgery demo`` and ``surgery run EXPERIMENT.toml``.
+"""The ``surgery`` command: ``run``, ``demo``, ``extract-vector``, ``bench``.
 
 ``surgery run`` checks the study file first (every error names the field and the fix, before
 any model loads), then runs what the study's output folder lacks with a progress bar (rate and
@@ -7,7 +7,9 @@ and thought counts. Killed at any moment, the same command continues where it st
 
 Example:
     $ surgery run EXPERIMENT.toml
-    $ surgery demo --max-new-tokens 64 --problems 2
+    $ surgery demo --problems 4 --max-new-tokens 96
+    $ surgery extract-vector runs/traces seal.safetensors --layer 21
+    $ surgery bench engine kernels -- --reps 3
 """
 
 from __future__ import annotations
@@ -28,26 +30,86 @@ def _parser() -> argparse.ArgumentParser:
                     "documented in experiments.study_config.")
     run.add_argument("study", help="the study's TOML file (EXPERIMENT.toml)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo = commands.add_parser("demo", help="generate plain and steered chains of thought on the embedded model")
-    demo.add_argument("--max-new-tokens", type=int, default=96)
-    demo.add_argument("--problems", type=int, default=4, help="how many built-in problems (1-4)")
-    demo.add_argument("--layer", type=int, default=15, help="block whose input gets the add")
-    demo.add_argument("--scale", type=float, default=0.5, help="vector norm as a fraction of the mean residual norm")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    demo = commands.add_parser(
+        "demo", help="a small real study on GSM8K with the embedded model: traces, SEAL vector, five conditions, report",
+        description="Stage 1: the model's own traces on GSM8K sample problems 41-60, asked to check its steps. "
+                    "Stage 2: a SEAL vector from them. Stage 3: the first --problems problems under plain, SEAL "
+                    "steering, token mask, thinking-token insertion and representation recycling, with all three "
+                    "probes; then report.html. Offline, resumable (rerun after a stop). The study files it writes "
+                    "(FOLDER/traces.toml, FOLDER/study.toml) run with `surgery run` too.")
+    demo.add_argument("--output", default="runs/demo", metavar="FOLDER", help="where it writes (default: runs/demo)")
+    demo.add_argument("--problems", type=int, default=12, help="GSM8K problems evaluated, 1-40 (default: 12)")
+    demo.add_argument("--max-new-tokens", type=int, default=160, help="tokens per answer (default: 160)")
+    demo.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default: 8)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    extract = commands.add_parser(
+        "extract-vector", help="write a SEAL steering vector from a study's traces",
+        description="SEAL's vector S = mean(execution) - mean(reflection and transition) of the residual stream "
+                    "entering block --layer, read at each thought's opening blank line in the rows of one "
+                    "condition of a study's output folder (prompts and the model's own token ids). The file "
+                    "loads in a study as { type = \"steering_vector\", from = \"FILE\" }.")
+    extract.add_argument("folder", help="the study's output folder (holds config.json and results.jsonl)")
+    extract.add_argument("output", help="the vector file to write (.safetensors)")
+    extract.add_argument("--condition", help="whose rows (required when the study has several conditions)")
+    extract.add_argument("--layer", type=int, help="block index (default: SEAL's depth, 20/28 of the model's blocks)")
+    extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench = commands.add_parser(
+        "bench", help="run the benchmarks (benchmarks/bench_*.py of a source checkout)",
+        description="Run benchmarks side by side, each in its own process: medians and ratios. Arguments after "
+                    "-- go to every named benchmark, e.g. `surgery bench engine -- --reps 3`.")
+    bench.add_argument("names", nargs="*", metavar="NAME", help="which (default: all; --list names them)")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``surgery`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # `surgery bench NAME -- ARGS`: ARGS go to the benchmarks
+        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"arguments after -- are for `surgery bench` only, not `surgery {args.command}`")
     if args.command == "run":
         return _run(args.study, progress=not args.no_progress)
-    from surgery.demo import run_demo
+    try:
+        if args.command == "demo":
+            from experiments.demo import run_demo
 
-    run_demo(max_new_tokens=args.max_new_tokens, n_problems=args.problems, layer=args.layer,
-             scale=args.scale, seed=args.seed, device=args.device)
+            run_demo(args.output, problems=args.problems, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+        elif args.command == "extract-vector":
+            return _extract(args)
+        elif args.command == "bench":
+            return _bench(args.names, extra, args.list)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"surgery {args.command}: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _extract(args) -> int:
+    from experiments.extraction import extract_vector
+
+    vector = extract_vector(args.folder, layer=args.layer, condition=args.condition, progress=not args.no_progress)
+    path = vector.save(args.output)
+    counts = ", ".join(f"{label} {count}" for label, count in vector.metadata["class_counts"].items())
+    print(f"{path}: SEAL vector at {vector.config.site} of {vector.metadata['model']}, |S| = {vector.vector.norm():.3f}, "
+          f"from {vector.metadata['n_traces']} traces ({counts})")
+    return 0
+
+
+def _bench(names: list[str], extra: list[str], listing: bool) -> int:
+    from experiments.bench_command import benchmark_scripts, run_benchmarks
+
+    if listing:
+        for name, script in benchmark_scripts().items():
+            print(f"{name:<14}{script}")
+        return 0
+    return run_benchmarks(names, extra)
 
 
 def _run(path: str, progress: bool) -> int:

@@ -87,12 +87,3 @@ def test_bad_input_on_the_real_model(smollm2):
         with surgery.trace(smollm2, ResidualAdd(torch.ones(64), site="resid_pre.3")):
             pass
     assert surgery.generate(smollm2, ["2+2="], 4).lengths == [4]
-
-
-def test_demo_runs_and_reports(capsys):
-    from surgery.demo import run_demo
-
-    report = run_demo(max_new_tokens=48, n_problems=2)
-    printed = capsys.readouterr().out
-    assert "nothing attached" in printed and "the add fired at" in printed and "summary:" in printed
-    assert report["plain"].lengths and sum(map(len, report["fired"])) >= 1
