@@ -17,10 +17,15 @@ script and nothing fetched, and can be mailed as one file. Sections:
 
 A section whose probe the study lacks is left out; a figure says in its caption what it shows.
 
-Example::
-
-    path = write_report("runs/gsm8k-baselines")   # runs/gsm8k-baselines/report.html
-    # or, on the command line:  surgery report runs/gsm8k-baselines
+Example (on a study folder; ``surgery report runs/gsm8k-baselines`` does the same):
+    >>> import tempfile
+    >>> from experiments.store import ResultStore
+    >>> folder = tempfile.mkdtemp()
+    >>> store = ResultStore(folder, {"name": "demo", "conditions": {"plain": []}})
+    >>> store.append("p0", "plain", {"n_tokens": 12, "grade": {"correct": True}})
+    >>> path = write_report(folder, progress=False)
+    >>> path.name, sorted(p.name for p in (path.parent / "report").iterdir())
+    ('report.html', ['accuracy_tokens.png'])
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from surgery.storage import atomic_path
 __all__ = ["write_report"]
 
 MI_PANELS = 6  # problems drawn in the MI figure
+MI_LABELS = 5  # peaks labelled with their token per line of the MI figure
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; line-height: 1.45; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.8em; }
@@ -76,7 +82,7 @@ def write_report(folder: str | Path, *, progress: bool = True) -> Path:
 
     Example::
 
-        write_report("runs/gsm8k-baselines", progress=False)
+        write_report("runs/gsm8k-baselines")      # runs/gsm8k-baselines/report.html
     """
     study = read_study(folder)
     figures = study.folder / "report"
@@ -147,6 +153,9 @@ def _summary_section(study: StudyResults, figures: Path) -> str:
 def _thought_section(study: StudyResults, figures: Path) -> str:
     path = plot_thought_counts(study, figures / "thoughts.png")
     if path is None:
+        if study.probes_of_type("thought_classifier") and study.summaries:
+            return ("<h2>Thought types</h2><p>The thought classifier found no thought in any condition (no blank-line "
+                    "separator in the generated reasoning).</p>")
         return ""
     caption = ("Thoughts (text between blank lines of the generated reasoning, SEAL §3) by class: execution, "
                "reflection (\"wait\", \"let me check\"...), transition (\"alternatively\"...). Left: counts over "
@@ -159,7 +168,8 @@ def _mi_section(study: StudyResults, figures: Path) -> str:
     colours = condition_colours(study.conditions)
     for probe in study.probes_of_type("mi_estimator"):
         shown = min(MI_PANELS, len(study.problems()))
-        curves = plot_mi_curves(study, probe, figures / f"mi_curves_{probe}.png", max_problems=MI_PANELS)
+        curves = plot_mi_curves(study, probe, figures / f"mi_curves_{probe}.png", max_problems=MI_PANELS,
+                                max_labels=MI_LABELS)
         rows = peak_statistics(study, probe)
         stats = plot_peak_statistics(rows, figures / f"mi_peaks_{probe}.png", colours)
         if curves is None and stats is None:
@@ -175,8 +185,8 @@ def _mi_section(study: StudyResults, figures: Path) -> str:
             + _embed(curves, f"MI between each generated token's representation and the answer's (nHSIC), for the "
                               f"first {shown} of {len(study.problems())} problems, one line per condition (lines "
                               "coincide where conditions generated the same tokens). Dots are peaks (Tukey's fence "
-                              "Q3 + 1.5·IQR of the row's values); the highest five of each line are labelled with "
-                              "their token, once when several conditions share it (then in black).")
+                              f"Q3 + 1.5·IQR of the row's values); the highest {MI_LABELS} of each line are labelled "
+                              "with their token, once when several conditions share it (then in black).")
             + _embed(stats, "Peak statistics per condition: one dot per problem, bars are means. AOM is the mean "
                              "over a row's peaks of |m − median| / IQR (no dot for a row without peaks).")
             + table + "<p class='note'>Means over problems; gap and AOM over the problems that have them "

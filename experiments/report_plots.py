@@ -62,7 +62,12 @@ def condition_colours(conditions: list[str]) -> dict[str, str]:
 
 def token_interval(tokens: list[int]) -> tuple[float, float]:
     """Mean generated tokens and the half-width of its normal 95 % interval, ``1.96·s/√n``
-    (``s`` the sample standard deviation; 0 with fewer than two problems)."""
+    (``s`` the sample standard deviation; 0 with fewer than two problems).
+
+    Example:
+        >>> [round(x, 3) for x in token_interval([10, 20, 30])]
+        [20.0, 11.316]
+    """
     if not tokens:
         return 0.0, 0.0
     half = 1.96 * statistics.stdev(tokens) / math.sqrt(len(tokens)) if len(tokens) > 1 else 0.0
@@ -242,6 +247,7 @@ def plot_reasoning_graph(graph, labels, title: str, path: str | Path) -> Path:
             nx.draw_networkx_edges(graph, layout, ax=ax, width=[0.8 + 0.9 * c for _, _, c in graph.edges(data="count")],
                                    edge_color="0.45", arrows=True, arrowstyle="-|>", arrowsize=14,
                                    connectionstyle="arc3,rad=0.12", node_size=[300 + 180 * v for v in visits])
+            ax.margins(0.08)  # room for the largest nodes at the edges
         ax.legend(handles=[
             Line2D([], [], ls="", marker="o", ms=10, mfc="tab:green", mec="0.2", label="first step's cluster"),
             Line2D([], [], ls="", marker="o", ms=10, mfc="tab:red", mec="0.2", label="last step's cluster"),
