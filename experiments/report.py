@@ -34,6 +34,7 @@ import base64
 import datetime
 import html
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -55,12 +56,14 @@ from surgery.storage import atomic_path
 __all__ = ["write_report"]
 
 MI_PANELS = 6  # problems drawn in the MI figure
+_NUMERIC = re.compile(r"^[-–\[(]?[\d–]")  # cells right-aligned: numbers, intervals, dashes
 MI_LABELS = 5  # peaks labelled with their token per line of the MI figure
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; line-height: 1.45; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.8em; }
 .meta { color: #555; } table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; } td { white-space: nowrap; } th { background: #f2f2f2; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; } td { white-space: nowrap; }
+td.text { text-align: left; } th { background: #f2f2f2; }
 td:first-child, th:first-child { text-align: left; } figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; } figcaption { color: #444; font-size: 0.92em; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; } .note { color: #666; }
@@ -116,7 +119,8 @@ def _table(header: list[str], rows: list[list[str]], ids: list[str] | None = Non
     lines = []
     for row_id, row in zip(ids, rows, strict=True):
         attribute = f' id="{_e(row_id)}"' if row_id else ""
-        lines.append(f"<tr{attribute}>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>")
+        lines.append(f"<tr{attribute}>" + "".join(f"<td>{cell}</td>" if _NUMERIC.match(cell) else
+                                                  f"<td class='text'>{cell}</td>" for cell in row) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
 
 
@@ -228,12 +232,13 @@ def _draw_one_graph(study: StudyResults, probe: str, analyses: dict, figures: Pa
     problems = [q for q, p in study.payloads(condition) if probe in p.get("probes", {})]
     if not found.graphs:
         return ""
-    i = max(range(len(found.graphs)), key=lambda j: (found.graphs[j].number_of_nodes(), -j))
+    # the sample with the most revisits (cycles show), then the most clusters, then the first
+    i = max(range(len(found.graphs)), key=lambda j: (found.metrics[j].cycle_count_max, found.metrics[j].n_nodes, -j))
     m = found.metrics[i]
-    title = f"{condition}, {problems[i]}: {m.n_steps} steps, {m.n_nodes} clusters, {m.cycle_count} cycles"
+    title = f"{condition}, {problems[i]}: {m.n_steps} steps, {m.n_nodes} clusters, cycle count {m.cycle_count}"
     path = plot_reasoning_graph(found.graphs[i], found.labels[i], title, figures / f"graph_{probe}.png")
     return _embed(path, f"The reasoning graph of one problem of condition {_e(condition)} (its sample with the most "
-                         "clusters): nodes are clusters of steps, numbered by the condition's K-means, sized by visits; "
+                         "revisits, then the most clusters): nodes are clusters of steps, numbered by the condition's K-means, sized by visits; "
                          "arrows are transitions between consecutive steps in different clusters.")
 
 

@@ -51,7 +51,7 @@ def assert_self_contained(page: str) -> None:
 
 def summary_cells(page: str, condition: str) -> list[str]:
     row = re.search(rf'<tr id="summary-{condition}">(.*?)</tr>', page).group(1)
-    return re.findall(r"<td>(.*?)</td>", row)
+    return re.findall(r"<td[^>]*>(.*?)</td>", row)
 
 
 def test_the_report_embeds_every_figure_and_shows_the_summary_numbers(study):
