@@ -1,12 +1,15 @@
-"""The ``surgery`` command: ``run``, ``demo``, ``extract-vector``, ``bench``.
+"""The ``surgery`` command: ``run``, ``report``, ``demo``, ``extract-vector``, ``bench``.
 
 ``surgery run`` checks the study file first (every error names the field and the fix, before
 any model loads), then runs what the study's output folder lacks with a progress bar (rate and
 ETA), and ends with a table per condition: accuracy with its 95 % interval, tokens, MI peaks
-and thought counts. Killed at any moment, the same command continues where it stopped.
+and thought counts, then writes the study's report (``report.html`` in the output folder, see
+:mod:`experiments.report`). Killed at any moment, the same command continues where it stopped.
+``surgery report`` (re)writes the report of a study folder, finished or not.
 
 Example:
     $ surgery run EXPERIMENT.toml
+    $ surgery report runs/gsm8k-baselines
     $ surgery demo --problems 4 --max-new-tokens 96
     $ surgery extract-vector runs/traces seal.safetensors --layer 21
     $ surgery bench engine kernels -- --reps 3
@@ -30,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
                     "documented in experiments.study_config.")
     run.add_argument("study", help="the study's TOML file (EXPERIMENT.toml)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report = commands.add_parser(
+        "report", help="(re)write a study's report.html and figures from its output folder",
+        description="Write FOLDER/report.html (figures embedded, opens from disk) and FOLDER/report/*.png "
+                    "from the results a study stored in FOLDER, and print the per-condition table.")
+    report.add_argument("folder", help="the study's output folder (its config.json and results.jsonl)")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo = commands.add_parser(
         "demo", help="a small real study on GSM8K with the embedded model: traces, SEAL vector, five conditions, report",
         description="Stage 1: the model's own traces on GSM8K sample problems 41-60, asked to check its steps. "
@@ -75,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"arguments after -- are for `surgery bench` only, not `surgery {args.command}`")
     if args.command == "run":
         return _run(args.study, progress=not args.no_progress)
+    if args.command == "report":
+        return _report(args.folder, progress=not args.no_progress)
     try:
         if args.command == "demo":
             from experiments.demo import run_demo
@@ -128,6 +139,24 @@ def _run(path: str, progress: bool) -> int:
     store = run_study(config, progress=progress)
     print(f"\n{config.name}: results in {store.results_path}\n")
     print(format_table(condition_summaries(store.records())))
+    from experiments.report import write_report
+
+    print(f"\nreport: {write_report(store.folder, progress=progress)}")
+    return 0
+
+
+def _report(folder: str, progress: bool) -> int:
+    from experiments.report import write_report
+    from experiments.report_data import read_study
+    from experiments.summary import format_table
+
+    try:
+        path = write_report(folder, progress=progress)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"surgery report: {error}", file=sys.stderr)
+        return 2
+    print(format_table(read_study(folder).summaries))
+    print(f"\nreport: {path}")
     return 0
 
 

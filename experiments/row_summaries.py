@@ -3,9 +3,12 @@
 After a batch of one condition has generated, :func:`summarise_rows` turns the
 :class:`~surgery.engine.GenerationOutput` and the blocks of the trace into one entry per row:
 
-* the generation: prompt, text, token ids, number of tokens, stop reason, seconds (the batch's
-  wall time shared equally between its rows);
-* ``fired``: per intervention, the positions where it acted in this row (its ``by_row()``);
+* the generation: prompt, its length in tokens (``prompt_tokens``, padding not counted), text,
+  token ids, number of tokens, stop reason, seconds (the batch's wall time shared equally
+  between its rows);
+* ``fired``: per intervention, where it acted in this row (its ``by_row()``: position ids, 0 at
+  the row's first prompt token, so ``position - prompt_tokens`` is a generated-token offset;
+  thinking-token insertion gives generated-token indices);
 * ``probes``: per probe, a JSON summary of this row:
 
   - :class:`~probes.MIEstimator`: the per-token values, the Tukey peaks, their token texts and
@@ -67,6 +70,7 @@ def summarise_rows(out, interventions: Mapping[str, Block], probes: Mapping[str,
         RowSummary(
             record={
                 **({"prompt": prompts[row]} if prompts is not None else {}),
+                "prompt_tokens": out.prompt_lengths[row],
                 "text": out.texts[row],
                 "token_ids": list(out.token_ids[row]),
                 "n_tokens": len(out.token_ids[row]),

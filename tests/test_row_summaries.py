@@ -25,6 +25,7 @@ def test_rows_hold_the_generation_firing_and_probe_summaries_as_json(tiny_llama)
     for i, row in enumerate(rows):
         json.dumps(row.record, allow_nan=False)  # JSON as it is
         assert row.record["token_ids"] == out.token_ids[i] and row.record["text"] == out.texts[i]
+        assert row.record["prompt_tokens"] == out.prompt_lengths[i] > 0
         assert row.record["prompt"] == PROMPTS[i] and row.record["seconds"] == pytest.approx(2.0 / len(PROMPTS))
         assert row.record["fired"]["mask"] == mask.by_row()[i]
         assert row.record["probes"]["mi"]["values"] == pytest.approx(found.values[i].tolist(), rel=1e-12)
