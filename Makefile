@@ -28,11 +28,7 @@ test: setup
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) benchmarks/bench_engine.py
-	$(PY) benchmarks/bench_interventions.py
-	$(PY) benchmarks/bench_kernels.py
-	$(PY) benchmarks/bench_mi.py
-	$(PY) benchmarks/bench_graph.py
+	$(VENV)/bin/surgery bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import html
 import json
 import re
@@ -51,6 +52,7 @@ from experiments.report_plots import (
     plot_thought_counts,
     token_interval,
 )
+from surgery.saving import load_blocks
 from surgery.storage import atomic_path
 
 __all__ = ["write_report"]
@@ -90,7 +92,7 @@ def write_report(folder: str | Path, *, progress: bool = True) -> Path:
     study = read_study(folder)
     figures = study.folder / "report"
     figures.mkdir(exist_ok=True)
-    sections = [_summary_section, _thought_section, _mi_section, _graph_section, _fired_section]
+    sections = [_summary_section, _vector_section, _thought_section, _mi_section, _graph_section, _fired_section]
     body = []
     with tqdm(sections, desc="report", unit="section", disable=not progress, dynamic_ncols=True) as bar:
         for section in bar:
@@ -152,6 +154,38 @@ def _summary_section(study: StudyResults, figures: Path) -> str:
                "1.96·s/√n with s the sample standard deviation (the table's sd is the population one).")
     return (f"<h2>Summary</h2>{table}<h2>Accuracy and length</h2>"
             + _embed(plot_accuracy_tokens(study, figures / "accuracy_tokens.png"), caption))
+
+
+def _vector_section(study: StudyResults, figures: Path) -> str:
+    """Where each block loaded from a file came from: its metadata and, for a vector extracted
+    from a study's traces, that study's prompt, sampling and problems."""
+    items = []
+    for condition, specs in study.config.get("conditions", {}).items():
+        for spec in specs:
+            if not spec.get("from"):
+                continue
+            path = Path(spec["from"])
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != spec.get("from_sha256"):
+                items.append(f"<li><b>{_e(condition)}</b>: {_e(spec['type'])} from {_e(path)}: the file is gone or "
+                             "changed since the study ran, so its metadata is not shown</li>")
+                continue
+            metadata = {key: value for block in load_blocks(path) for key, value in getattr(block, "metadata", {}).items()}
+            source = metadata.pop("source", None)
+            text = f"<b>{_e(condition)}</b>: {_e(spec['type'])} from {_e(path.name)}"
+            if "class_counts" in metadata:
+                counts = ", ".join(f"{label} {count}" for label, count in metadata["class_counts"].items())
+                text += (f", extracted at {_e(metadata.get('site', '?'))} of {_e(metadata.get('model', '?'))} from "
+                         f"{_e(metadata.get('n_traces', '?'))} traces whose thoughts were {_e(counts)}")
+            text += "<pre>" + _e(json.dumps(metadata, sort_keys=True)) + "</pre>"
+            origin = Path(source["folder"]) / "config.json" if isinstance(source, dict) else None
+            if origin is not None and origin.is_file():
+                traced = json.loads(origin.read_text(encoding="utf-8"))["config"]
+                text += (f"The traces are condition {_e(source['condition'])} of study {_e(traced['name'])}: dataset "
+                         f"{_e(json.dumps(traced['dataset'], sort_keys=True))}, generation "
+                         f"{_e(json.dumps(traced['generation'], sort_keys=True))}, prompt template:"
+                         f"<pre>{_e(traced['prompt']['template'])}</pre>")
+            items.append(f"<li>{text}</li>")
+    return f"<h2>Where the loaded blocks came from</h2><ul>{''.join(items)}</ul>" if items else ""
 
 
 def _thought_section(study: StudyResults, figures: Path) -> str:

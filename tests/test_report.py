@@ -136,3 +136,27 @@ def test_a_study_without_probes_or_interventions_reports_what_it_has(tmp_path, c
         assert f"<h2>{absent}" not in page
     assert [p.name for p in (tmp_path / "out" / "report").glob("*.png")] == ["accuracy_tokens.png"]
     assert summary_cells(page, "plain")[8] == "–"  # no MI peaks: shown as a dash
+
+
+def test_a_vector_loaded_from_a_file_is_shown_with_where_its_traces_came_from(tmp_path):
+    import torch
+
+    from experiments.store import ResultStore
+    from interventions import SteeringVector
+
+    traces = tmp_path / "traces"
+    ResultStore(traces, {"name": "my-traces", "dataset": {"sample": "gsm8k", "offset": 40}, "generation": {"temperature": 0.7},
+                         "prompt": {"template": "{question} Check each step."}})
+    study_toml = write_study(tmp_path, conditions=["plain", "seal"])
+    source = {"study": "my-traces", "folder": str(traces), "condition": "plain"}
+    SteeringVector(torch.ones(64), layer=1, metadata={"class_counts": {"execution": 5, "reflection": 2, "transition": 0},
+                                                       "n_traces": 7, "source": source}).save(tmp_path / "seal.safetensors")
+    config = load_study_config(study_toml)
+    run_study(config, problems=study_problems(config)[:1], progress=False)
+    page = write_report(config.output, progress=False).read_text(encoding="utf-8")
+    section = page[page.index("Where the loaded blocks came from"):]
+    assert "from 7 traces whose thoughts were execution 5, reflection 2, transition 0" in section
+    assert "study my-traces" in section and "{question} Check each step." in section and "&quot;offset&quot;: 40" in section
+    (tmp_path / "seal.safetensors").write_bytes(b"changed")
+    page = write_report(config.output, progress=False).read_text(encoding="utf-8")
+    assert "the file is gone or changed since the study ran" in page
