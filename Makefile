@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_mi.py
 	$(PY) benchmarks/bench_graph.py
+	$(PY) benchmarks/bench_workers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
