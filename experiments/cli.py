@@ -5,10 +5,12 @@ any model loads), then runs what the study's output folder lacks with a progress
 ETA), and ends with a table per condition: accuracy with its 95 % interval, tokens, MI peaks
 and thought counts, then writes the study's report (``report.html`` in the output folder, see
 :mod:`experiments.report`). Killed at any moment, the same command continues where it stopped.
-``surgery report`` (re)writes the report of a study folder, finished or not.
+``surgery report`` (re)writes the report of a study folder, finished or not. ``--workers N``
+shards the problems over N Ray actors (:mod:`experiments.workers`).
 
 Example:
     $ surgery run EXPERIMENT.toml
+    $ surgery run EXPERIMENT.toml --workers 2          # two Ray actors on a local cluster
     $ surgery report runs/gsm8k-baselines
     $ surgery demo --problems 4 --max-new-tokens 96
     $ surgery extract-vector runs/traces seal.safetensors --layer 21
@@ -33,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
                     "documented in experiments.study_config.")
     run.add_argument("study", help="the study's TOML file (EXPERIMENT.toml)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--workers", type=_positive, default=1, metavar="N",
+                     help="shard the problems over N Ray actors, each with its own copy of the model (one GPU "
+                          "each where there are GPUs, else an equal share of the CPU cores), all writing into "
+                          "the one resumable store; needs Ray (pip install -e '.[study]'). Default 1: this "
+                          "process, no Ray")
+    run.add_argument("--ray-address", metavar="ADDR", default=None,
+                     help="run the workers on this existing Ray cluster ('auto', 'HOST:6379' or "
+                          "'ray://HOST:10001') instead of a local one started for the run; every node must see "
+                          "the study's output folder at the same path")
     report = commands.add_parser(
         "report", help="(re)write a study's report.html and figures from its output folder",
         description="Write FOLDER/report.html (figures embedded, opens from disk) and FOLDER/report/*.png "
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "bench":
         parser.error(f"arguments after -- are for `surgery bench` only, not `surgery {args.command}`")
     if args.command == "run":
-        return _run(args.study, progress=not args.no_progress)
+        return _run(args.study, progress=not args.no_progress, workers=args.workers, address=args.ray_address)
     if args.command == "report":
         return _report(args.folder, progress=not args.no_progress)
     try:
@@ -123,7 +134,17 @@ def _bench(names: list[str], extra: list[str], listing: bool) -> int:
     return run_benchmarks(names, extra)
 
 
-def _run(path: str, progress: bool) -> int:
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _run(path: str, progress: bool, workers: int = 1, address: str | None = None) -> int:
     from experiments.config_checks import StudyConfigError
     from experiments.runner import run_study
     from experiments.store import ResultStore
@@ -136,7 +157,16 @@ def _run(path: str, progress: bool) -> int:
     except (StudyConfigError, FileNotFoundError, ValueError) as error:
         print(f"surgery run: {error}", file=sys.stderr)
         return 2
-    store = run_study(config, progress=progress)
+    if workers == 1 and address is None:
+        store = run_study(config, progress=progress)
+    else:
+        from experiments.workers import run_study_on_ray
+
+        try:
+            store = run_study_on_ray(config, workers=workers, address=address, progress=progress)
+        except ImportError as error:
+            print(f"surgery run: {error}", file=sys.stderr)
+            return 2
     print(f"\n{config.name}: results in {store.results_path}\n")
     print(format_table(condition_summaries(store.records())))
     from experiments.report import write_report
