@@ -15,7 +15,9 @@ the shipped sample (chat template), one condition with no blocks and no probes, 
 
 The local Ray cluster is started once before timing (as with ``--ray-address``); its start is
 timed apart and shown as a second ratio with it added to every run. Rows per hour count stored
-(problem, condition) records; the script reports how many rows of the two runs have identical
+(problem, condition) records. On a shared machine the fastest run of each row is shown too (the
+least disturbed by other jobs; a run with two torch threads suffers more from a third process
+than two single-thread ones do). The script reports how many rows of the two runs have identical
 tokens (threads change float rounding, so an occasional greedy tie may break the other way).
 """
 
@@ -111,12 +113,14 @@ def main() -> None:
     print(f"rows with identical tokens in the two runs: {same}/{len(one)}; load average (1 min) {load[0]:.1f} at "
           f"the start, {load[1]:.1f} at the end, on {os.cpu_count()} CPUs")
     base = statistics.median(times["one_process"])
-    print(f"{'row':<14}{'median s':>10}{'rows/hour':>11}{'vs one_process':>16}{'with Ray start':>16}")
+    fastest = min(times["one_process"])
+    print(f"{'row':<14}{'median s':>10}{'rows/hour':>11}{'vs one_process':>16}{'with Ray start':>16}"
+          f"{'fastest s':>11}{'fastest vs':>12}")
     for name in rows:
         median = statistics.median(times[name])
         with_start = median + (ray_start if name == "ray_workers" else 0.0)
         print(f"{name:<14}{median:>10.1f}{args.problems * 3600 / median:>11.0f}{base / median:>15.2f}x"
-              f"{base / with_start:>15.2f}x")
+              f"{base / with_start:>15.2f}x{min(times[name]):>11.1f}{fastest / min(times[name]):>11.2f}x")
     print(json.dumps({name: [round(t, 2) for t in values] for name, values in times.items()}))
 
 
