@@ -6,13 +6,16 @@ twice (its output fed to it once more), run the blocks above on the result, and 
 argmax of the new logits. The recomputed keys and values replace the old ones in the KV cache,
 so later tokens attend to the recycled position.
 
-How it runs here: the engine rolls the cache back one position and re-runs the step's last
-position (the whole model: the "re-run the step" form the issue allows; blocks below ``layer``
-recompute the same values, so only the cost differs, which the benchmark reports). During that
-re-run, a hook on block ``layer`` applies the block's ``forward`` a second time to its own
-output for the firing rows, after rolling that layer's cache back one more position, so the
-second application attends to the past as the first did and its keys/values are the ones kept.
-Rows that do not fire keep their first pass exactly (keys and values restored).
+How it runs here: the engine re-runs the step's last position from block ``layer`` up, on the
+input block ``layer`` received in the step's forward, with the KV cache of those blocks rolled
+back one position (:attr:`rerun_layer`; :mod:`surgery.partial_rerun`). Blocks below ``layer``
+would recompute the same values, so they are not run again (on a TransformerLens bridge the
+engine re-runs the whole model: same tokens, more cost). During the re-run, a hook on block
+``layer`` applies the block's ``forward`` a second time to its own output for the firing rows,
+after rolling that layer's cache back one more position, so the second application attends to
+the past as the first did and its keys/values are the ones kept. Rows that do not fire keep
+their first pass exactly (keys and values restored). Works with either KV cache kind
+(:mod:`surgery.kv_cache`).
 
 Paper-compatible: the released trigger set (default), ``layer`` 23 of 32 for
 R1-Distill-Llama-8B, and ``probability=0.5`` reproduces the released code's coin flip. The coin
@@ -37,6 +40,7 @@ import torch
 from torch import Tensor
 
 from surgery.blocks import Intervention, per_row, register_block
+from surgery.kv_cache import last_entry, restore_last_entry, rollback
 
 __all__ = ["RR_TRIGGER_WORDS", "RepresentationRecycling", "RepresentationRecyclingConfig"]
 
@@ -89,6 +93,10 @@ class RepresentationRecycling(Intervention):
 
     def by_row(self) -> list[list[int]]:
         return self.fired()
+
+    @property
+    def rerun_layer(self) -> int | None:
+        return getattr(self, "_layer", None)
 
     def __init__(self, layer: int, trigger_words=RR_TRIGGER_WORDS, probability: float = 1.0, seed: int = 0):
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -143,7 +151,8 @@ class RepresentationRecycling(Intervention):
         if not bool(fire.any()):  # one host sync per token while attached: the re-run is the cost
             return
         logits = choice.recompute(
-            lambda: [self._block.register_forward_hook(self._doubler(fire), with_kwargs=True, prepend=True)]
+            lambda: [self._block.register_forward_hook(self._doubler(fire), with_kwargs=True, prepend=True)],
+            from_layer=self._layer,
         )
         choice.replace(fire, logits.argmax(dim=-1))
 
@@ -155,14 +164,11 @@ class RepresentationRecycling(Intervention):
         def hook(module, args, kwargs, output):
             first = output[0] if isinstance(output, tuple) else output
             cache = next(v for v in (*args, *kwargs.values()) if isinstance(v, Cache))
-            stored = cache.layers[layer]
-            keys, values = stored.keys[:, :, -1:].clone(), stored.values[:, :, -1:].clone()
-            stored.crop(-1)  # the second application attends to the same past as the first
+            keys, values = last_entry(cache, layer)
+            rollback(cache, [layer])  # the second application attends to the same past as the first
             again = module.forward(first, *args[1:], **kwargs)
             second = again[0] if isinstance(again, tuple) else again
-            keep = ~fire[:, None, None, None]
-            stored.keys[:, :, -1:] = torch.where(keep, keys, stored.keys[:, :, -1:])
-            stored.values[:, :, -1:] = torch.where(keep, values, stored.values[:, :, -1:])
+            restore_last_entry(cache, layer, keys, values, ~fire)
             result = torch.where(fire[:, None, None], second, first)
             return (result, *output[1:]) if isinstance(output, tuple) else result
 

@@ -262,14 +262,18 @@ class TokenChoice:
         new_stop = torch.isin(tokens, self._eos) if stop is None else torch.full_like(rows, stop)
         self.stops = torch.where(rows, new_stop, self.stops)
 
-    def recompute(self, install: Callable[[], list]) -> Tensor:
+    def recompute(self, install: Callable[[], list], from_layer: int | None = None) -> Tensor:
         """Re-run this step's last position with extra hooks; return its new logits ``[batch, vocab]``.
 
         The KV cache is rolled back by one position first, so the recomputed keys and values
         replace the old ones. ``install`` registers the extra hooks and returns their handles;
         they are removed afterwards. Blocks see the re-run with ``step.is_rerun`` set.
+        ``from_layer``: the lowest block whose output can change (blocks below it are not
+        touched by the extra hooks); when the block declared it as its
+        :attr:`~Intervention.rerun_layer`, only blocks from there up run again, on their
+        inputs recorded in the step's forward. Otherwise the whole model re-runs.
         """
-        return self._recompute(install)
+        return self._recompute(install, from_layer)
 
 
 class Intervention(Block):
@@ -318,6 +322,13 @@ class Intervention(Block):
     def edits_tokens(self) -> bool:
         """Whether this class overrides :meth:`choose` (only those get token choices)."""
         return type(self).choose is not Intervention.choose
+
+    @property
+    def rerun_layer(self) -> int | None:
+        """The lowest block this block's :meth:`TokenChoice.recompute` calls can change (valid
+        after :meth:`bind`), or None. Declaring it lets the engine record the inputs of blocks
+        from there up and re-run only those."""
+        return None
 
 
 class Probe(Block):

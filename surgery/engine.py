@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from surgery.blocks import TokenChoice
+from surgery.kv_cache import CACHE_KINDS, new_cache, rollback
 from surgery.model import Model
+from surgery.partial_rerun import LayerInputs, supports_partial_rerun
 from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.sampling import RowKey, RowSampler, row_keys_for
 from surgery.step import Step
@@ -83,17 +84,40 @@ def _forward_options(module) -> dict:
 class _Forward:
     """The model calls of one generation: the prefill, one fed token per step, and re-runs.
 
-    Holds the KV cache, the attention mask and the current :class:`Step`, and tells ``on_step``
-    about every pass just before it runs. Each call returns the last position's logits,
-    float32 ``[batch, vocab]``.
+    Holds the KV cache (:mod:`surgery.kv_cache`), the attention mask and the current
+    :class:`Step`, and tells ``on_step`` about every pass just before it runs. Each call returns
+    the last position's logits, float32 ``[batch, vocab]``. With ``rerun_from`` set (a block
+    index), it records the inputs of blocks from there up at every forward, so a re-run can
+    start at such a block (:mod:`surgery.partial_rerun`).
     """
 
-    def __init__(self, module, step: Step, attention_mask: Tensor, on_step: Callable[[Step | None], None] | None):
+    def __init__(
+        self,
+        model: Model,
+        step: Step,
+        attention_mask: Tensor,
+        on_step: Callable[[Step | None], None] | None,
+        cache: str = "dynamic",
+        max_new_tokens: int = 1,
+        rerun_from: int | None = None,
+    ):
+        module = model.module
         self.module, self.step, self.on_step = module, step, on_step
         self.options = _forward_options(module)
-        self.cache = DynamicCache(config=module.config)
-        # model.generate drops an all-ones mask (the model then builds a plain causal mask)
-        self.mask = None if bool(attention_mask.all()) else attention_mask
+        self.static = cache == "static"
+        self.cache = new_cache(cache, module.config, attention_mask.shape[1] + max_new_tokens)
+        if bool(attention_mask.all()):
+            self.mask = None  # model.generate drops an all-ones mask (the model builds a causal one)
+        elif self.static:
+            # one mask for the whole run: the cache's length, ones after the prompt (the causal
+            # mask hides positions not written yet), so no step changes its shape or address
+            self.mask = torch.cat([attention_mask, attention_mask.new_ones(len(attention_mask), max_new_tokens)], dim=1)
+        else:
+            self.mask = attention_mask
+        self.inputs = None
+        if rerun_from is not None and supports_partial_rerun(model.architecture):
+            self.inputs = LayerInputs(module, model.architecture, rerun_from % model.n_layers)
+        self.n_layers = model.n_layers
 
     def _call(self, input_ids: Tensor, step: Step) -> Tensor:
         output = self.module(
@@ -119,22 +143,35 @@ class _Forward:
         """
         self.step = self.step.next(chosen, finished, think_ids, matchers)
         self._announce(self.step)
-        if self.mask is not None:
+        if self.mask is not None and not self.static:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(chosen), 1)], dim=1)
         return self._call(chosen[:, None], self.step)
 
-    def recompute(self, install: Callable[[], list]) -> Tensor:
-        """Roll the cache back one position and re-run the current step's last position."""
-        self.cache.crop(-1)
+    def recompute(self, install: Callable[[], list], from_layer: int | None = None) -> Tensor:
+        """Re-run the current step's last position with the hooks ``install`` adds.
+
+        With ``from_layer`` (a block index) and the inputs of that block recorded, only blocks
+        ``from_layer`` and up run again, on their recorded inputs, with their KV cache rolled
+        back one position (blocks below would recompute the same values); otherwise the whole
+        model re-runs, every layer's cache rolled back.
+        """
+        start = None if from_layer is None else from_layer % self.n_layers
+        partial = self.inputs is not None and start is not None and start >= self.inputs.first and self.inputs.ready
+        rollback(self.cache, range(start, self.n_layers) if partial else None)
         handles = install()
         last = self.step.tail(1)
         try:
             self._announce(dataclasses.replace(last, is_rerun=True))
-            return self._call(last.token_ids, last)
+            return self.inputs.rerun(start) if partial else self._call(last.token_ids, last)
         finally:
             for handle in handles:
                 handle.remove()
             self._announce(self.step)
+
+    def close(self) -> None:
+        """Remove the recording hooks, if any."""
+        if self.inputs is not None:
+            self.inputs.remove()
 
 
 def _offer(on_choose: Callable[[TokenChoice], None], choice: TokenChoice, pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,7 +204,9 @@ def _output(tokenizer, generated: Tensor, stops: StopTracker, attention_mask: Te
     )
 
 
-def _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings) -> None:
+def _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings, cache) -> None:
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHE_KINDS))}, got {cache!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if do_sample and not temperature > 0:
@@ -195,6 +234,8 @@ def generate(
     on_step: Callable[[Step | None], None] | None = None,
     on_choose: Callable[[TokenChoice], None] | None = None,
     text_patterns: Sequence = (),
+    cache: str = "dynamic",
+    rerun_from: int | None = None,
 ) -> GenerationOutput:
     """Generate from a batch of prompts with the toolkit's decode loop.
 
@@ -225,11 +266,19 @@ def generate(
         text_patterns: strings (or ``(string, case_sensitive)`` keys) whose occurrences in each
             row's text every step reports in ``Step.text_hits`` (the trace passes those its
             blocks' triggers need).
+        cache: ``"dynamic"`` (a cache that grows each step, as ``model.generate``) or
+            ``"static"`` (allocated once for prompt plus ``max_new_tokens``: the same memory every
+            step, what graph capture needs); greedy tokens are the same (tested), logits may
+            differ in the last bits (attention runs over the whole static length, masked).
+        rerun_from: the lowest block a :meth:`TokenChoice.recompute` may restart at (the trace
+            passes the lowest :attr:`~surgery.blocks.Intervention.rerun_layer` of its blocks):
+            the engine then records those blocks' inputs each step, so a recompute runs only
+            the blocks from there up. None: a recompute re-runs the whole model.
 
     Returns:
         A :class:`GenerationOutput`.
     """
-    _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings)
+    _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings, cache)
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     check_context(model, attention_mask, max_new_tokens)
     keys = row_keys_for(input_ids, attention_mask, row_keys)  # on the CPU, before the move
@@ -245,7 +294,8 @@ def generate(
     # How often the loop asks the device whether every row is done: each ask is a host sync.
     check_every = 1 if device.type == "cpu" else 8
 
-    forward = _Forward(model.module, Step.prefill(input_ids, attention_mask, think_ids, matchers), attention_mask, on_step)
+    first_step = Step.prefill(input_ids, attention_mask, think_ids, matchers)
+    forward = _Forward(model, first_step, attention_mask, on_step, cache, max_new_tokens, rerun_from)
     stops = StopTracker(model.tokenizer, eos, stop_strings, batch, max_new_tokens)
     generated = torch.full((batch, max_new_tokens), model.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -275,6 +325,7 @@ def generate(
                 logits = forward.feed(chosen, finished, think_ids, matchers)
     finally:
         bar.close()
+        forward.close()
         if on_step is not None:
             on_step(None)
     return _output(model.tokenizer, generated[:, :steps_run], stops, attention_mask, start, prefill_s)

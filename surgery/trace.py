@@ -130,6 +130,7 @@ class Trace:
             for block in choosers:
                 block.choose(choice)
 
+        rerun_layers = [block.rerun_layer for block in choosers if block.rerun_layer is not None]
         return engine.generate(
             self.model,
             prompts,
@@ -137,6 +138,7 @@ class Trace:
             on_step=self._on_step,
             on_choose=on_choose if choosers else None,
             text_patterns=self._text_patterns(),
+            rerun_from=min(rerun_layers, default=None),
             **options,
         )
 

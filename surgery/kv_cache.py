@@ -1,0 +1,106 @@
+"""The KV caches the engine decodes with, and the few edits recomputing a position needs.
+
+Two kinds, named by :func:`surgery.generate`'s ``cache`` argument:
+
+- ``"dynamic"`` (the default): a :class:`transformers.DynamicCache`, which grows by one position
+  per step (what ``model.generate`` uses; the engine's tokens equal its tokens);
+- ``"static"``: a :class:`transformers.StaticCache` allocated once for the prompt plus every new
+  token. Its buffers never move and its write position is a device tensor, so a decode step
+  reads and writes the same memory every time: what CUDA-graph capture and ``torch.compile``
+  need. Sliding-window layers are refused (their static form keeps a host-side counter).
+
+Recomputing the last position (representation recycling) rolls layers back one position and
+lets the re-run overwrite it; :func:`last_entry` and :func:`restore_last_entry` keep one
+layer's last keys and values for the rows that do not change. All of these are tensor ops on
+the device for both kinds (no host sync).
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=2)
+    >>> module = LlamaForCausalLM(config).eval()
+    >>> cache = new_cache("static", config, max_length=8)
+    >>> _ = module(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+    >>> int(cache.layers[0].cumulative_length)
+    3
+    >>> rollback(cache)
+    >>> int(cache.layers[0].cumulative_length)
+    2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from transformers import Cache, DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
+
+__all__ = ["CACHE_KINDS", "last_entry", "new_cache", "restore_last_entry", "rollback"]
+
+#: The cache kinds :func:`new_cache` builds.
+CACHE_KINDS = ("dynamic", "static")
+
+
+def new_cache(kind: str, config, max_length: int) -> Cache:
+    """A fresh cache of ``kind`` for a model with ``config``; ``max_length`` bounds a static one.
+
+    Raises:
+        ValueError: an unknown kind, or a static cache for a model with sliding-window layers.
+    """
+    if kind == "dynamic":
+        return DynamicCache(config=config)
+    if kind != "static":
+        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHE_KINDS))}, got {kind!r}")
+    cache = StaticCache(config=config, max_cache_len=max_length)
+    odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
+    if odd:
+        raise ValueError(
+            f"cache='static' supports full-attention layers only; this model has {', '.join(odd)} "
+            "(sliding-window attention): use cache='dynamic'"
+        )
+    return cache
+
+
+def _layers(cache: Cache, layers: Iterable[int] | None):
+    return cache.layers if layers is None else [cache.layers[i] for i in layers]
+
+
+def rollback(cache: Cache, layers: Iterable[int] | None = None) -> None:
+    """Forget the last position of ``layers`` (every layer when None); the next forward rewrites it."""
+    for layer in _layers(cache, layers):
+        if isinstance(layer, StaticLayer):
+            if layer.is_initialized:
+                layer.cumulative_length.sub_(1)  # in place: the tensor's address is static
+        else:
+            layer.crop(-1)
+
+
+def _last_index(layer: StaticLayer) -> Tensor:
+    return (layer.cumulative_length - 1).reshape(1)
+
+
+def last_entry(cache: Cache, layer: int) -> tuple[Tensor, Tensor]:
+    """Copies of ``layer``'s keys and values at its last written position, ``[batch, heads, 1, dim]``."""
+    stored = cache.layers[layer]
+    if isinstance(stored, StaticLayer):
+        index = _last_index(stored)
+        return stored.keys.index_select(2, index), stored.values.index_select(2, index)
+    return stored.keys[:, :, -1:].clone(), stored.values[:, :, -1:].clone()
+
+
+def restore_last_entry(cache: Cache, layer: int, keys: Tensor, values: Tensor, rows: Tensor) -> None:
+    """Put ``keys``/``values`` (from :func:`last_entry`) back at ``layer``'s last position for ``rows``
+    (bool ``[batch]``); other rows keep what is there now."""
+    stored = cache.layers[layer]
+    keep = rows[:, None, None, None]
+    if isinstance(stored, StaticLayer):
+        index = _last_index(stored)
+        now_keys, now_values = stored.keys.index_select(2, index), stored.values.index_select(2, index)
+        stored.keys.index_copy_(2, index, torch.where(keep, keys, now_keys))
+        stored.values.index_copy_(2, index, torch.where(keep, values, now_values))
+        return
+    stored.keys[:, :, -1:] = torch.where(keep, keys, stored.keys[:, :, -1:])
+    stored.values[:, :, -1:] = torch.where(keep, values, stored.values[:, :, -1:])
