@@ -108,8 +108,9 @@ def segment_mean_update(
     batch, capacity, d = buffer.shape
     if capacity > 0:
         # Each row's slot in a flat [batch * capacity, d] view (buffer is contiguous): one
-        # index_select and one index_copy_, no host sync (and far faster on CPU than
-        # buffer[rows, n_steps], which torch does not turn into either).
+        # index_select and one index_copy_, no host sync. (buffer[rows, n_steps] = ... is the
+        # same op, but on a busy 2-core CPU its 2-thread path took ~10 ms for 8 rows, against
+        # ~8 us with one thread; these two stayed at ~8 us either way.)
         slots = buffer.view(batch * capacity, d)
         index = torch.arange(batch, device=buffer.device) * capacity + n_steps.clamp(0, capacity - 1)
         write = ended & (n_steps >= 0) & (n_steps < capacity)
