@@ -1,10 +1,13 @@
-"""Time the torch reference against the dispatcher for surgery.kernels.masked_add.
+"""Time the torch reference against the dispatcher for the surgery.kernels ops.
 
 Run: python benchmarks/bench_kernels.py [--dtype bfloat16] [--reps 30]
 
-On a CUDA machine with triton installed the dispatcher runs the Triton kernel. On CPU the
-dispatcher runs the reference too, so both rows time the same code; the Triton interpreter is
-not timed, since its speed says nothing about the kernel's.
+Ops: masked_add, segment_mean_update (ReasoningGraph's pooling per decode step; --dtype is the
+hidden states' dtype) and centred_gaussian_gram (nHSIC's K H, float64). On a CUDA machine with
+triton installed the dispatcher runs the Triton kernel, and the pooling and Gram rows also give
+the fraction of the device's copy bandwidth they reach. On CPU the dispatcher runs the reference
+too, so both columns time the same code; the Triton interpreter is not timed, since its speed
+says nothing about the kernel's.
 """
 
 import argparse
@@ -67,6 +70,70 @@ def main():
                          cuda)
         print(f"{str(shape):>16} {ref:>13.1f} {disp:>14.1f} {ref / disp:>6.2f}x")
     print("ratio = reference time / dispatcher time (above 1: the dispatcher is faster)")
+    bench_pooling_and_gram(dtype, args.reps, args.inner, device)
+
+
+# --- segment_mean_update (ReasoningGraph's pooling) and centred_gaussian_gram (nHSIC's K H) -----
+
+# (batch, d, capacity) per decode step; GPU sizes fill the device, CPU ones stay quick
+POOL_SHAPES = {"cuda": [(8, 1536, 256), (128, 1536, 256)], "cpu": [(8, 576, 64), (8, 1536, 64)]}
+# (batch, d): nHSIC's per-token K H in float64 (d x d per row)
+GRAM_SHAPES = {"cuda": [(8, 576), (128, 1536)], "cpu": [(4, 256), (8, 576)]}
+
+
+def copy_us(n_bytes, reps, inner, device):
+    """Median time of a plain copy_ that reads and writes n_bytes in all (n_bytes / 2 each way)."""
+    src = torch.empty(max(n_bytes // 2, 1), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return median_us(lambda: dst.copy_(src), reps, inner, device.type == "cuda")
+
+
+def print_row(label, ref, disp, n_bytes, copy):
+    fraction = f"{copy / disp:>9.2f}" if copy is not None else f"{'-':>9}"
+    print(f"{label:>22} {ref:>13.1f} {disp:>14.1f} {ref / disp:>6.2f}x {n_bytes / 1e6:>9.2f} {fraction}")
+
+
+def bench_pooling_and_gram(dtype, reps, inner, device):
+    """Rows for segment_mean_update and centred_gaussian_gram: reference vs dispatcher, and on
+    CUDA the fraction of the device's copy bandwidth the dispatcher reaches (bytes = inputs read
+    + outputs written; a copy_ of the same bytes timed in the same run)."""
+    from surgery.kernels import centred_gaussian_gram, segment_mean_update
+
+    cuda = device.type == "cuda"
+    size = "cuda" if cuda else "cpu"
+    print()
+    print(f"{'op / shape':>22} {'reference us':>13} {'dispatcher us':>14} {'ratio':>7} {'MB moved':>9} "
+          f"{'of copy bw':>9}")
+    pool_backend = kernel_backend(torch.empty(0, device=device))
+    for batch, d, capacity in POOL_SHAPES[size]:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, d, generator=gen).to(device=device, dtype=dtype)
+        valid = torch.ones(batch, dtype=torch.bool, device=device)
+        ended = (torch.rand(batch, generator=gen) < 1 / 8).to(device)  # ~a step per 8 tokens
+        keep = torch.zeros_like(ended)  # counters stay put: every call writes the same slots
+        state = (torch.zeros(batch, d, device=device), torch.zeros(batch, dtype=torch.long, device=device),
+                 torch.zeros(batch, capacity, d, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+        ref = median_us(lambda: reference.segment_mean_update(x, valid, ended, keep, *state), reps, inner, cuda)
+        disp = median_us(lambda: segment_mean_update(x, valid, ended, keep, *state), reps, inner, cuda)
+        # x and the sums read, the sums and the ended rows' means written, flags and counters
+        n_bytes = x.numel() * x.element_size() + 2 * batch * d * 4 + int(ended.sum()) * d * 4 + batch * (3 + 32)
+        copy = copy_us(n_bytes, reps, inner, device) if cuda else None
+        print_row(f"pool {batch}x{d} cap {capacity}", ref, disp, n_bytes, copy)
+    gram_backend = None
+    for batch, d in GRAM_SHAPES[size]:
+        v = (30 * torch.randn(batch, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).to(device)
+        gram_backend = kernel_backend(v, dtypes=(torch.float64,))
+        gram_inner = max(1, inner // 5) if cuda else 1  # each call writes batch * d² float64
+        ref = median_us(lambda: reference.centred_gaussian_gram(v, 50.0), reps, gram_inner, cuda)
+        disp = median_us(lambda: centred_gaussian_gram(v, 50.0), reps, gram_inner, cuda)
+        n_bytes = batch * d * 8 + batch * d * d * 8
+        copy = copy_us(n_bytes, reps, gram_inner, device) if cuda else None
+        print_row(f"gram f64 {batch}x{d}", ref, disp, n_bytes, copy)
+    print(f"dispatcher backends: pool {pool_backend}, gram {gram_backend}; 'of copy bw' = copy_ time "
+          "of the same bytes / dispatcher time (CUDA only)")
+    if "triton" not in (pool_backend, gram_backend):
+        print("note: no Triton here, so both columns time the torch reference (the dispatcher adds "
+              "only its input checks); the kernels need a GPU with triton installed.")
 
 
 if __name__ == "__main__":

@@ -32,18 +32,19 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from surgery.kernels import centred_gaussian_gram
+
 __all__ = ["RY_RANK_TOLERANCE", "hsic_across_examples", "nhsic"]
 
 
 def _centred_kernel(v: Float[Tensor, "*batch d"], sigma: float) -> Float[Tensor, "*batch d d"]:
-    """Right-centred Gaussian kernel ``K H`` over the coordinates of ``v``.
+    """Right-centred Gaussian kernel ``K H`` over the coordinates of ``v``, float64.
 
     ``K H = (K - 1) H`` because ``1 1ᵀ H = 0``; ``K - 1`` from ``expm1`` keeps the small entries
-    that ``exp`` rounds away next to 1.
+    that ``exp`` rounds away next to 1, and right-multiplying by ``H`` subtracts row means. One
+    fused op (:func:`surgery.kernels.centred_gaussian_gram`, a Triton kernel on CUDA).
     """
-    diff = v[..., :, None] - v[..., None, :]
-    k1 = torch.expm1(diff.square_().mul_(-0.5 / sigma**2))
-    return k1.sub_(k1.mean(dim=-1, keepdim=True))  # right-multiplying by H subtracts row means
+    return centred_gaussian_gram(v, sigma)
 
 
 def _ridge(centred: Float[Tensor, "*batch d d"], epsilon: float) -> Float[Tensor, "*batch d d"]:

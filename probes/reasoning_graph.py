@@ -37,6 +37,7 @@ from torch import Tensor
 
 from probes.graph_metrics import GraphAnalysis, analyse
 from surgery.blocks import Probe, register_block
+from surgery.kernels import segment_mean_update
 from surgery.results import SavedResult
 from surgery.step import Step
 
@@ -93,13 +94,14 @@ class ReasoningGraph(Probe):
     While decoding, each row keeps a running sum ``[d]``, a token count and the offsets needed
     for ``len(text.strip())`` on the device. When a token ending with ``"\\n"`` is fed, the
     row's mean is written into a per-row buffer ``[batch, capacity, d]`` at the row's step
-    counter (a scatter, no host sync), and the counter advances only if the step is long
-    enough. Memory therefore grows with the number of kept steps, not with tokens x width. The
-    one host sync is the capacity check: the host keeps an upper bound on the largest step
-    counter (it grows by one per decode step) and reads the true maximum ``m`` only when that
-    bound reaches the capacity, then grows the buffer to ``m + max(64, m // 2)`` slots if it
-    has less; so at most one sync per 64 decode steps (per ``m / 2`` once rows hold ``m``
-    steps), and the buffer holds at most ``1.5 m + 64`` vectors per row. The prefill is
+    counter (no host sync), and the counter advances only if the step is long enough; the
+    pooling itself is one fused op per token (:func:`surgery.kernels.segment_mean_update`, a
+    Triton kernel on CUDA). Memory therefore grows with the number of kept steps, not with
+    tokens x width. The one host sync is the capacity check: the host keeps an upper bound on
+    the largest step counter (it grows by one per decode step) and reads the true maximum ``m``
+    only when that bound reaches the capacity, then grows the buffer to ``m + max(64, m // 2)``
+    slots if it has less; so at most one sync per 64 decode steps (per ``m / 2`` once rows hold
+    ``m`` steps), and the buffer holds at most ``1.5 m + 64`` vectors per row. The prefill is
     ignored, as are re-runs.
 
     Args:
@@ -204,15 +206,12 @@ class ReasoningGraph(Probe):
             return
         self._steps = None
         tokens, valid = step.token_ids[:, -1], step.valid[:, -1]
-        x = value[:, -1].float()
-        self._sum += torch.where(valid[:, None], x, 0.0)
-        self._count += valid.long()
         has_text = self._has_text[tokens] & valid
         self._start = torch.where(has_text & (self._start < 0), self._chars + self._first[tokens], self._start)
         self._end = torch.where(has_text, self._chars + self._last[tokens], self._end)
         self._chars += torch.where(valid, self._length[tokens], 0)
         ended = self._ends_line[tokens] & valid
-        self._close(ended)
+        self._close(value[:, -1], valid, ended)
 
     def _long_enough(self) -> Tensor:
         """Rows whose current step has ``len(text.strip()) > min_chars``."""
@@ -221,20 +220,19 @@ class ReasoningGraph(Probe):
     def _mean(self) -> Tensor:
         return self._sum / self._count.clamp(min=1)[:, None].float()
 
-    def _close(self, ended: Tensor) -> None:
-        """Write the mean of rows whose step ``ended``; advance the counter where it is long enough."""
+    def _close(self, x: Tensor, valid: Tensor, ended: Tensor) -> None:
+        """Pool the new states ``x``; where the step ``ended``, store its mean and start a new one.
+
+        One :func:`~surgery.kernels.segment_mean_update` (a Triton kernel on CUDA): adds ``x``
+        into the running sums where ``valid`` (the token that ends a step belongs to it), writes
+        the mean of ended rows at their step counter, advances the counter where the step is
+        long enough, and clears the sums, in place, with no host sync. The text offsets are
+        cleared here.
+        """
         self._ensure_capacity()
         keep = ended & self._long_enough()
-        rows = torch.arange(self._sum.shape[0], device=self._sum.device)
-        mean = self._mean()
-        # Every row writes at its own counter; only kept rows advance, so the others' writes
-        # land in a free slot and are overwritten later (no boolean indexing, no sync).
-        self._buffer[rows, self._n_steps] = mean
-        self._n_steps = self._n_steps + keep.long()
+        segment_mean_update(x, valid, ended, keep, self._sum, self._count, self._buffer, self._n_steps)
         self._bound += 1
-        clear = ended[:, None]
-        self._sum = torch.where(clear, 0.0, self._sum)
-        self._count = torch.where(ended, 0, self._count)
         self._chars = torch.where(ended, 0, self._chars)
         self._start = torch.where(ended, -1, self._start)
         self._end = torch.where(ended, 0, self._end)

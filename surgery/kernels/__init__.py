@@ -10,6 +10,11 @@ One module per piece, as for every op:
 - one module per Triton kernel: :mod:`~surgery.kernels.triton_masked_add`. These import triton
   at top level, so the dispatchers import them lazily, once triton is known to be available.
 
+Also streaming segment-mean pooling (:mod:`~surgery.kernels.segment_mean_update`, the step
+vectors of :class:`probes.ReasoningGraph`) and the centred Gaussian Gram matrix of nHSIC
+(:mod:`~surgery.kernels.centred_gaussian_gram`, float64, used by :mod:`probes.hsic`), each with
+its Triton kernel module (``triton_segment_mean_update``, ``triton_centred_gaussian_gram``).
+
 This package only re-exports the public names.
 """
 
@@ -17,3 +22,9 @@ from .backend import TRITON_DTYPES, kernel_backend, triton_available
 from .masked_add import masked_add
 
 __all__ = ["TRITON_DTYPES", "kernel_backend", "masked_add", "triton_available"]
+
+# Streaming segment-mean pooling and the centred Gaussian Gram matrix (nHSIC).
+from .centred_gaussian_gram import centred_gaussian_gram  # noqa: E402
+from .segment_mean_update import segment_mean_update  # noqa: E402
+
+__all__ = sorted([*__all__, "centred_gaussian_gram", "segment_mean_update"])

@@ -68,16 +68,18 @@ def require_triton() -> None:
         )
 
 
-def kernel_backend(tensor: Tensor) -> str:
+def kernel_backend(tensor: Tensor, *, dtypes: tuple[torch.dtype, ...] = TRITON_DTYPES) -> str:
     """Name the backend that the kernel ops use for ``tensor``.
 
     ``SURGERY_KERNELS`` is read at each call. ``torch`` forces torch and ``triton`` forces
     Triton. Otherwise (unset, ``""`` or ``auto``) the answer is ``"torch"`` when triton is not
     installed, when ``tensor`` is not on a CUDA device, or when its dtype has no Triton kernel
-    (only those in :data:`TRITON_DTYPES` do), and ``"triton"`` otherwise.
+    (only those in ``dtypes`` do), and ``"triton"`` otherwise.
 
     Args:
         tensor: The tensor the op will run on (for ``masked_add``, ``hidden``).
+        dtypes: The dtypes the op's Triton kernel handles: :data:`TRITON_DTYPES` unless the op
+            says otherwise (the nHSIC Gram matrix also takes float64).
 
     Returns:
         ``"torch"`` or ``"triton"``.
@@ -98,6 +100,6 @@ def kernel_backend(tensor: Tensor) -> str:
     if choice == "triton":
         require_triton()
         return "triton"
-    if not triton_available() or not tensor.is_cuda or tensor.dtype not in TRITON_DTYPES:
+    if not triton_available() or not tensor.is_cuda or tensor.dtype not in dtypes:
         return "torch"
     return "triton"
