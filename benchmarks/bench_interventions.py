@@ -8,19 +8,24 @@ SmolLM2-135M-Instruct on the first GSM8K test questions (chat template), greedy.
   steering       SteeringVector at resid_pre.15 where the text reaches "\\n\\n" (OnText)
   token_mask     TokenMask(["wait", "alternatively"], penalty=-3)   (SEAL's baseline)
   tts            ThinkingTokenInsertion(" Wait", budget 32, answer prompt + 8 tokens)
-  recycling      RepresentationRecycling(layer 20, the released trigger words)
+  recycling      RepresentationRecycling(layer 20, the released trigger words): re-runs blocks
+                 20.. only, from block 20's recorded input (surgery.partial_rerun)
+  recycling_full the same, re-running the whole model for the recomputed position (as before the
+                 partial re-run; the same tokens)
   all_four       the four stacked in one trace
-tok/s is new tokens over wall time; ratios are to ``plain`` (1.00 = as fast). Recycling re-runs
-the whole model for the recomputed position (the simple form; blocks below the layer compute
-the same values again), so its cost per firing is reported as a fraction of a plain decode step.
+  plain_static   the engine with cache="static" (nothing attached)
+tok/s is new tokens over wall time; ratios are to ``plain`` (1.00 = as fast). Each recycling
+row's cost per re-run is reported as a fraction of a plain decode step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -47,19 +52,23 @@ def main() -> None:
             "tts": lambda: ThinkingTokenInsertion(words=(" Wait",), budget=32, answer_prompt=" So the answer is", answer_tokens=8),
             "recycling": lambda: RepresentationRecycling(layer=20),
         }
-        if name == "plain":
+        if name in ("plain", "plain_static"):
             return []
+        if name == "recycling_full":
+            return [make["recycling"]()]
         if name == "all_four":
             return [make[key]() for key in ("steering", "token_mask", "recycling", "tts")]
         return [make[name]()]
 
     def run(name: str):
         attached = blocks(name)
-        with surgery.trace(model, *attached) as tr:
-            out = tr.generate(prompts, args.new_tokens, chat=True, progress=False)
+        full = mock.patch("surgery.engine.supports_partial_rerun", lambda architecture: False)
+        with full if name == "recycling_full" else contextlib.nullcontext(), surgery.trace(model, *attached) as tr:
+            cache = "static" if name == "plain_static" else "dynamic"
+            out = tr.generate(prompts, args.new_tokens, chat=True, progress=False, cache=cache)
         return out, attached
 
-    names = ["plain", "steering", "token_mask", "tts", "recycling", "all_four"]
+    names = ["plain", "steering", "token_mask", "tts", "recycling", "recycling_full", "all_four", "plain_static"]
     facts = {}
     for name in names:  # warm-up; what each row does
         out, attached = run(name)
@@ -74,21 +83,21 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; batch {args.batch}, up to {args.new_tokens} new tokens, "
           f"median of {args.reps}")
     plain_rate = facts["plain"]["tokens"] / statistics.median(times["plain"])
-    print(f"{'row':<12}{'median s':>10}{'tokens':>8}{'tok/s':>9}{'vs plain':>10}{'fires':>7}{'inserted':>10}")
+    print(f"{'row':<15}{'median s':>10}{'tokens':>8}{'tok/s':>9}{'vs plain':>10}{'fires':>7}{'inserted':>10}")
     for name in names:
         median = statistics.median(times[name])
         rate = facts[name]["tokens"] / median
-        print(f"{name:<12}{median:>10.3f}{facts[name]['tokens']:>8}{rate:>9.1f}{rate / plain_rate:>9.2f}x"
+        print(f"{name:<15}{median:>10.3f}{facts[name]['tokens']:>8}{rate:>9.1f}{rate / plain_rate:>9.2f}x"
               f"{facts[name]['fires']:>7}{facts[name]['inserted']:>10}")
     step = statistics.median(times["plain"]) / facts["plain"]["steps"]
-    recycling = facts["recycling"]
-    extra = statistics.median(times["recycling"]) - step * recycling["steps"]
-    if recycling["reruns"]:
-        print(f"recycling: {recycling['fires']} firings in {recycling['reruns']} re-run steps (rows firing together "
-              f"share one) over {recycling['steps']} decode steps; cost per re-run "
-              f"{extra / recycling['reruns'] / step:.2f} of a plain decode step, per firing "
-              f"{extra / recycling['fires'] / step:.2f} (batch {args.batch}; the whole model is re-run for the "
-              "recomputed position)")
+    for name, how in (("recycling", "blocks 20.. re-run"), ("recycling_full", "the whole model re-run")):
+        recycling = facts[name]
+        extra = statistics.median(times[name]) - step * recycling["steps"]
+        if recycling["reruns"]:
+            print(f"{name}: {recycling['fires']} firings in {recycling['reruns']} re-run steps (rows firing together "
+                  f"share one) over {recycling['steps']} decode steps; cost per re-run "
+                  f"{extra / recycling['reruns'] / step:.2f} of a plain decode step, per firing "
+                  f"{extra / recycling['fires'] / step:.2f} (batch {args.batch}; {how})")
 
 
 if __name__ == "__main__":
