@@ -1,4 +1,4 @@
-"""Fused ops on hidden states, with a torch reference and optional Triton kernels.
+"""Fused hot ops (on hidden states, logits and K-means points), with a torch reference and optional Triton kernels.
 
 One module per piece, as for every op:
 
@@ -6,14 +6,19 @@ One module per piece, as for every op:
   CPU path and the test oracle);
 - :mod:`~surgery.kernels.backend`: which implementation runs (:func:`kernel_backend`,
   :func:`triton_available`, the ``SURGERY_KERNELS`` variable, the dtypes Triton handles);
-- one module per op with its checked dispatcher: :mod:`~surgery.kernels.masked_add`;
-- one module per Triton kernel: :mod:`~surgery.kernels.triton_masked_add`. These import triton
-  at top level, so the dispatchers import them lazily, once triton is known to be available.
+- one module per op with its checked dispatcher: :mod:`~surgery.kernels.masked_add`,
+  :mod:`~surgery.kernels.mask_logits`, :mod:`~surgery.kernels.nearest_centroid`;
+- one module per Triton kernel: :mod:`~surgery.kernels.triton_masked_add`,
+  :mod:`~surgery.kernels.triton_mask_logits`, :mod:`~surgery.kernels.triton_nearest_centroid`.
+  These import triton at top level, so the dispatchers import them lazily, once triton is known
+  to be available.
 
 This package only re-exports the public names.
 """
 
 from .backend import TRITON_DTYPES, kernel_backend, triton_available
+from .mask_logits import mask_logits
 from .masked_add import masked_add
+from .nearest_centroid import nearest_centroid
 
-__all__ = ["TRITON_DTYPES", "kernel_backend", "masked_add", "triton_available"]
+__all__ = ["TRITON_DTYPES", "kernel_backend", "mask_logits", "masked_add", "nearest_centroid", "triton_available"]
