@@ -2,12 +2,17 @@
 
 Run: python benchmarks/bench_kernels.py [--dtype bfloat16] [--reps 30]
 
-Ops: masked_add, segment_mean_update (ReasoningGraph's pooling per decode step; --dtype is the
-hidden states' dtype) and centred_gaussian_gram (nHSIC's K H, float64). On a CUDA machine with
-triton installed the dispatcher runs the Triton kernel, and the pooling and Gram rows also give
-the fraction of the device's copy bandwidth they reach. On CPU the dispatcher runs the reference
-too, so both columns time the same code; the Triton interpreter is not timed, since its speed
-says nothing about the kernel's.
+One table per op: masked_add (steering, in ``--dtype``), mask_logits (TokenMask, on float32
+logits as the engine hands them), nearest_centroid (K-means' assignment, on float32 points
+as kmeans_torch pools them), then segment_mean_update (ReasoningGraph's pooling per decode
+step, hidden states in ``--dtype``) and centred_gaussian_gram (nHSIC's K H, float64). On a
+CUDA machine with triton installed the dispatcher runs the
+Triton kernel, and each row also says what fraction of the device's copy bandwidth the
+dispatcher reaches: the time of a plain ``Tensor.copy_`` moving the same bytes (inputs read +
+outputs written), measured in the same run, over the dispatcher's time. The sizes then fill the
+device (logits 128 x 151936, 200000 points x 1536 against 256 centers); on CPU they are smaller.
+On CPU the dispatcher runs the reference too, so both columns time the same code; the Triton
+interpreter is not timed, since its speed says nothing about the kernel's.
 """
 
 import argparse
@@ -19,9 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from surgery.kernels import kernel_backend, masked_add, reference  # noqa: E402
+from surgery.kernels import kernel_backend, mask_logits, masked_add, nearest_centroid, reference  # noqa: E402
 
-SHAPES = [(8, 1, 576), (8, 256, 576), (8, 1, 1536), (8, 512, 1536)]
+SHAPES = [(8, 1, 576), (8, 256, 576), (8, 1, 1536), (8, 512, 1536)]  # masked_add, [batch, pos, d_model]
+# mask_logits, [batch, vocab]: Qwen2's vocabulary (R1-Distill) on GPU, SmolLM2's on CPU
+LOGITS_GPU = [(8, 151936), (128, 151936)]
+LOGITS_CPU = [(8, 49152), (32, 49152)]
+# nearest_centroid, (points, d, centers): the paper's K=200 and a wide model on GPU
+POINTS_GPU = [(50000, 576, 200), (200000, 1536, 256)]
+POINTS_CPU = [(4000, 64, 16), (20000, 576, 64)]
 
 
 def median_us(fn, reps, inner, cuda):
@@ -41,36 +52,99 @@ def median_us(fn, reps, inner, cuda):
     return statistics.median(times)
 
 
+def nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class Table:
+    """Prints one op's rows: reference and dispatcher times, and on CUDA the copy bandwidth."""
+
+    def __init__(self, title, args, cuda, device):
+        self.args, self.cuda, self.device = args, cuda, device
+        print(f"\n{title}")
+        print(f"{'case':>34} {'MB moved':>9} {'reference us':>13} {'dispatcher us':>14} {'ratio':>7} "
+              f"{'copy us':>9} {'of copy bw':>10}")
+
+    def row(self, case, moved, reference_fn, dispatcher_fn):
+        args = self.args
+        ref = median_us(reference_fn, args.reps, args.inner, self.cuda)
+        disp = median_us(dispatcher_fn, args.reps, args.inner, self.cuda)
+        copy, share = "-", "-"
+        if self.cuda:  # a copy of moved/2 bytes reads and writes `moved` bytes
+            src = torch.empty(moved // 2, dtype=torch.uint8, device=self.device)
+            dst = torch.empty_like(src)
+            copy_us = median_us(lambda: dst.copy_(src), args.reps, args.inner, True)
+            copy, share = f"{copy_us:.1f}", f"{copy_us / disp:.0%}"
+        print(f"{case:>34} {moved / 1e6:>9.1f} {ref:>13.1f} {disp:>14.1f} {ref / disp:>6.2f}x "
+              f"{copy:>9} {share:>10}")
+
+
+def bench_masked_add(args, cuda, device):
+    dtype = getattr(torch, args.dtype)
+    table = Table(f"masked_add ({args.dtype})", args, cuda, device)
+    for shape in SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        hidden = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        vector = torch.randn(shape[-1], generator=gen).to(device=device, dtype=dtype)
+        mask = (torch.rand(shape[:2], generator=gen) < 0.5).to(device)
+        moved = 2 * nbytes(hidden) + nbytes(mask, vector)
+        table.row(str(shape), moved, lambda: reference.masked_add(hidden, mask, vector, 1.5),
+                  lambda: masked_add(hidden, mask, vector, 1.5))
+
+
+def bench_mask_logits(args, cuda, device):
+    table = Table("mask_logits (float32)", args, cuda, device)
+    for shape in LOGITS_GPU if cuda else LOGITS_CPU:
+        gen = torch.Generator().manual_seed(0)
+        logits = (3 * torch.randn(shape, generator=gen)).to(device)
+        banned = (torch.rand(shape[1], generator=gen) < 0.01).to(device)
+        active = (torch.rand(shape[0], generator=gen) < 0.5).to(device)
+        extra = (torch.rand(shape, generator=gen) < 0.001).to(device)
+        forced = torch.where(torch.rand(shape[0], generator=gen) < 0.25, 7, -1).to(device)
+        cases = [  # SEAL's penalty on vocabulary entries; a hard mask with phrases and forcing
+            ("penalty", dict(penalty=-3.0, active=active)),
+            ("-inf, phrases, forced", dict(penalty=None, active=active, extra_mask=extra, forced=forced)),
+        ]
+        for name, options in cases:
+            inputs = [value for value in options.values() if isinstance(value, torch.Tensor)]
+            moved = 2 * nbytes(logits) + nbytes(banned, *inputs) + shape[0]  # + one bool out per row
+            table.row(f"{shape} {name}", moved, lambda: reference.mask_logits(logits, banned, **options),
+                      lambda: mask_logits(logits, banned, **options))
+
+
+def bench_nearest_centroid(args, cuda, device):
+    table = Table("nearest_centroid (float32)", args, cuda, device)
+    for n, d, k in POINTS_GPU if cuda else POINTS_CPU:
+        gen = torch.Generator().manual_seed(0)
+        points = torch.randn(n, d, generator=gen).to(device)
+        centers = torch.randn(k, d, generator=gen).to(device)
+        moved = nbytes(points, centers) + n * (8 + 4)  # int64 labels and float32 distances out
+        table.row(f"{n} x {d} vs {k}", moved, lambda: reference.nearest_centroid(points, centers),
+                  lambda: nearest_centroid(points, centers))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                        help="masked_add's dtype (the other ops run in the dtype of their call sites)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--inner", type=int, default=10, help="calls per timed repetition")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, args.dtype)
-    backend = kernel_backend(torch.empty(0, device=device, dtype=dtype))
-    print(f"device={device} dtype={args.dtype} dispatcher backend={backend} "
-          f"median of {args.reps} x {args.inner} calls")
+    backend = kernel_backend(torch.empty(0, device=device, dtype=torch.float32))
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device={device} ({name}) dispatcher backend={backend} median of {args.reps} x {args.inner} calls")
     if backend != "triton":
-        print("note: the dispatcher runs the torch reference here; the Triton row needs a GPU "
-              "with triton installed (the interpreter is not timed).")
-
-    print(f"{'shape':>16} {'reference us':>13} {'dispatcher us':>14} {'ratio':>7}")
-    for shape in SHAPES:
-        gen = torch.Generator().manual_seed(0)
-        hidden = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-        vector = torch.randn(shape[-1], generator=gen).to(device=device, dtype=dtype)
-        mask = (torch.rand(shape[:2], generator=gen) < 0.5).to(device)
-        ref = median_us(lambda: reference.masked_add(hidden, mask, vector, 1.5), args.reps,
-                        args.inner, cuda)
-        disp = median_us(lambda: masked_add(hidden, mask, vector, 1.5), args.reps, args.inner,
-                         cuda)
-        print(f"{str(shape):>16} {ref:>13.1f} {disp:>14.1f} {ref / disp:>6.2f}x")
-    print("ratio = reference time / dispatcher time (above 1: the dispatcher is faster)")
-    bench_pooling_and_gram(dtype, args.reps, args.inner, device)
+        print("note: the dispatcher runs the torch reference here, so torch is timed against torch; the "
+              "Triton rows need a GPU with triton installed (the interpreter is not timed).")
+    bench_masked_add(args, cuda, device)
+    bench_mask_logits(args, cuda, device)
+    bench_nearest_centroid(args, cuda, device)
+    bench_pooling_and_gram(getattr(torch, args.dtype), args.reps, args.inner, device)
+    print("\nratio = reference time / dispatcher time (above 1: the dispatcher is faster); MB moved = "
+          "inputs read + outputs written; of copy bw = (copy_ time for those bytes) / dispatcher time")
 
 
 # --- segment_mean_update (ReasoningGraph's pooling) and centred_gaussian_gram (nHSIC's K H) -----

@@ -10,7 +10,8 @@ penalises exactly the tokens that would *complete* the phrase next: once the tex
 strict prefix of it, the token that would finish it is blocked, whatever the split.
 ``match="auto"`` (default) uses ``"text"`` for words with whitespace and for hard masks
 (``penalty=None``: the words must never appear, which only text matching can promise), and
-the paper's ``"token"`` rule otherwise.
+the paper's ``"token"`` rule otherwise. The logits are edited in one pass by
+``surgery.kernels.mask_logits`` (Triton on CUDA, torch elsewhere).
 
 Example:
     >>> mask = TokenMask(["wait", "let me double-check"], penalty=None)
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from surgery.blocks import Intervention, per_row, register_block
+from surgery.kernels import mask_logits
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger
 
@@ -142,12 +144,15 @@ class TokenMask(Intervention):
         self.config.when.bind(model)
 
     def edit(self, site: str, value: Tensor, step: Step) -> Tensor:
-        masked = self._vocabulary.expand(value.shape)
+        completions = None  # the tokens that would complete a phrase, per row and position
         for word, matcher in self._matchers.items():
-            masked = masked | matcher.completions(step.text_states[(word, self.config.case_sensitive)])
-        masked = masked & self.config.when(step)[..., None]
-        if not step.is_rerun:  # where the mask hit the would-be top token (device tensors, no sync)
-            self._fired.append((step.positions, masked.gather(-1, value.argmax(dim=-1, keepdim=True))[..., 0]))
-        if self.config.penalty is None:
-            return value.masked_fill(masked, float("-inf"))
-        return torch.where(masked, value + self.config.penalty, value)
+            hit = matcher.completions(step.text_states[(word, self.config.case_sensitive)])
+            completions = hit if completions is None else completions | hit
+        # one pass over the logits (Triton on CUDA): penalty or -inf where masked, and whether
+        # the mask hit the would-be top token
+        edited, top_masked = mask_logits(
+            value, self._vocabulary, self.config.penalty, extra_mask=completions, active=self.config.when(step)
+        )
+        if not step.is_rerun:  # device tensors, no sync
+            self._fired.append((step.positions, top_masked))
+        return edited

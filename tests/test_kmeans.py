@@ -49,3 +49,19 @@ def test_bad_inputs_are_clear_errors():
         fit_clusters([torch.zeros(2, 4), torch.zeros(2, 3)], 1)
     with pytest.raises(TypeError):  # our message outside pytest, jaxtyping's under it
         fit_clusters(torch.zeros(2, 4), 1)
+
+
+def test_kmeans_torch_assigns_with_the_triton_kernel_as_with_torch(monkeypatch):
+    # The Lloyd loop's assignment is surgery.kernels.nearest_centroid: forced onto the Triton
+    # kernel (the interpreter without a GPU), K-means on well-separated blobs ends where torch does.
+    pytest.importorskip("triton")
+    from sklearn.datasets import make_blobs
+
+    X, _ = make_blobs(n_samples=300, centers=4, n_features=8, random_state=0)
+    X = torch.tensor(X, dtype=torch.float32)
+    monkeypatch.setenv("SURGERY_KERNELS", "torch")
+    labels, centers, inertia = kmeans_torch(X, 4, n_init=2)
+    monkeypatch.setenv("SURGERY_KERNELS", "triton")
+    labels_triton, centers_triton, inertia_triton = kmeans_torch(X, 4, n_init=2)
+    assert torch.equal(labels_triton, labels)
+    assert close(inertia_triton, inertia, precision=torch.float32)

@@ -97,3 +97,21 @@ def test_bad_words_and_penalties_are_clear_errors(tiny_llama):
         with surgery.trace(tiny_llama, TokenMask(["€uro"])):
             pass
     assert tiny_llama._active_trace is None
+
+
+@pytest.mark.parametrize("penalty", [-5.0, None])
+def test_the_triton_kernel_edits_as_torch(tiny, monkeypatch, penalty):
+    # TokenMask.edit goes through surgery.kernels.mask_logits: forced onto the Triton kernel (the
+    # interpreter without a GPU), a run writes the same tokens and records the same hits.
+    pytest.importorskip("triton")
+
+    def run(kernels):
+        monkeypatch.setenv("SURGERY_KERNELS", kernels)
+        mask = TokenMask.example(tiny)
+        mask = TokenMask(mask.config.words, penalty=penalty, when=mask.config.when)
+        with surgery.trace(tiny, mask) as tr:
+            return tr.generate(PROMPTS, 10, chat=True).token_ids, mask.fired()
+
+    tokens, fired = run("torch")
+    assert any(fired), "the example mask should hit some top tokens"
+    assert run("triton") == (tokens, fired)
