@@ -21,17 +21,22 @@ Rows, side by side in one process, each timed ``--reps`` times in interleaved or
                      is a warm-up and not timed
   ours_dynamic       ``surgery.generate`` (eager, dynamic cache)
   ours_static        ``surgery.generate(cache="static")`` (eager step on the static cache)
+  ours_compiled      ``surgery.generate(cache="static", compile=True)``: the decode step through
+                     torch.compile, mode "reduce-overhead" (CUDA-graph replay); the compile is
+                     the warm-up
   ours_dynamic+stack / ours_static+stack: the same inside a trace holding the full stack: SEAL
                      steering at "\\n\\n" (resid_pre.20), a token mask (" Wait", penalty -3),
                      the streaming MI probe (nHSIC per token against each row's answer) and
                      the reasoning-graph step pooling
+  ours_static+safe / ours_compiled+safe: the graph-safe part of the stack (steering and the
+                     token mask; the two probes keep host-side state, so a compiled run holding
+                     them decodes eagerly)
 
 Printed per batch size: tok/s, ratio to hf_dynamic, each stack row against its plain row,
 peak memory (``torch.cuda.max_memory_allocated``), and how many rows' greedy tokens agree with
 hf_dynamic (plain rows) or ours_dynamic+stack (stack rows): in bfloat16 the paths round
 differently, so agreement is measured, not asserted.
-The graph-captured decode step of our engine is not a row yet (issue 10: blocks must keep
-their per-step state on the device first). A row that fails prints its error and the run goes
+A row that fails prints its error and the run goes
 on, so one broken row does not cost a GPU session its other figures. Kernel rows:
 ``benchmarks/bench_kernels.py`` on the same machine (``make bench-gpu`` runs both).
 """
@@ -97,15 +102,16 @@ def prompts_for(batch: int, length: int, vocab_size: int) -> list[list[int]]:
     return [torch.randint(first, vocab_size, (max(4, length - 3 * i),), generator=generator).tolist() for i in range(batch)]
 
 
-def full_stack(model: surgery.Model, batch: int) -> list:
+def full_stack(model: surgery.Model, batch: int, probes: bool = True) -> list:
     vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 0.5
     layer = min(20, model.n_layers - 1)
-    return [
+    blocks = [
         SteeringVector(vector.to(model.dtype), layer=layer, when=surgery.OnText("\n\n")),
         TokenMask([" Wait"], penalty=-3.0),
-        MIEstimator(answers=[f" {i % 10} {(7 * i) % 10}" for i in range(batch)]),
-        ReasoningGraph(n_clusters=2),
     ]
+    if probes:
+        blocks += [MIEstimator(answers=[f" {i % 10} {(7 * i) % 10}" for i in range(batch)]), ReasoningGraph(n_clusters=2)]
+    return blocks
 
 
 def timed(fn, cuda: bool) -> tuple[float, object]:
@@ -124,6 +130,8 @@ def run_batch(model: surgery.Model, args, batch: int, cuda: bool) -> None:
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     n = args.new_tokens
     fired: dict[str, int] = {}
+    # on the CPU (--smoke) dynamo traces the step into one graph and runs it eagerly (no C++ build)
+    compile_options = True if cuda else {"backend": "eager", "fullgraph": True}
 
     def hf(**options):
         def go():
@@ -134,13 +142,14 @@ def run_batch(model: surgery.Model, args, batch: int, cuda: bool) -> None:
             return out[:, input_ids.shape[1]:].tolist()
         return go
 
-    def ours(cache: str, stack: bool):
+    def ours(cache: str, stack: bool, probes: bool = True, compile=False):
         def go():
+            options = dict(cache=cache, eos_token_ids=[EOS], progress=False, compile=compile)
             if not stack:
-                return surgery.generate(model, prompts, n, cache=cache, eos_token_ids=[EOS], progress=False).token_ids
-            blocks = full_stack(model, batch)
+                return surgery.generate(model, prompts, n, **options).token_ids
+            blocks = full_stack(model, batch, probes)
             with surgery.trace(model, *blocks) as tr:
-                out = tr.generate(prompts, n, cache=cache, eos_token_ids=[EOS], progress=False)
+                out = tr.generate(prompts, n, **options)
             fired["steering"] = sum(map(len, blocks[0].fired()))
             fired["mask"] = sum(map(len, blocks[1].fired()))
             return out.token_ids
@@ -151,8 +160,11 @@ def run_batch(model: surgery.Model, args, batch: int, cuda: bool) -> None:
         "hf_static_compile": hf(cache_implementation="static"),
         "ours_dynamic": ours("dynamic", False),
         "ours_static": ours("static", False),
+        "ours_compiled": ours("static", False, compile=compile_options),
         "ours_dynamic+stack": ours("dynamic", True),
         "ours_static+stack": ours("static", True),
+        "ours_static+safe": ours("static", True, probes=False),
+        "ours_compiled+safe": ours("static", True, probes=False, compile=compile_options),
     }
     rows = {name: fn for name, fn in rows.items() if not args.rows or name in args.rows}
     tokens, peak, errors = {}, {}, {}
@@ -181,10 +193,10 @@ def run_batch(model: surgery.Model, args, batch: int, cuda: bool) -> None:
             continue
         rate = batch * n / medians[name]
         ratio = f"{base / medians[name]:.2f}x" if base else "-"
-        plain = name.removesuffix("+stack")
+        plain = name.split("+")[0]
         stack = f"{medians[plain] / medians[name]:.2f}x" if name != plain and plain in medians else ""
-        # plain rows against hf_dynamic, stack rows against ours_dynamic+stack
-        against = "ours_dynamic+stack" if name != plain else "hf_dynamic"
+        # plain rows against hf_dynamic, stack rows against the dynamic engine with the same stack
+        against = {"": "hf_dynamic", "stack": "ours_dynamic+stack", "safe": "ours_static+safe"}[name.partition("+")[2]]
         same = "-"
         if against in tokens and name != against:
             rows_same = sum(a[: len(b)] == b for a, b in zip(tokens[against], tokens[name]))

@@ -62,7 +62,7 @@ def main() -> None:
 
     def run(name: str):
         attached = blocks(name)
-        full = mock.patch("surgery.engine.supports_partial_rerun", lambda architecture: False)
+        full = mock.patch("surgery.forward.supports_partial_rerun", lambda architecture: False)
         with full if name == "recycling_full" else contextlib.nullcontext(), surgery.trace(model, *attached) as tr:
             cache = "static" if name == "plain_static" else "dynamic"
             out = tr.generate(prompts, args.new_tokens, chat=True, progress=False, cache=cache)

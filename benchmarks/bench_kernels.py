@@ -6,8 +6,7 @@ One table per op: masked_add (steering, in ``--dtype``), mask_logits (TokenMask,
 logits as the engine hands them), nearest_centroid (K-means' assignment, on float32 points
 as kmeans_torch pools them), then segment_mean_update (ReasoningGraph's pooling per decode
 step, hidden states in ``--dtype``) and centred_gaussian_gram (nHSIC's K H, float64). On a
-CUDA machine with triton installed the dispatcher runs the
-Triton kernel, and each row also says what fraction of the device's copy bandwidth the
+CUDA machine with triton installed the dispatcher runs the Triton kernel, and each row also says what fraction of the device's copy bandwidth the
 dispatcher reaches: the time of a plain ``Tensor.copy_`` moving the same bytes (inputs read +
 outputs written), measured in the same run, over the dispatcher's time. The sizes then fill the
 device (logits 128 x 151936, 200000 points x 1536 against 256 centers); on CPU they are smaller.

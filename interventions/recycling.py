@@ -76,6 +76,11 @@ def coin(seed: int, row_keys: Tensor, positions: Tensor) -> Tensor:
 class RepresentationRecycling(Intervention):
     """Re-run block ``layer`` twice at positions whose next token is a thinking word.
 
+    Graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): in a decode step's forward it only
+    records block inputs (:mod:`surgery.partial_rerun`); the decision and the re-run happen in
+    the token-choice phase, eagerly, on the steps that fire (one host sync per token while
+    attached).
+
     Args:
         layer: the block to apply twice (negative counts from the end).
         trigger_words: words whose token (stripped text equal to the word) triggers recycling.
@@ -83,6 +88,7 @@ class RepresentationRecycling(Intervention):
         seed: seed of the coin flips.
     """
 
+    graph_safe = True  # see surgery.blocks.Block.graph_safe
     config_class = RepresentationRecyclingConfig
 
     @classmethod

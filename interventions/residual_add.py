@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention, per_row, register_block
+from surgery.blocks import Intervention, register_block
 from surgery.kernels import masked_add
+from surgery.records import StepRecords
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger
@@ -46,6 +47,10 @@ class ResidualAddConfig:
 class ResidualAdd(Intervention):
     """Add ``alpha * vector`` at ``site`` at the (row, position) pairs where ``when`` fires.
 
+    Graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): the trigger and the add are tensor
+    ops, and where it fired goes into per-run device buffers
+    (:class:`~surgery.records.StepRecords`), so a compiled decode step holds it.
+
     Args:
         vector: ``[d_model]``, finite, on the model's device and in its dtype.
         site: a residual-width site, e.g. ``"resid_pre.20"`` (negative block index from the end).
@@ -53,6 +58,7 @@ class ResidualAdd(Intervention):
         when: a trigger (default: every position).
     """
 
+    graph_safe = True  # see surgery.blocks.Block.graph_safe
     config_class = ResidualAddConfig
 
     @classmethod
@@ -76,7 +82,7 @@ class ResidualAdd(Intervention):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         self.vector = vector.detach()
         self.config = ResidualAddConfig(site=site, alpha=float(alpha), when=when if when is not None else Always())
-        self._fired: list[tuple[Tensor, Tensor]] = []
+        self._fired = StepRecords()
 
     def sites(self) -> tuple[str, ...]:
         return (self.config.site,)
@@ -101,12 +107,12 @@ class ResidualAdd(Intervention):
         self.config.when.bind(model)
 
     def reset(self, batch_size: int) -> None:
-        self._fired = []
+        self._fired.clear()
 
     def edit(self, site: str, value: Tensor, step: Step) -> Tensor:
         fire = self.config.when(step)
         if not step.is_rerun:  # a recomputed position was already recorded
-            self._fired.append((step.positions, fire))  # device tensors: no sync while decoding
+            self._fired.add(step, step.positions, fire)  # device tensors: no sync while decoding
         return masked_add(value, fire, self.vector, self.config.alpha)
 
     def fired(self) -> list[list[int]]:
@@ -115,7 +121,7 @@ class ResidualAdd(Intervention):
         Position ``p`` is the row's ``p``-th token (0-based, padding not counted): a prompt
         token when ``p < prompt_length``, else generated token ``p - prompt_length``.
         """
-        return per_row(self._fired)
+        return self._fired.per_row()
 
     def by_row(self) -> list[list[int]]:
         return self.fired()

@@ -82,6 +82,8 @@ class SteeringVectorConfig:
 class SteeringVector(ResidualAdd):
     """Add ``alpha * vector`` to ``site``'s input of block ``layer`` where ``when`` fires.
 
+    Graph-safe, as :class:`ResidualAdd` (:attr:`~surgery.blocks.Block.graph_safe`).
+
     Args:
         vector: ``[d_model]``, finite, on the model's device and in its dtype.
         layer: block index (negative counts from the end). SEAL: 20 of 28 for

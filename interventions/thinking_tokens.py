@@ -64,6 +64,9 @@ def _tokens(model, text: str, what: str) -> list[int]:
 class ThinkingTokenInsertion(Intervention):
     """Replace a row's stop by a thinking word while it has budget, then force the answer.
 
+    Graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): it hooks no site; it acts in the
+    token-choice phase, outside the forward, with tensor ops.
+
     Args:
         words: the thinking words, inserted in turn (each encoded exactly as given: include a
             leading space, " Wait", to write it as a new word).
@@ -75,6 +78,7 @@ class ThinkingTokenInsertion(Intervention):
         first_budget: if set, a row reaching this many generated tokens counts as stopping.
     """
 
+    graph_safe = True  # see surgery.blocks.Block.graph_safe
     config_class = ThinkingTokenInsertionConfig
 
     @classmethod

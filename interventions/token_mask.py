@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention, per_row, register_block
+from surgery.blocks import Intervention, register_block
 from surgery.kernels import mask_logits
+from surgery.records import StepRecords
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger
 
@@ -54,6 +55,9 @@ class TokenMaskConfig:
 class TokenMask(Intervention):
     """Add ``penalty`` to (or, with ``penalty=None``, forbid) the tokens that write ``words``.
 
+    Graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): one fused logit edit
+    (:func:`~surgery.kernels.mask_logits`), its hits kept in per-run device buffers.
+
     Args:
         words: words or phrases (case-insensitive by default).
         penalty: a finite number added to the logits, or None for hard suppression.
@@ -62,6 +66,7 @@ class TokenMask(Intervention):
         when: a trigger limiting where the mask applies, e.g. ``StepWindow(0, 200)``.
     """
 
+    graph_safe = True  # see surgery.blocks.Block.graph_safe
     config_class = TokenMaskConfig
 
     @classmethod
@@ -97,7 +102,7 @@ class TokenMask(Intervention):
         )
         self._vocabulary: Tensor | None = None
         self._matchers: dict = {}
-        self._fired: list[tuple[Tensor, Tensor]] = []
+        self._fired = StepRecords()
 
     def _mode(self, word: str) -> str:
         if self.config.match != "auto":
@@ -115,12 +120,12 @@ class TokenMask(Intervention):
         return own + super().text_patterns()
 
     def reset(self, batch_size: int) -> None:
-        self._fired = []
+        self._fired.clear()
 
     def fired(self) -> list[list[int]]:
         """Per row of the last run, the position ids whose top token the mask penalised or forbade
         (the logits there are those of the next token: position ``p`` chooses token ``p + 1``)."""
-        return per_row(self._fired)
+        return self._fired.per_row()
 
     def by_row(self) -> list[list[int]]:
         return self.fired()
@@ -154,5 +159,5 @@ class TokenMask(Intervention):
             value, self._vocabulary, self.config.penalty, extra_mask=completions, active=self.config.when(step)
         )
         if not step.is_rerun:  # device tensors, no sync
-            self._fired.append((step.positions, top_masked))
+            self._fired.add(step, step.positions, top_masked)
         return edited

@@ -103,6 +103,10 @@ class MIResult(SavedResult):
 class MIEstimator(Probe):
     """Per-token MI between the emitting state ``h_t`` and the answer state ``h_y`` (MI peaks).
 
+    Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): the per-token pivoted Cholesky
+    asks the host every 8 columns whether every row has converged, and values go to a Python
+    list; with it attached a compiled run decodes eagerly.
+
     Paper: arXiv 2506.02867, section 3 (nHSIC, Tukey peaks); see the module docstring for the
     definitions and the deviations (float64 and a cheaper but equal formula, both in
     :mod:`probes.hsic`; re-runs ignored).

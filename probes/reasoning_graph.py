@@ -88,6 +88,10 @@ class StepVectors(SavedResult, Sequence):
 class ReasoningGraph(Probe):
     """Stream one mean hidden-state vector per reasoning step; analyse them as a graph.
 
+    Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): the pooling is one device kernel,
+    but the step buffer grows on a host-side bound counted per step (the memory stays ~1.5x the
+    steps, not tokens x width); with it attached a compiled run decodes eagerly.
+
     Paper: Topology of Reasoning (arXiv 2506.05744), §3; METHODS.md §3. Deviations: see the
     module docstring (only generated tokens are embedded; steps cut at token granularity).
 

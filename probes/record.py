@@ -62,6 +62,9 @@ class RecordedStates(SavedResult):
 class RecordSite(Probe):
     """Record ``site``'s value at the (row, position) pairs where ``when`` fires.
 
+    Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): it keeps the selected values by
+    boolean indexing in a Python list; with it attached a compiled run decodes eagerly.
+
     Args:
         site: any site, e.g. ``"resid_post.-1"`` (negative block index from the end).
         when: a trigger (default: every position).

@@ -161,6 +161,10 @@ class ThoughtClassifierConfig:
 class ThoughtClassifier(Probe):
     """Label SEAL's thoughts by keywords and keep each thought's state at ``site``.
 
+    Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): it keeps each ended thought's
+    state by boolean indexing (a data-dependent shape) in a Python list; with it attached a
+    compiled run decodes eagerly.
+
     Paper: SEAL, arXiv 2504.07986, §3 (thoughts, classes, representative states); see the
     module docstring for the text that is read and the deviations.
 

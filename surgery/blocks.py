@@ -124,6 +124,11 @@ class Block:
     name: ClassVar[str] = ""
     config_class: ClassVar[type]
     config: Any
+    #: Whether what the block does in a decode step's forward is all device tensor ops on
+    #: memory fixed per run (no host sync, no Python state that changes per step), so that the
+    #: step can be compiled or graph-captured with the block inside (``generate(compile=...)``).
+    #: Token-choice work (:meth:`Intervention.choose`) runs outside the forward either way.
+    graph_safe: ClassVar[bool] = False
 
     def sites(self) -> tuple[str, ...]:
         """The sites this block hooks, as written by the user (negative block indices allowed)."""

@@ -11,7 +11,7 @@ position's logits only, pad tokens for finished rows).
 a sample with one random stream per row: :mod:`surgery.sampling`), asks
 :class:`~surgery.stopping.StopTracker` which rows their token stops, offers the choice to the
 token-editing blocks (a :class:`~surgery.blocks.TokenChoice`), records the stops and feeds the
-tokens back (``_Forward``, which owns the KV cache and the re-runs). It waits on the device only
+tokens back (:class:`~surgery.forward.Forward`, which owns the KV cache and the re-runs). It waits on the device only
 every ``check_every`` steps, to ask whether every row is done, and every step when stop strings
 need the text (and, when sampling, at each draw: ``torch.multinomial`` checks its input).
 Prompts are encoded by :mod:`surgery.prompts`.
@@ -25,8 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,9 +35,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from surgery.blocks import TokenChoice
-from surgery.kv_cache import CACHE_KINDS, new_cache, rollback
+from surgery.forward import Forward, compile_options
+from surgery.kv_cache import CACHE_KINDS
 from surgery.model import Model
-from surgery.partial_rerun import LayerInputs, supports_partial_rerun
 from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.sampling import RowKey, RowSampler, row_keys_for
 from surgery.step import Step
@@ -72,106 +70,6 @@ class GenerationOutput:
     prompt_lengths: list[int]
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _forward_options(module) -> dict:
-    options = {"use_cache": True, "return_dict": True}
-    if "logits_to_keep" in inspect.signature(module.forward).parameters:
-        options["logits_to_keep"] = 1
-    return options
-
-
-class _Forward:
-    """The model calls of one generation: the prefill, one fed token per step, and re-runs.
-
-    Holds the KV cache (:mod:`surgery.kv_cache`), the attention mask and the current
-    :class:`Step`, and tells ``on_step`` about every pass just before it runs. Each call returns
-    the last position's logits, float32 ``[batch, vocab]``. With ``rerun_from`` set (a block
-    index), it records the inputs of blocks from there up at every forward, so a re-run can
-    start at such a block (:mod:`surgery.partial_rerun`).
-    """
-
-    def __init__(
-        self,
-        model: Model,
-        step: Step,
-        attention_mask: Tensor,
-        on_step: Callable[[Step | None], None] | None,
-        cache: str = "dynamic",
-        max_new_tokens: int = 1,
-        rerun_from: int | None = None,
-    ):
-        module = model.module
-        self.module, self.step, self.on_step = module, step, on_step
-        self.options = _forward_options(module)
-        self.static = cache == "static"
-        self.cache = new_cache(cache, module.config, attention_mask.shape[1] + max_new_tokens)
-        if bool(attention_mask.all()):
-            self.mask = None  # model.generate drops an all-ones mask (the model builds a causal one)
-        elif self.static:
-            # one mask for the whole run: the cache's length, ones after the prompt (the causal
-            # mask hides positions not written yet), so no step changes its shape or address
-            self.mask = torch.cat([attention_mask, attention_mask.new_ones(len(attention_mask), max_new_tokens)], dim=1)
-        else:
-            self.mask = attention_mask
-        self.inputs = None
-        if rerun_from is not None and supports_partial_rerun(model.architecture):
-            self.inputs = LayerInputs(module, model.architecture, rerun_from % model.n_layers)
-        self.n_layers = model.n_layers
-
-    def _call(self, input_ids: Tensor, step: Step) -> Tensor:
-        output = self.module(
-            input_ids=input_ids, attention_mask=self.mask, position_ids=step.positions, past_key_values=self.cache, **self.options
-        )
-        return output.logits[:, -1].to(dtype=torch.float32, copy=True)
-
-    def _announce(self, step: Step) -> None:
-        if self.on_step is not None:
-            self.on_step(step)
-
-    def prefill(self, input_ids: Tensor) -> Tensor:
-        """Run the whole (left-padded) prompt."""
-        self._announce(self.step)
-        return self._call(input_ids, self.step)
-
-    def feed(self, chosen: Tensor, finished: Tensor, think_ids, matchers) -> Tensor:
-        """Feed the tokens just emitted (``[batch]``) as the next step.
-
-        ``finished`` includes the rows that stopped on the token being fed: the model still
-        computes that position (the batch runs on), but it is not valid, so no block acts on or
-        records a token the row never feeds when it runs alone.
-        """
-        self.step = self.step.next(chosen, finished, think_ids, matchers)
-        self._announce(self.step)
-        if self.mask is not None and not self.static:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(len(chosen), 1)], dim=1)
-        return self._call(chosen[:, None], self.step)
-
-    def recompute(self, install: Callable[[], list], from_layer: int | None = None) -> Tensor:
-        """Re-run the current step's last position with the hooks ``install`` adds.
-
-        With ``from_layer`` (a block index) and the inputs of that block recorded, only blocks
-        ``from_layer`` and up run again, on their recorded inputs, with their KV cache rolled
-        back one position (blocks below would recompute the same values); otherwise the whole
-        model re-runs, every layer's cache rolled back.
-        """
-        start = None if from_layer is None else from_layer % self.n_layers
-        partial = self.inputs is not None and start is not None and start >= self.inputs.first and self.inputs.ready
-        rollback(self.cache, range(start, self.n_layers) if partial else None)
-        handles = install()
-        last = self.step.tail(1)
-        try:
-            self._announce(dataclasses.replace(last, is_rerun=True))
-            return self.inputs.rerun(start) if partial else self._call(last.token_ids, last)
-        finally:
-            for handle in handles:
-                handle.remove()
-            self._announce(self.step)
-
-    def close(self) -> None:
-        """Remove the recording hooks, if any."""
-        if self.inputs is not None:
-            self.inputs.remove()
 
 
 def _offer(on_choose: Callable[[TokenChoice], None], choice: TokenChoice, pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,6 +134,7 @@ def generate(
     text_patterns: Sequence = (),
     cache: str = "dynamic",
     rerun_from: int | None = None,
+    compile: bool | dict = False,
 ) -> GenerationOutput:
     """Generate from a batch of prompts with the toolkit's decode loop.
 
@@ -274,6 +173,14 @@ def generate(
             passes the lowest :attr:`~surgery.blocks.Intervention.rerun_layer` of its blocks):
             the engine then records those blocks' inputs each step, so a recompute runs only
             the blocks from there up. None: a recompute re-runs the whole model.
+        compile: run each decode step through ``torch.compile`` (needs ``cache="static"``):
+            True uses ``mode="reduce-overhead"`` on CUDA (the step replays as a CUDA graph) and
+            the default mode elsewhere, both with ``fullgraph=True``; a dict gives
+            ``torch.compile``'s options outright (``{"backend": "eager", "fullgraph": True}``
+            checks on a CPU that a stack traces into one graph). The prefill and re-runs stay
+            eager. Only blocks that are :attr:`~surgery.blocks.Block.graph_safe` may be
+            attached (:meth:`surgery.Trace.generate` decodes eagerly, with a warning, when one
+            is not); greedy tokens equal the eager path's (tested on CPU).
 
     Returns:
         A :class:`GenerationOutput`.
@@ -294,8 +201,9 @@ def generate(
     # How often the loop asks the device whether every row is done: each ask is a host sync.
     check_every = 1 if device.type == "cpu" else 8
 
-    first_step = Step.prefill(input_ids, attention_mask, think_ids, matchers)
-    forward = _Forward(model, first_step, attention_mask, on_step, cache, max_new_tokens, rerun_from)
+    first_step = Step.prefill(input_ids, attention_mask, think_ids, matchers, capacity=max_new_tokens)
+    options = compile_options(compile, cache, device)
+    forward = Forward(model, first_step, attention_mask, on_step, cache, max_new_tokens, rerun_from, options)
     stops = StopTracker(model.tokenizer, eos, stop_strings, batch, max_new_tokens)
     generated = torch.full((batch, max_new_tokens), model.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

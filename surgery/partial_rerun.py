@@ -49,8 +49,9 @@ class LayerInputs:
         self._blocks = list(blocks)
         self._norm = module.get_submodule(architecture.final_norm)
         self._head = module.get_submodule(architecture.head)
-        self._inputs: dict[int, tuple[Tensor, tuple, dict]] = {}
-        self._recording = True
+        # one slot per block from ``first`` up: (args, kwargs) of its last call
+        self._inputs: list[tuple[tuple, dict] | None] = [None] * (len(self._blocks) - first)
+        self._recording = [True]  # a list: the hooks read it (see _recorder)
         self._handles = [
             block.register_forward_pre_hook(self._recorder(index), with_kwargs=True, prepend=True)
             for index, block in enumerate(self._blocks)
@@ -58,11 +59,13 @@ class LayerInputs:
         ]
 
     def _recorder(self, index: int):
+        # The hook closes over the slots and the flag only, not over this object: a compiled
+        # step guards on what hooks reach, and plain lists keep that small.
+        slots, recording, slot = self._inputs, self._recording, index - self.first
+
         def record(_module, args, kwargs):
-            if self._recording:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
-                self._inputs[index] = (hidden, tuple(args[1:]), rest)
+            if recording[0]:
+                slots[slot] = (args, kwargs)
 
         return record
 
@@ -71,7 +74,18 @@ class LayerInputs:
         """Whether the last forward fed one position per row and was recorded at every block
         from ``first`` up (the prefill feeds the whole prompt: its last position is re-run by a
         full forward of that one position instead, as its recorded inputs hold every position)."""
-        return len(self._inputs) == len(self._blocks) - self.first and self._inputs[self.first][0].shape[1] == 1
+        return all(entry is not None for entry in self._inputs) and self._hidden(self.first).shape[1] == 1
+
+    def _hidden(self, index: int) -> Tensor:
+        args, kwargs = self._inputs[index - self.first]
+        return args[0] if args else kwargs["hidden_states"]
+
+    def _rest(self, index: int) -> tuple[tuple, dict]:
+        """Block ``index``'s recorded arguments other than the hidden states."""
+        args, kwargs = self._inputs[index - self.first]
+        if args:
+            return tuple(args[1:]), kwargs
+        return (), {key: value for key, value in kwargs.items() if key != "hidden_states"}
 
     def rerun(self, start: int) -> Tensor:
         """Run blocks ``start..L-1``, the final norm and the head on the last recorded inputs of
@@ -80,16 +94,16 @@ class LayerInputs:
             raise ValueError(f"recorded blocks are {self.first}..{len(self._blocks) - 1}, asked to start at {start}")
         if not self.ready:
             raise RuntimeError("no single-position forward has been recorded: nothing to re-run from")
-        hidden = self._inputs[start][0]
-        self._recording = False
+        hidden = self._hidden(start)
+        self._recording[0] = False
         try:
             for index in range(start, len(self._blocks)):
-                _, args, kwargs = self._inputs[index]
+                args, kwargs = self._rest(index)
                 output = self._blocks[index](hidden, *args, **kwargs)
                 hidden = output[0] if isinstance(output, tuple) else output
             logits = self._head(self._norm(hidden)[:, -1:])
         finally:
-            self._recording = True
+            self._recording[0] = True
         return logits[:, -1].float()
 
     def remove(self) -> None:
@@ -97,4 +111,4 @@ class LayerInputs:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._inputs.clear()
+        self._inputs[:] = [None] * len(self._inputs)

@@ -71,6 +71,13 @@ class Step:
         is_rerun: True while the engine recomputes this step's last position (representation
             recycling). Probes are not called for re-runs; interventions that record where they
             acted skip them, so nothing counts twice.
+        is_prefill: True for the prefill (``index == 0``), as a field of its own so that code in
+            a compiled decode step reads a constant rather than the changing ``index``.
+        index_on_device: ``index`` as a 0-d int64 tensor on the model's device (what a trigger
+            compares with, so a compiled step is not specialised on each index).
+        capacity: how many decode steps the run may take (``max_new_tokens``; 0 for a single
+            forward): what a block sizes its per-step records by
+            (:class:`~surgery.records.StepRecords`).
     """
 
     index: int
@@ -82,11 +89,10 @@ class Step:
     text_hits: dict[tuple[str, bool], Tensor] = field(default_factory=dict)
     text_states: dict[tuple[str, bool], Tensor] = field(default_factory=dict, repr=False)
     is_rerun: bool = False
+    is_prefill: bool = False
+    index_on_device: Tensor | None = None
+    capacity: int = 0
     _tails: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.index == 0
 
     @property
     def batch_size(self) -> int:
@@ -115,6 +121,9 @@ class Step:
                 text_hits={text: hits[:, -length:] for text, hits in self.text_hits.items()},
                 text_states={text: states[:, -length:] for text, states in self.text_states.items()},
                 is_rerun=self.is_rerun,
+                is_prefill=self.is_prefill,
+                index_on_device=self.index_on_device,
+                capacity=self.capacity,
             )
         return self._tails[length]
 
@@ -125,11 +134,13 @@ class Step:
         attention_mask: Tensor,
         think_ids: tuple[int | None, int | None] = (None, None),
         matchers: dict | None = None,
+        capacity: int = 0,
     ) -> Step:
         """The step of a left-padded prompt batch; position ids come from the attention mask.
 
         ``matchers`` maps strings to :class:`~surgery.text_match.TextMatcher` objects whose
-        occurrences this and later steps report in ``text_hits``.
+        occurrences this and later steps report in ``text_hits``; ``capacity`` is the run's
+        number of decode steps.
         """
         valid = attention_mask.bool()
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)
@@ -145,6 +156,9 @@ class Step:
             finished=torch.zeros(token_ids.shape[0], dtype=torch.bool, device=token_ids.device),
             text_hits=text_hits,
             text_states=text_states,
+            is_prefill=True,
+            index_on_device=torch.zeros((), dtype=torch.long, device=token_ids.device),
+            capacity=capacity,
         )
 
     def next(
@@ -164,4 +178,6 @@ class Step:
             finished=finished,
             text_hits=text_hits,
             text_states=text_states,
+            index_on_device=self.index_on_device + 1,
+            capacity=self.capacity,
         )

@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 from torch import Tensor
 
 from surgery import engine
@@ -131,6 +133,15 @@ class Trace:
                 block.choose(choice)
 
         rerun_layers = [block.rerun_layer for block in choosers if block.rerun_layer is not None]
+        if options.get("compile"):
+            eager = [type(block).__name__ for block in self.blocks if not block.graph_safe]
+            if eager:
+                warnings.warn(
+                    f"compile: {', '.join(eager)} keep(s) per-step state on the host (not graph_safe), so this "
+                    "run decodes eagerly; attach only graph-safe blocks to compile the decode step",
+                    stacklevel=2,
+                )
+                options = {**options, "compile": False}
         return engine.generate(
             self.model,
             prompts,

@@ -218,8 +218,11 @@ class StepWindow(Trigger):
             raise ValueError(f"StepWindow needs 0 <= start <= stop, got start={self.start}, stop={self.stop}")
 
     def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
-        inside = self.start <= step.index and (self.stop is None or step.index < self.stop)
-        return torch.full_like(step.valid, inside)
+        index = step.index_on_device  # a device tensor: a compiled step is not specialised on it
+        inside = index >= self.start
+        if self.stop is not None:
+            inside = inside & (index < self.stop)
+        return inside.expand(step.valid.shape).clone()
 
 
 @dataclass(frozen=True)

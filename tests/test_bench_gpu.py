@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
-ROWS = ["hf_dynamic", "hf_static_compile", "ours_dynamic", "ours_static", "ours_dynamic+stack", "ours_static+stack"]
+ROWS = ["hf_dynamic", "hf_static_compile", "ours_dynamic", "ours_static", "ours_compiled", "ours_dynamic+stack",
+        "ours_static+stack", "ours_static+safe", "ours_compiled+safe"]
 
 
 @pytest.mark.slow
@@ -20,7 +21,8 @@ def test_the_smoke_run_prints_every_row_and_no_failure():
     assert set(printed) == set(ROWS), done.stdout
     assert not any("failed" in line for line in printed.values()), done.stdout
     # plain rows: greedy tokens of the float32 smoke model agree with HF generate on every row
-    for name in ("hf_static_compile", "ours_dynamic", "ours_static"):
+    for name in ("hf_static_compile", "ours_dynamic", "ours_static", "ours_compiled"):
         assert printed[name].endswith("hf_dynamic: 3/3"), printed[name]
     assert printed["ours_static+stack"].endswith("ours_dynamic+stack: 3/3")
+    assert printed["ours_compiled+safe"].endswith("ours_static+safe: 3/3")
     assert "stack fired: steering" in done.stdout

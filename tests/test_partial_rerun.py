@@ -6,7 +6,7 @@ import torch
 from conftest import PROMPTS, frequent_words
 
 import surgery
-import surgery.engine
+import surgery.forward
 from interventions import RepresentationRecycling, ResidualAdd
 from surgery.partial_rerun import LayerInputs
 from surgery.triggers import Always
@@ -40,7 +40,7 @@ def go(model, cache, words):
 def test_partial_rerun_equals_a_full_rerun_and_skips_the_blocks_below(tiny, cache, monkeypatch):
     words = frequent_words(tiny)
     out, fired, bottom, top, decode_reruns = go(tiny, cache, words)
-    monkeypatch.setattr(surgery.engine, "supports_partial_rerun", lambda architecture: False)
+    monkeypatch.setattr(surgery.forward, "supports_partial_rerun", lambda architecture: False)
     full_out, full_fired, full_bottom, full_top, _ = go(tiny, cache, words)
     assert out.token_ids == full_out.token_ids and fired == full_fired
     assert decode_reruns > 0

@@ -74,7 +74,9 @@ def kernel_backend(tensor: Tensor, *, dtypes: tuple[torch.dtype, ...] = TRITON_D
     ``SURGERY_KERNELS`` is read at each call. ``torch`` forces torch and ``triton`` forces
     Triton. Otherwise (unset, ``""`` or ``auto``) the answer is ``"torch"`` when triton is not
     installed, when ``tensor`` is not on a CUDA device, or when its dtype has no Triton kernel
-    (only those in ``dtypes`` do), and ``"triton"`` otherwise.
+    (only those in ``dtypes`` do), and ``"triton"`` otherwise. Inside code that
+    ``torch.compile`` is tracing (a compiled decode step), ``auto`` picks ``"torch"``: the
+    compiler fuses the reference's ops into its own kernels with the rest of the step.
 
     Args:
         tensor: The tensor the op will run on (for ``masked_add``, ``hidden``).
@@ -100,6 +102,8 @@ def kernel_backend(tensor: Tensor, *, dtypes: tuple[torch.dtype, ...] = TRITON_D
     if choice == "triton":
         require_triton()
         return "triton"
+    if torch.compiler.is_compiling():
+        return "torch"
     if not triton_available() or not tensor.is_cuda or tensor.dtype not in dtypes:
         return "torch"
     return "triton"

@@ -34,7 +34,7 @@ def _check_mask_logits_inputs(logits, vocab_mask, penalty, extra_mask, active, f
         if value is not None and not isinstance(value, Tensor):
             raise TypeError(f"mask_logits: {name} must be a torch.Tensor or None, got {type(value).__name__}")
     if penalty is not None and (
-        isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not math.isfinite(penalty)
+        isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not -math.inf < penalty < math.inf
     ):
         raise TypeError(
             f"mask_logits: penalty must be a finite Python number, or None to forbid the masked "

@@ -1,0 +1,81 @@
+"""Where a block records, per forward pass, where it acted: on the device, in memory fixed per run.
+
+A block that records per step (steering: which positions got the vector; the token mask:
+where it hit the top token) keeps ``(values, mask)`` pairs: position ids and a boolean of the
+same shape. Appending them to a Python list works, but a list that grows every step cannot sit
+inside a compiled or graph-captured decode step (the compiler guards on its length and
+recompiles each step). :class:`StepRecords` keeps the prefill's record (several positions,
+run eagerly) aside and writes each decode step's one column into ``[batch, capacity]`` buffers
+allocated once per run, at a column counter held on the device: the same memory every step,
+no host sync, no Python state that changes while decoding. :meth:`per_row` reads them back in
+step order, as :func:`surgery.blocks.per_row` does for a list.
+
+The capacity is the run's number of decode steps, carried by every :class:`~surgery.step.Step`
+(``step.capacity``); records of a forward outside the engine's loop (``surgery.run``: capacity
+0) are kept like the prefill's.
+
+Example:
+    >>> import torch
+    >>> from surgery.step import Step
+    >>> step = Step.prefill(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.bool), capacity=4)
+    >>> records = StepRecords()
+    >>> records.add(step, step.positions, torch.tensor([[False, True]]))
+    >>> step = step.next(torch.tensor([7]), torch.tensor([False]), (None, None))
+    >>> records.add(step, step.positions, torch.tensor([[True]]))
+    >>> records.per_row()
+    [[1, 2]]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from surgery.blocks import per_row
+from surgery.step import Step
+
+__all__ = ["StepRecords"]
+
+
+class StepRecords:
+    """``(values, mask)`` per forward of one run: the prefill's in a list, decode steps' in buffers."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (a block calls this in ``reset``)."""
+        self._eager: list[tuple[Tensor, Tensor]] = []
+        self._values: Tensor | None = None
+        self._mask: Tensor | None = None
+        self._count: Tensor | None = None
+
+    def _allocate(self, values: Tensor, capacity: int) -> None:
+        batch, device = values.shape[0], values.device
+        self._values = torch.zeros(batch, capacity, dtype=values.dtype, device=device)
+        self._mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self._count = torch.zeros(1, dtype=torch.long, device=device)
+        if device.type == "cuda":  # graph replays write here: the addresses must not move
+            for buffer in (self._values, self._mask, self._count):
+                torch._dynamo.mark_static_address(buffer)
+
+    def add(self, step: Step, values: Tensor, mask: Tensor) -> None:
+        """Record ``values`` and ``mask`` (``[batch, pos]``, aligned with ``step``'s positions)."""
+        if step.is_prefill or step.capacity == 0:
+            self._eager.append((values, mask))
+            if step.capacity and self._values is None:
+                self._allocate(values, step.capacity)
+            return
+        if self._values is None:  # no prefill record (the block was attached after it)
+            self._allocate(values, step.capacity)
+        self._values.index_copy_(1, self._count, values[:, -1:].to(self._values.dtype))
+        self._mask.index_copy_(1, self._count, mask[:, -1:])
+        self._count.add_(1)
+
+    def per_row(self) -> list[list[int]]:
+        """Per batch row, the values where the mask was True, in step order."""
+        records = list(self._eager)
+        if self._values is not None:
+            n = int(self._count)
+            records.append((self._values[:, :n], self._mask[:, :n]))
+        return per_row(records)

@@ -1,0 +1,100 @@
+"""The compiled decode step (``generate(cache="static", compile=...)``): one graph for the whole
+run with the graph-safe blocks inside, and the same tokens and records as the eager step.
+
+On a CPU the step is compiled with ``backend="eager"`` and ``fullgraph=True``: dynamo must trace
+every decode step's forward, hooks and blocks included, into one graph without a break (what a
+CUDA graph needs), while the graph runs the same torch ops as eager mode. On CUDA,
+``compile=True`` adds inductor and CUDA-graph replay (mode "reduce-overhead"); those figures come
+from benchmarks/bench_gpu.py.
+"""
+
+import warnings
+
+import pytest
+import torch
+from conftest import PROMPTS, frequent_words
+from test_block_contract import stop_token
+from torch._dynamo.utils import counters
+
+import interventions  # noqa: F401  (registers the shipped blocks)
+import probes  # noqa: F401
+import surgery
+from interventions import RepresentationRecycling, SteeringVector, ThinkingTokenInsertion, TokenMask
+from probes import MIEstimator
+from surgery.blocks import registered_blocks
+
+ON_CPU = {"backend": "eager", "fullgraph": True}
+NEW_TOKENS = 16
+GRAPH_SAFE = {"residual_add", "steering_vector", "token_mask", "representation_recycling", "thinking_token_insertion"}
+
+
+def generate(model, blocks, compile, eos=None):
+    with surgery.trace(model, *blocks) as tr:
+        return tr.generate(PROMPTS, NEW_TOKENS, chat=True, cache="static", compile=compile,
+                           eos_token_ids=None if eos is None else [eos])
+
+
+def stack(model, alpha=1.0):
+    vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 5 * alpha
+    return [
+        SteeringVector(vector, layer=1, when=surgery.OnText("\n\n")),
+        TokenMask(["Hmm", "let me check"], penalty=-4.0),
+        RepresentationRecycling(layer=1, trigger_words=frequent_words(model)),
+        ThinkingTokenInsertion(words=(" Wait",), budget=6, answer_prompt=" So", answer_tokens=2),
+    ]
+
+
+def test_the_graph_safe_blocks_are_the_declared_ones():
+    assert {name for name, cls in registered_blocks().items() if cls.graph_safe} == GRAPH_SAFE
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH_SAFE))
+def test_each_graph_safe_block_compiles_into_one_graph_with_eager_tokens(tiny, name):
+    cls = registered_blocks()[name]
+    eos = stop_token(tiny)
+    eager_block, compiled_block = cls.example(tiny, PROMPTS), cls.example(tiny, PROMPTS)
+    eager = generate(tiny, [eager_block], False, eos)
+    counters.clear()
+    compiled = generate(tiny, [compiled_block], ON_CPU, eos)
+    assert compiled.token_ids == eager.token_ids and compiled.stop_reasons == eager.stop_reasons
+    assert compiled_block.by_row() == eager_block.by_row()
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] <= 1  # 0: compiled by an earlier test with the same stack
+
+
+def test_the_stack_compiles_once_and_each_run_reads_its_own_blocks(tiny_llama):
+    model = tiny_llama
+    runs = {}
+    counters.clear()
+    for alpha in (1.0, 3.0):  # a different vector in a new trace: no stale value from the first run
+        eager_blocks, compiled_blocks = stack(model, alpha), stack(model, alpha)
+        eager = generate(model, eager_blocks, False)
+        compiled = generate(model, compiled_blocks, ON_CPU)
+        assert compiled.token_ids == eager.token_ids
+        assert [b.by_row() for b in compiled_blocks] == [b.by_row() for b in eager_blocks]
+        assert any(compiled_blocks[0].fired()) and any(compiled_blocks[2].fired())
+        runs[alpha] = compiled.token_ids
+    assert runs[1.0] != runs[3.0]
+    assert counters["stats"]["unique_graphs"] <= 1 and sum(counters["graph_break"].values()) == 0
+    # another stack on the same model (hooks at other sites): not the graph compiled for the first
+    only_mask = [TokenMask(["Hmm"], penalty=-50.0)]
+    assert generate(model, only_mask, ON_CPU).token_ids == generate(model, [TokenMask(["Hmm"], penalty=-50.0)], False).token_ids
+
+
+def test_a_block_that_is_not_graph_safe_decodes_eagerly_with_a_warning(tiny_llama):
+    answers = ["8", "56", "The answer is 30.", "So 16"]
+    eager = generate(tiny_llama, [MIEstimator(answers=answers)], False)
+    with pytest.warns(UserWarning, match="MIEstimator keep.* per-step state on the host.*decodes eagerly"):
+        compiled = generate(tiny_llama, [MIEstimator(answers=answers)], ON_CPU)
+    assert compiled.token_ids == eager.token_ids
+
+
+def test_compile_needs_the_static_cache_and_valid_options(tiny_llama):
+    with pytest.raises(ValueError, match="compile needs cache='static'"):
+        surgery.generate(tiny_llama, PROMPTS, 4, compile=True)
+    with pytest.raises(ValueError, match="compile must be True, False or a dict"):
+        surgery.generate(tiny_llama, PROMPTS, 4, cache="static", compile="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing attached: no warning, the plain step compiles
+        plain = surgery.generate(tiny_llama, PROMPTS, 8, cache="static", compile=ON_CPU)
+    assert plain.token_ids == surgery.generate(tiny_llama, PROMPTS, 8).token_ids
