@@ -16,7 +16,7 @@ shorter by a few tokens than the one before (left padding exercised).
 Rows, side by side in one process, each timed ``--reps`` times in interleaved order (medians):
 
   hf_dynamic         ``model.generate``, greedy, its DynamicCache
-  hf_static_compile  ``model.generate(cache_implementation="static")``: transformers compiles the
+  hf_static_compile  ``model.generate(cache_implementation="static")``: on CUDA transformers compiles the
                      decode step (CUDA graphs through torch.compile); its first call, the compile,
                      is a warm-up and not timed
   ours_dynamic       ``surgery.generate`` (eager, dynamic cache)
