@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -42,18 +41,6 @@ def seal_layer(n_layers: int) -> int:
     return round(n_layers * 20 / 28)
 
 
-def _open(folder: str | os.PathLike) -> ResultStore:
-    """The study store in ``folder``, opened with the config it holds."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a study's output folder: it has no config.json (run `surgery run` first)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))["config"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is damaged ({error}): it cannot say which study wrote the results") from None
-    return ResultStore(folder, config)
-
-
 def study_traces(folder: str | os.PathLike, condition: str | None = None) -> tuple[dict, list[tuple[str, list[int]]]]:
     """The study's config and the ``(prompt, generated token ids)`` of every row of ``condition``.
 
@@ -65,7 +52,7 @@ def study_traces(folder: str | os.PathLike, condition: str | None = None) -> tup
         ValueError: no condition named where there are several, an unknown condition, or a
             condition without rows yet.
     """
-    store = _open(folder)
+    store = ResultStore.of_folder(folder)
     conditions = list(store.config["conditions"])
     if condition is None:
         if len(conditions) != 1:

@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -97,14 +96,9 @@ def read_study(folder: str | Path) -> StudyResults:
         ValueError: a damaged config or results file (the message names the line).
     """
     folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a study folder (surgery run writes one there)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))["config"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_path} is not a study's config.json ({error!r})") from None
-    records = list(ResultStore(folder, config).records())  # checks the hash of every record
+    store = ResultStore.of_folder(folder)
+    config = store.config
+    records = list(store.records())
     summaries = condition_summaries(records)
     conditions = [s.condition for s in summaries]
     conditions += [c for c in config.get("conditions", {}) if c not in conditions]

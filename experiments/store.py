@@ -93,6 +93,25 @@ class ResultStore:
     FORMAT = "experiments.store"
     VERSION = 1
 
+    @classmethod
+    def of_folder(cls, folder: str | os.PathLike) -> ResultStore:
+        """The store of an existing study folder, opened with the config its ``config.json`` holds
+        (what reading tools use: the report, vector extraction).
+
+        Raises:
+            FileNotFoundError: no ``config.json`` in ``folder`` (not a study's output folder).
+            ValueError: a damaged ``config.json`` or results file.
+        """
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a study's output folder: it has no config.json "
+                                    "(run `surgery run` first)")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))["config"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} is damaged ({error!r}): it cannot say which study wrote the results") from None
+        return cls(folder, config)  # checks the config's hash and every record
+
     def __init__(self, folder: str | os.PathLike, config: dict) -> None:
         self.folder = Path(folder)
         self.config: dict = json.loads(canonical_json(config))

@@ -138,6 +138,18 @@ def test_results_without_a_readable_config_are_refused(tmp_path):
         ResultStore(tmp_path, CONFIG)
 
 
+def test_of_folder_opens_a_study_folder_with_the_config_it_holds(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a study's output folder: it has no config.json"):
+        ResultStore.of_folder(tmp_path)
+    store = ResultStore(tmp_path, CONFIG)
+    store.append(*KEYS[0], payload(KEYS[0]))
+    again = ResultStore.of_folder(tmp_path)
+    assert again.config_hash == store.config_hash and again.done() == {KEYS[0]}
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="config.json is damaged"):
+        ResultStore.of_folder(tmp_path)
+
+
 def test_a_pair_is_stored_once(tmp_path):
     store = ResultStore(tmp_path, CONFIG)
     store.append(*KEYS[0], payload(KEYS[0]))
