@@ -6,17 +6,13 @@ One module per piece, as for every op:
   CPU path and the test oracle);
 - :mod:`~surgery.kernels.backend`: which implementation runs (:func:`kernel_backend`,
   :func:`triton_available`, the ``SURGERY_KERNELS`` variable, the dtypes Triton handles);
-- one module per op with its checked dispatcher: :mod:`~surgery.kernels.masked_add`,
-  :mod:`~surgery.kernels.mask_logits`, :mod:`~surgery.kernels.nearest_centroid`;
-- one module per Triton kernel: :mod:`~surgery.kernels.triton_masked_add`,
-  :mod:`~surgery.kernels.triton_mask_logits`, :mod:`~surgery.kernels.triton_nearest_centroid`.
-  These import triton at top level, so the dispatchers import them lazily, once triton is known
-  to be available.
-
-Also streaming segment-mean pooling (:mod:`~surgery.kernels.segment_mean_update`, the step
-vectors of :class:`probes.ReasoningGraph`) and the centred Gaussian Gram matrix of nHSIC
-(:mod:`~surgery.kernels.centred_gaussian_gram`, float64, used by :mod:`probes.hsic`), each with
-its Triton kernel module (``triton_segment_mean_update``, ``triton_centred_gaussian_gram``).
+- one module per op with its checked dispatcher: :mod:`~surgery.kernels.masked_add` (steering),
+  :mod:`~surgery.kernels.mask_logits` (TokenMask), :mod:`~surgery.kernels.segment_mean_update`
+  (ReasoningGraph's step pooling), :mod:`~surgery.kernels.centred_gaussian_gram` (nHSIC's
+  centred kernel, float64), :mod:`~surgery.kernels.nearest_centroid` (K-means assignment);
+- one module per Triton kernel, ``triton_<op>``, and :mod:`~surgery.kernels.triton_common`,
+  what they share (storage rounding, launch checks). These import triton at top level, so the
+  dispatchers import them lazily, once triton is known to be available.
 
 This package only re-exports the public names.
 """

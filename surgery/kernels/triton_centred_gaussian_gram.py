@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .centred_gaussian_gram import TRITON_V_DTYPES
+from .triton_common import check_launch
 
 __all__ = ["centred_gaussian_gram_triton", "expm1_triton"]
 
@@ -116,18 +117,8 @@ def _centred_gaussian_gram_kernel(
         tl.store(out_rows + cols[None, :], k1 - mean[:, None], mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _is_interpreted() -> bool:
-    """True when the kernel was built by the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return type(_centred_gaussian_gram_kernel).__name__ == "InterpretedFunction"
 
 
-def _check_device(tensor: Tensor, what: str) -> None:
-    if not tensor.is_cuda and not _is_interpreted():
-        raise RuntimeError(
-            f"the Triton {what} kernel needs CUDA tensors, got device {tensor.device}; move the "
-            "tensor to a GPU, use backend='torch', or set TRITON_INTERPRET=1 before triton is "
-            "first imported to run the kernel in the (slow) interpreter"
-        )
 
 
 def centred_gaussian_gram_triton(v: Tensor, sigma: float) -> Tensor:
@@ -150,12 +141,7 @@ def centred_gaussian_gram_triton(v: Tensor, sigma: float) -> Tensor:
         >>> centred_gaussian_gram_triton(v, 1.0)[0]  # doctest: +SKIP
         tensor([ 0.3296,  0.3296, -0.6593], device='cuda:0', dtype=torch.float64)
     """
-    if v.dtype not in TRITON_V_DTYPES:
-        raise ValueError(
-            f"the Triton centred_gaussian_gram kernel supports {[str(t) for t in TRITON_V_DTYPES]}, got "
-            f"v.dtype={v.dtype}; use backend='torch' for this dtype"
-        )
-    _check_device(v, "centred_gaussian_gram")
+    check_launch("centred_gaussian_gram", "v", v, TRITON_V_DTYPES)
     d = v.shape[-1]
     if v.numel() == 0:
         return torch.empty(*v.shape, d, dtype=torch.float64, device=v.device)
@@ -178,9 +164,7 @@ def expm1_triton(x: Tensor) -> Tensor:
     Returns:
         A new contiguous float64 tensor shaped like ``x``.
     """
-    if x.dtype != torch.float64:
-        raise ValueError(f"expm1_triton takes float64, got {x.dtype}; convert with x.double()")
-    _check_device(x, "expm1")
+    check_launch("expm1", "x", x, (torch.float64,))
     flat = x.contiguous().reshape(-1)
     out = torch.empty_like(flat)
     if flat.numel():

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .backend import TRITON_DTYPES
-from .triton_masked_add import _to_storage  # float32 -> storage dtype, round to nearest even
+from .triton_common import check_launch, to_storage
 
 __all__ = ["mask_logits_triton"]
 
@@ -70,7 +70,7 @@ def _mask_logits_kernel(
         edited = tl.where(masked, float("-inf"), x).to(x.dtype)
     else:
         # penalty comes rounded to the storage dtype; the sum is taken in float32, rounded once
-        edited = tl.where(masked, _to_storage(x.to(tl.float32) + penalty, x.dtype), x)
+        edited = tl.where(masked, to_storage(x.to(tl.float32) + penalty, x.dtype), x)
     if HAS_FORCED:
         forced = tl.load(forced_ptr + row)
         one_hot = tl.where(cols == forced, 0.0, float("-inf")).to(x.dtype)
@@ -129,9 +129,6 @@ def _mask_logits_top_kernel(
     tl.store(top_masked_ptr + row, hit)
 
 
-def _is_interpreted() -> bool:
-    """True when the kernel was built by the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return type(_mask_logits_kernel).__name__ == "InterpretedFunction"
 
 
 def mask_logits_triton(
@@ -165,17 +162,7 @@ def mask_logits_triton(
         >>> mask_logits_triton(logits, torch.tensor([False, True, False], device="cuda"))  # doctest: +SKIP
         (tensor([[1., -inf, 2.]], device='cuda:0'), tensor([True], device='cuda:0'))
     """
-    if logits.dtype not in TRITON_DTYPES:
-        raise ValueError(
-            f"the Triton mask_logits kernel supports {[str(d) for d in TRITON_DTYPES]}, "
-            f"got logits.dtype={logits.dtype}; use backend='torch' for this dtype"
-        )
-    if not logits.is_cuda and not _is_interpreted():
-        raise RuntimeError(
-            f"the Triton mask_logits kernel needs CUDA tensors, got device {logits.device}; move "
-            "the tensors to a GPU, use backend='torch', or set TRITON_INTERPRET=1 before triton is "
-            "first imported to run the kernel in the (slow) interpreter"
-        )
+    check_launch("mask_logits", "logits", logits, TRITON_DTYPES)
     logits_c = logits.contiguous()
     out = torch.empty_like(logits_c)
     top_masked = torch.zeros(logits_c.shape[:-1], dtype=torch.bool, device=logits.device)

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .backend import TRITON_DTYPES
+from .triton_common import check_launch, to_storage
 
 __all__ = ["masked_add_triton"]
 
@@ -24,27 +25,8 @@ __all__ = ["masked_add_triton"]
 _MAX_BLOCK = 1024
 
 
-@triton.jit
-@no_type_check  # keeps jaxtyping's import hook (active under pytest) off Triton code
-def _f32_to_bf16_rtne(x):
-    # float32 -> bfloat16, round to nearest even, done on the bits. The same code runs on GPUs
-    # (where it matches the hardware conversion) and in the Triton interpreter, whose plain
-    # float32 -> bfloat16 cast truncates instead of rounding.
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    quiet_nan = (bits >> 16) | 0x0040  # NaN in, NaN out (sign kept, quiet bit set)
-    top = tl.where(x != x, quiet_nan, rounded)
-    return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit
-@no_type_check  # keeps jaxtyping's import hook (active under pytest) off Triton code
-def _to_storage(x, dtype: tl.constexpr):
-    # float32 -> storage dtype with round to nearest even.
-    if dtype == tl.bfloat16:
-        return _f32_to_bf16_rtne(x)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -68,16 +50,13 @@ def _masked_add_kernel(
         h = tl.load(hidden_ptr + base + cols, mask=in_row, other=0.0)
         v = tl.load(vector_ptr + cols, mask=in_row, other=0.0)
         # alpha * v is rounded to the storage dtype first, as in the reference.
-        scaled = _to_storage(v.to(tl.float32) * alpha, h.dtype)
-        added = _to_storage(h.to(tl.float32) + scaled.to(tl.float32), h.dtype)
+        scaled = to_storage(v.to(tl.float32) * alpha, h.dtype)
+        added = to_storage(h.to(tl.float32) + scaled.to(tl.float32), h.dtype)
         # Unselected rows store the loaded value as is: bit-identical copy.
         out = tl.where(selected, added, h)
         tl.store(out_ptr + base + cols, out, mask=in_row)
 
 
-def _is_interpreted() -> bool:
-    """True when the kernel was built by the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return type(_masked_add_kernel).__name__ == "InterpretedFunction"
 
 
 def masked_add_triton(hidden: Tensor, mask: Tensor, vector: Tensor, alpha: float = 1.0) -> Tensor:
@@ -104,17 +83,7 @@ def masked_add_triton(hidden: Tensor, mask: Tensor, vector: Tensor, alpha: float
         tensor([[[1., 1., 1.],
                  [0., 0., 0.]]], device='cuda:0')
     """
-    if hidden.dtype not in TRITON_DTYPES:
-        raise ValueError(
-            f"the Triton masked_add kernel supports {[str(d) for d in TRITON_DTYPES]}, "
-            f"got hidden.dtype={hidden.dtype}; use backend='torch' for this dtype"
-        )
-    if not hidden.is_cuda and not _is_interpreted():
-        raise RuntimeError(
-            f"the Triton masked_add kernel needs CUDA tensors, got device {hidden.device}; move "
-            "the tensors to a GPU, use backend='torch', or set TRITON_INTERPRET=1 before triton is "
-            "first imported to run the kernel in the (slow) interpreter"
-        )
+    check_launch("masked_add", "hidden", hidden, TRITON_DTYPES)
     hidden_c = hidden.contiguous()
     out = torch.empty_like(hidden_c)
     batch, pos, d_model = hidden_c.shape

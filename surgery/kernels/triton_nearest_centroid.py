@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .backend import TRITON_DTYPES
+from .triton_common import check_launch, is_interpreted
 
 __all__ = ["nearest_centroid_triton"]
 
@@ -80,9 +81,6 @@ def _nearest_centroid_kernel(
     tl.store(sq_distances_ptr + rows, best, mask=row_ok)
 
 
-def _is_interpreted() -> bool:
-    """True when the kernel was built by the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return type(_nearest_centroid_kernel).__name__ == "InterpretedFunction"
 
 
 def nearest_centroid_triton(points: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,17 +103,7 @@ def nearest_centroid_triton(points: Tensor, centers: Tensor) -> tuple[Tensor, Te
         >>> nearest_centroid_triton(points, torch.tensor([[0.0, 1.0], [5.0, 1.0]], device="cuda"))  # doctest: +SKIP
         (tensor([0, 1], device='cuda:0'), tensor([1., 1.], device='cuda:0'))
     """
-    if points.dtype not in TRITON_DTYPES:
-        raise ValueError(
-            f"the Triton nearest_centroid kernel supports {[str(d) for d in TRITON_DTYPES]}, "
-            f"got points.dtype={points.dtype}; use backend='torch' for this dtype"
-        )
-    if not points.is_cuda and not _is_interpreted():
-        raise RuntimeError(
-            f"the Triton nearest_centroid kernel needs CUDA tensors, got device {points.device}; "
-            "move the tensors to a GPU, use backend='torch', or set TRITON_INTERPRET=1 before "
-            "triton is first imported to run the kernel in the (slow) interpreter"
-        )
+    check_launch("nearest_centroid", "points", points, TRITON_DTYPES)
     points_c, centers_c = points.contiguous(), centers.contiguous()
     n, d = points_c.shape
     k = centers_c.shape[0]
@@ -131,7 +119,7 @@ def nearest_centroid_triton(points: Tensor, centers: Tensor) -> tuple[Tensor, Te
             points_c, centers_c, labels, sq_distances, n, k, d,
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
             # the interpreter's tl.dot mistreats bfloat16 (triton 3.x): give it float32 there
-            UPCAST=_is_interpreted() and points.dtype == torch.bfloat16,
+            UPCAST=is_interpreted() and points.dtype == torch.bfloat16,
             # no fused multiply-add in the elementwise part: closer to torch's rounding
             enable_fp_fusion=False,
         )

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .segment_mean_update import TRITON_X_DTYPES
+from .triton_common import check_launch
 
 __all__ = ["segment_mean_update_triton"]
 
@@ -76,9 +77,6 @@ def _segment_mean_update_kernel(
     tl.store(n_steps_ptr + row, n_steps + keep.to(tl.int64))
 
 
-def _is_interpreted() -> bool:
-    """True when the kernel was built by the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return type(_segment_mean_update_kernel).__name__ == "InterpretedFunction"
 
 
 def segment_mean_update_triton(
@@ -120,17 +118,7 @@ def segment_mean_update_triton(
         >>> buffer[0, 0], n_steps  # doctest: +SKIP
         (tensor([1., 1., 1.], device='cuda:0'), tensor([1], device='cuda:0'))
     """
-    if x.dtype not in TRITON_X_DTYPES:
-        raise ValueError(
-            f"the Triton segment_mean_update kernel reads x as {[str(t) for t in TRITON_X_DTYPES]}, "
-            f"got x.dtype={x.dtype}; use backend='torch' for this dtype"
-        )
-    if not total.is_cuda and not _is_interpreted():
-        raise RuntimeError(
-            f"the Triton segment_mean_update kernel needs CUDA tensors, got device {total.device}; "
-            "move the tensors to a GPU, use backend='torch', or set TRITON_INTERPRET=1 before "
-            "triton is first imported to run the kernel in the (slow) interpreter"
-        )
+    check_launch("segment_mean_update", "x", x, TRITON_X_DTYPES)
     batch, d = total.shape
     if batch == 0:
         return
