@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from surgery.blocks import TokenChoice
 from surgery.forward import Forward, compile_options
-from surgery.kv_cache import CACHE_KINDS
+from surgery.kv_cache import check_kind
 from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.sampling import RowKey, RowSampler, row_keys_for
@@ -103,8 +103,7 @@ def _output(tokenizer, generated: Tensor, stops: StopTracker, attention_mask: Te
 
 
 def _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings, cache) -> None:
-    if cache not in CACHE_KINDS:
-        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHE_KINDS))}, got {cache!r}")
+    check_kind(cache)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if do_sample and not temperature > 0:

@@ -38,10 +38,16 @@ from torch import Tensor
 from transformers import Cache, DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-__all__ = ["CACHE_KINDS", "last_entry", "new_cache", "restore_last_entry", "rollback"]
+__all__ = ["CACHE_KINDS", "check_kind", "last_entry", "new_cache", "restore_last_entry", "rollback"]
 
 #: The cache kinds :func:`new_cache` builds.
 CACHE_KINDS = ("dynamic", "static")
+
+
+def check_kind(kind: str) -> None:
+    """Raise ValueError naming the kinds when ``kind`` is not one of :data:`CACHE_KINDS`."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHE_KINDS))}, got {kind!r}")
 
 
 def new_cache(kind: str, config, max_length: int) -> Cache:
@@ -50,10 +56,9 @@ def new_cache(kind: str, config, max_length: int) -> Cache:
     Raises:
         ValueError: an unknown kind, or a static cache for a model with sliding-window layers.
     """
+    check_kind(kind)
     if kind == "dynamic":
         return DynamicCache(config=config)
-    if kind != "static":
-        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHE_KINDS))}, got {kind!r}")
     cache = StaticCache(config=config, max_cache_len=max_length)
     odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
     if odd:
