@@ -41,6 +41,7 @@ from torch import Tensor
 
 from surgery.blocks import Intervention, per_row, register_block
 from surgery.kv_cache import last_entry, restore_last_entry, rollback
+from surgery.triggers import Trigger
 
 __all__ = ["RR_TRIGGER_WORDS", "RepresentationRecycling", "RepresentationRecyclingConfig"]
 
@@ -54,6 +55,9 @@ class RepresentationRecyclingConfig:
     trigger_words: tuple[str, ...] = field(default=RR_TRIGGER_WORDS, metadata={"help": "thinking tokens that trigger it"})
     probability: float = field(default=1.0, metadata={"help": "chance a trigger fires (released code: 0.5; 0: never)"})
     seed: int = field(default=0, metadata={"help": "seed of the coin flips"})
+    when: Trigger | None = field(
+        default=None, metadata={"help": "fire where this trigger holds at the emitting position instead of on the words"}
+    )
 
 
 def _mix(x: Tensor) -> Tensor:
@@ -86,6 +90,12 @@ class RepresentationRecycling(Intervention):
         trigger_words: words whose token (stripped text equal to the word) triggers recycling.
         probability: chance that a trigger fires, in [0, 1] (0 never fires: the identity setting).
         seed: seed of the coin flips.
+        when: a trigger that replaces the word list: RR fires for a row where it holds at the
+            step's last position, the one whose output emits the token (so ``OnTokens`` there
+            means the *fed* token). Closed loop: ``when=OnSignal(mi, "peak")`` recycles where the
+            MI of the emitting state crosses the row's running Tukey fence
+            (:class:`probes.MIEstimator`), measured in the same forward, instead of on words
+            that tend to sit at peaks. The coin still applies.
     """
 
     graph_safe = True  # see surgery.blocks.Block.graph_safe
@@ -104,7 +114,8 @@ class RepresentationRecycling(Intervention):
     def rerun_layer(self) -> int | None:
         return getattr(self, "_layer", None)
 
-    def __init__(self, layer: int, trigger_words=RR_TRIGGER_WORDS, probability: float = 1.0, seed: int = 0):
+    def __init__(self, layer: int, trigger_words=RR_TRIGGER_WORDS, probability: float = 1.0, seed: int = 0,
+                 when: Trigger | None = None):
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"layer must be a block index (int), got {layer!r}")
         trigger_words = (trigger_words,) if isinstance(trigger_words, str) else tuple(trigger_words)
@@ -112,7 +123,9 @@ class RepresentationRecycling(Intervention):
             raise ValueError(f"RepresentationRecycling needs non-empty trigger words, got {trigger_words!r}")
         if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
             raise ValueError(f"probability must be in [0, 1], got {probability!r}")
-        self.config = RepresentationRecyclingConfig(layer, trigger_words, float(probability), int(seed))
+        if when is not None and not isinstance(when, Trigger):
+            raise TypeError(f"when must be a surgery trigger (or None for the word list), got {type(when).__name__}")
+        self.config = RepresentationRecyclingConfig(layer, trigger_words, float(probability), int(seed), when)
         self._records: list[tuple[Tensor, Tensor]] = []
 
     def sites(self) -> tuple[str, ...]:
@@ -126,6 +139,9 @@ class RepresentationRecycling(Intervention):
             )
         self._layer = self.config.layer % model.n_layers
         self._block = model.architecture.block_list(model.module)[self._layer]
+        if self.config.when is not None:  # the words are not used
+            self.config.when.bind(model)
+            return
         stripped = [text.strip() for text in model.vocabulary_texts]
         missing = [w for w in self.config.trigger_words if w.strip() not in stripped]
         if missing:
@@ -149,7 +165,10 @@ class RepresentationRecycling(Intervention):
         return self._row_keys
 
     def choose(self, choice) -> None:
-        fire = self._triggers[choice.chosen] & ~choice.finished
+        if self.config.when is None:
+            fire = self._triggers[choice.chosen] & ~choice.finished
+        else:
+            fire = self.config.when(choice.step.tail(1))[:, 0] & ~choice.finished
         positions = choice.step.positions[:, -1]
         if self.config.probability < 1:
             fire &= coin(self.config.seed, self._keys(choice), positions) < self.config.probability

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from surgery.kernels import centred_gaussian_gram
 
-__all__ = ["RY_RANK_TOLERANCE", "hsic_across_examples", "nhsic"]
+__all__ = ["RY_RANK_TOLERANCE", "hsic_across_examples", "nhsic", "nhsic_sync_free"]
 
 
 def _centred_kernel(v: Float[Tensor, "*batch d"], sigma: float) -> Float[Tensor, "*batch d d"]:
@@ -106,6 +106,50 @@ def _kernel_factor(v: Float[Tensor, "n d"], sigma: float, max_rank: int) -> Floa
         factor[..., j] = column
         residual = residual - column.square()
     return None if bool((residual.max(dim=-1).values >= KX_TOLERANCE).any()) else factor
+
+
+def _kernel_factor_fixed(v: Float[Tensor, "n d"], sigma: float, rank: int) -> tuple[Float[Tensor, "n d q"], Tensor]:
+    """:func:`_kernel_factor` without asking the host anything: exactly ``rank`` columns.
+
+    Returns ``(L, converged)``: a row's columns after its residual fell below
+    :data:`KX_TOLERANCE` are zeros (which leave :func:`_nhsic_low_rank` unchanged), so a
+    converged row's factor is the early-stopping one padded with zeros; ``converged[i]`` is
+    False for a row that still had residual after ``rank`` columns (its ``L`` is the best rank
+    ``rank`` pivoted factor, an approximation). Fixed work per call, no data-dependent branch:
+    what a probe publishing a signal inside a captured step needs.
+    """
+    n, d = v.shape
+    rows = torch.arange(n, device=v.device)
+    factor = torch.zeros(n, d, rank, dtype=torch.float64, device=v.device)
+    residual = torch.ones(n, d, dtype=torch.float64, device=v.device)
+    scale = -0.5 / sigma**2
+    for j in range(rank):
+        largest, pivot = residual.max(dim=-1)
+        live = largest >= KX_TOLERANCE
+        column = torch.exp((v - v[rows, pivot][:, None]).square() * scale)
+        column = column - torch.einsum("ndj,nj->nd", factor[..., :j], factor[rows, pivot, :j])
+        column = torch.where(live[:, None], column / largest.clamp(min=KX_TOLERANCE).sqrt()[:, None], 0.0)
+        factor[..., j] = column
+        residual = residual - column.square()
+    return factor, residual.max(dim=-1).values < KX_TOLERANCE
+
+
+def nhsic_sync_free(
+    x: Float[Tensor, "n d"], left: Float[Tensor, "*rbatch d r"], right: Float[Tensor, "*rbatch d r"], sigma: float,
+    epsilon: float, rank: int | None = None,
+) -> tuple[Float[Tensor, " n"], Tensor]:
+    """``tr(Rx Ry)`` per row with ``Ry = left @ rightᵀ`` and no host sync: ``(values, converged)``.
+
+    The low-rank path of :func:`_nhsic_given_factors` with a fixed number of pivoted-Cholesky
+    columns (``rank``, default ``min(KX_MAX_RANK, d // 3)``, :func:`_kernel_factor_fixed`):
+    equal to it for every converged row (tested); a row whose kernel needs more columns gets
+    the value of its rank-``rank`` approximation and ``converged`` False.
+    """
+    rank = min(KX_MAX_RANK, max(x.shape[-1] // 3, 1)) if rank is None else rank
+    factor, converged = _kernel_factor_fixed(x.to(torch.float64), sigma, rank)
+    left = left.to(device=x.device, dtype=torch.float64)
+    right = right.to(device=x.device, dtype=torch.float64)
+    return _nhsic_low_rank(factor, left, right, epsilon), converged
 
 
 def _nhsic_low_rank(

@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,11 +47,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from probes.hsic import _answer_factors, _nhsic_given_factors
-from probes.peaks import PeakStats, tukey_peaks
+from probes.hsic import _answer_factors, _nhsic_given_factors, nhsic_sync_free
+from probes.peaks import PeakStats, fence_so_far, tukey_peaks
 from surgery.blocks import Probe, register_block
 from surgery.capture import states_at
 from surgery.results import SavedResult
+from surgery.signals import SignalBoard, SignalSpec
 from surgery.step import Step
 
 __all__ = ["MIEstimator", "MIEstimatorConfig", "MIResult"]
@@ -64,6 +66,11 @@ class MIEstimatorConfig:
     )
     sigma: float = field(default=50.0, metadata={"help": "Gaussian kernel bandwidth (paper: 50, grid 50-400)"})
     epsilon: float = field(default=1e-5, metadata={"help": "ridge of the nHSIC estimator (paper: 1e-5)"})
+    warmup: int = field(default=16, metadata={"help": "tokens of a row before its running fence may mark a peak (signal 'peak')"})
+    kernel_rank: int = field(default=64, metadata={"help": "pivoted-Cholesky columns per token on the sync-free path"})
+    sync_free: bool | None = field(
+        default=None, metadata={"help": "fixed work per token, no host sync (None: when a trigger reads its signals)"}
+    )
 
 
 @dataclass
@@ -103,9 +110,24 @@ class MIResult(SavedResult):
 class MIEstimator(Probe):
     """Per-token MI between the emitting state ``h_t`` and the answer state ``h_y`` (MI peaks).
 
-    Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): the per-token pivoted Cholesky
-    asks the host every 8 columns whether every row has converged, and values go to a Python
-    list; with it attached a compiled run decodes eagerly.
+    Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): by default the per-token pivoted
+    Cholesky asks the host every 8 columns whether every row has converged; with it attached a
+    compiled run decodes eagerly.
+
+    Signals (:mod:`surgery.signals`, read with :class:`~surgery.triggers.OnSignal`), published
+    at its site for each row's emitting position every forward:
+
+    - ``"value"`` (float): ``m_t`` of the token this forward emits (NaN for finished rows);
+    - ``"fence"`` (float): Tukey's upper fence of the row's values before it
+      (:func:`probes.peaks.fence_so_far`; +inf before the first value);
+    - ``"peak"`` (bool): ``m_t`` is above that fence and the row has at least ``warmup``
+      values before it: :func:`probes.peaks.running_peaks`, the rule a decoder can apply while it
+      generates (closed-loop recycling fires on it).
+
+    When a trigger reads its signals (or with ``sync_free=True``) each token's ``m_t`` comes from
+    :func:`probes.hsic.nhsic_sync_free`: exactly ``kernel_rank`` pivoted-Cholesky columns, no
+    host sync (equal to the default path to ~1e-10 relative for every token whose kernel
+    converges within them; :meth:`result` warns about any that did not).
 
     Paper: arXiv 2506.02867, section 3 (nHSIC, Tukey peaks); see the module docstring for the
     definitions and the deviations (float64 and a cheaper but equal formula, both in
@@ -117,6 +139,11 @@ class MIEstimator(Probe):
             as a plain (non-chat) prompt and run alone; ``h_y`` is the state at its last token.
         sigma: Gaussian kernel bandwidth.
         epsilon: ridge.
+        warmup: a row's first ``warmup`` tokens never mark a ``"peak"`` (the running fence needs
+            a history to mean something).
+        kernel_rank: columns of the token kernel's factor on the sync-free path.
+        sync_free: force the sync-free path on (True) or off (False); None: on when a trigger
+            reads the probe's signals.
 
     The answer states and ``Ry`` are computed when the probe is bound (entering the trace), in
     one batched forward; every ``generate`` or ``run`` must then have ``len(answers)`` rows.
@@ -132,7 +159,8 @@ class MIEstimator(Probe):
     config_class = MIEstimatorConfig
 
     def __init__(
-        self, site: str = "resid_post.-1", answers: Sequence[str] | None = None, sigma: float = 50.0, epsilon: float = 1e-5
+        self, site: str = "resid_post.-1", answers: Sequence[str] | None = None, sigma: float = 50.0,
+        epsilon: float = 1e-5, warmup: int = 16, kernel_rank: int = 64, sync_free: bool | None = None,
     ):
         if answers is not None:
             if isinstance(answers, str) or not all(isinstance(a, str) and a for a in answers):
@@ -140,10 +168,15 @@ class MIEstimator(Probe):
             answers = tuple(answers)
         if not sigma > 0 or not epsilon > 0:
             raise ValueError(f"sigma and epsilon must be positive, got sigma={sigma}, epsilon={epsilon}")
-        self.config = MIEstimatorConfig(site=site, answers=answers, sigma=float(sigma), epsilon=float(epsilon))
+        for name, number in (("warmup", warmup), ("kernel_rank", kernel_rank)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"{name} must be a positive integer, got {number!r}")
+        self.config = MIEstimatorConfig(site=site, answers=answers, sigma=float(sigma), epsilon=float(epsilon),
+                                        warmup=warmup, kernel_rank=kernel_rank, sync_free=sync_free)
         self._ry: tuple[Tensor, Tensor] | None = None
         self._answer_states: Tensor | None = None
-        self._records: list[tuple[Tensor, Tensor]] = []
+        self._series: _RowSeries | None = None
+        self._signals_read: frozenset[str] = frozenset()
 
     @classmethod
     def example(cls, model, prompts=(), identity: bool = False) -> MIEstimator:
@@ -164,6 +197,20 @@ class MIEstimator(Probe):
             raise ValueError("MIEstimator needs the reference answers: MIEstimator(answers=[...]), one string per prompt")
         self._answer_states = self._last_token_states(model, site, list(self.config.answers))
         self._ry = _answer_factors(self._answer_states, self.config.sigma, self.config.epsilon)
+        self._site = site.canonical
+        self.signal_board = SignalBoard(self.signals())
+
+    def signals(self) -> dict[str, SignalSpec]:
+        site = getattr(self, "_site", self.config.site)
+        return {name: SignalSpec(name, kind, site) for name, kind in (("value", "float"), ("fence", "float"), ("peak", "bool"))}
+
+    def use_signals(self, names) -> None:
+        self._signals_read = frozenset(names)
+
+    @property
+    def sync_free(self) -> bool:
+        """Whether this run computes ``m_t`` on the fixed-work path (see the class docstring)."""
+        return bool(self._signals_read) if self.config.sync_free is None else self.config.sync_free
 
     @staticmethod
     def _last_token_states(model, site, texts: list[str]) -> Float[Tensor, "n d"]:
@@ -178,12 +225,28 @@ class MIEstimator(Probe):
                 f"MIEstimator has {n} answers but this run has {batch_size} prompt rows: "
                 "pass one answer per prompt, in prompt order"
             )
-        self._records = []
+        self._series = None
+        if self.signal_board is not None:
+            self.signal_board.clear()
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         # The last position of every forward emits the next token (prompts are left-padded).
-        mi = _nhsic_given_factors(value[:, -1], *self._ry, self.config.sigma, self.config.epsilon)
-        self._records.append((mi, step.valid[:, -1]))
+        config = self.config
+        if self.sync_free:
+            rank = min(config.kernel_rank, value.shape[-1])
+            mi, converged = nhsic_sync_free(value[:, -1], *self._ry, config.sigma, config.epsilon, rank)
+        else:
+            mi = _nhsic_given_factors(value[:, -1], *self._ry, config.sigma, config.epsilon)
+            converged = torch.ones_like(mi, dtype=torch.bool)
+        if self._series is None:
+            self._series = _RowSeries(mi.shape[0], max(step.capacity, 1), mi.device)
+        valid = step.valid[:, -1]
+        series = self._series
+        fence = fence_so_far(series.values, series.count)
+        self.signal_board.publish("value", torch.where(valid, mi, torch.nan), step)
+        self.signal_board.publish("fence", fence, step)
+        self.signal_board.publish("peak", valid & (series.count >= config.warmup) & (mi > fence), step)
+        series.append(mi, converged, valid)
 
     def result(self, out=None) -> MIResult:
         """Per-row MI values (one per generated token), peaks and statistics of the last run.
@@ -196,11 +259,16 @@ class MIEstimator(Probe):
             out: the run's :class:`~surgery.engine.GenerationOutput`; when given, it is checked
                 against the values (one per generated token of each row).
         """
-        if not self._records:
+        if self._series is None:
             return MIResult([], [], [])
-        mi = torch.stack([m for m, _ in self._records], dim=1).cpu()  # [batch, steps]
-        fed_valid = torch.stack([v for _, v in self._records], dim=1).cpu()
-        values = [row[keep] for row, keep in zip(mi, fed_valid)]
+        values, converged = self._series.rows()
+        unconverged = sum(int((~c).sum()) for c in converged)
+        if unconverged:
+            warnings.warn(
+                f"MIEstimator: {unconverged} token(s) needed more than kernel_rank={self.config.kernel_rank} "
+                "pivoted-Cholesky columns; their values are those of the rank-limited kernel. Raise kernel_rank.",
+                stacklevel=2,
+            )
         if out is not None and list(out.lengths) != [len(v) for v in values]:
             raise ValueError(
                 f"out does not match this probe's last run: lengths {out.lengths}, "
@@ -208,3 +276,28 @@ class MIEstimator(Probe):
             )
         found = [tukey_peaks(v) for v in values]
         return MIResult(values=values, peaks=[p for p, _ in found], stats=[s for _, s in found])
+
+
+class _RowSeries:
+    """Each row's values, one per valid forward, in ``[batch, capacity]`` device buffers written
+    in place (no host sync, no Python state that grows), with the count per row."""
+
+    def __init__(self, batch: int, capacity: int, device: torch.device):
+        self.values = torch.zeros(batch, capacity, dtype=torch.float64, device=device)
+        self.converged = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        if device.type == "cuda":  # graph replays write here: the addresses must not move
+            for buffer in (self.values, self.converged, self.count):
+                torch._dynamo.mark_static_address(buffer)
+
+    def append(self, values: Tensor, converged: Tensor, valid: Tensor) -> None:
+        slot = self.count.clamp(max=self.values.shape[1] - 1)[:, None]
+        self.values.scatter_(1, slot, torch.where(valid[:, None], values[:, None], self.values.gather(1, slot)))
+        self.converged.scatter_(1, slot, torch.where(valid[:, None], converged[:, None], self.converged.gather(1, slot)))
+        self.count.add_(valid.long())
+
+    def rows(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per row, its values and convergence flags (CPU)."""
+        counts = self.count.tolist()
+        values, converged = self.values.cpu(), self.converged.cpu()
+        return [values[i, :n] for i, n in enumerate(counts)], [converged[i, :n] for i, n in enumerate(counts)]

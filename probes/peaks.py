@@ -1,5 +1,13 @@
 """MI peaks: the tokens above Tukey's upper fence, and statistics of one sequence of MI values.
 
+Two rules. :func:`tukey_peaks` is the paper's, on a finished sequence: the fence comes from all
+its values. :func:`running_peaks` is the one a decoder can apply while it generates (what
+closed-loop recycling fires on, :class:`probes.mi.MIEstimator`'s ``"peak"`` signal): token
+``t`` is a peak when ``t >= warmup`` and ``m_t > Q3 + 1.5·IQR`` of the row's values *before*
+it, ``m_0 .. m_{t-1}``; the first ``warmup`` tokens never are. :func:`fence_so_far` computes that
+fence for a batch of rows on the device, with fixed shapes and no host sync, and gives the
+same numbers as :func:`torch.quantile` (tested: equal firing positions).
+
 Paper: Qian et al., arXiv 2506.02867, section 3 (MI peaks: ``m_t > Q3 + 1.5·IQR``, Tukey's upper
 fence) and section 4 (thinking tokens at the peaks); the statistics are those of
 ``../shared/METHODS.md`` section 2. :class:`probes.mi.MIEstimator` applies :func:`tukey_peaks`
@@ -19,7 +27,7 @@ from torch import Tensor
 
 from surgery.results import result_part
 
-__all__ = ["PeakStats", "tukey_peaks"]
+__all__ = ["PeakStats", "fence_so_far", "running_peaks", "tukey_peaks"]
 
 
 @result_part
@@ -87,3 +95,51 @@ def tukey_peaks(values: Float[Tensor, " steps"]) -> tuple[Int[Tensor, " peaks"],
         aom=aom,
     )
     return peaks, stats
+
+
+def running_peaks(values: Float[Tensor, " steps"], warmup: int) -> Int[Tensor, " peaks"]:
+    """The online rule on a finished sequence: ``t`` with ``t >= warmup`` and ``m_t`` above the
+    upper Tukey fence of ``m_0 .. m_{t-1}`` (quartiles by :func:`torch.quantile`, linear).
+
+    This is the offline reference of what :class:`probes.mi.MIEstimator` publishes while
+    decoding (its ``"peak"`` signal): the same positions from the same values.
+
+    Example:
+        >>> import torch
+        >>> running_peaks(torch.tensor([1.0, 2.0, 1.0, 9.0, 1.0, 2.0, 1.0, 8.0]), warmup=3).tolist()
+        [3, 7]
+    """
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (the fence needs a value before the token), got {warmup}")
+    v = values.detach().to(torch.float64).cpu()
+    quartiles = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    peaks = []
+    for t in range(warmup, len(v)):
+        q1, q3 = torch.quantile(v[:t], quartiles).tolist()
+        if v[t] > q3 + 1.5 * (q3 - q1):
+            peaks.append(t)
+    return torch.tensor(peaks, dtype=torch.long)
+
+
+def fence_so_far(history: Float[Tensor, "batch capacity"], count: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+    """Per row, Tukey's upper fence ``Q3 + 1.5·IQR`` of its first ``count`` values.
+
+    Device ops on fixed shapes (a sort of the history with unused slots at +inf, then the
+    linear interpolation of :func:`torch.quantile`), no host sync. A row with ``count == 0``
+    gets +inf (nothing is above it).
+
+    Example:
+        >>> import torch
+        >>> history = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+        >>> fence_so_far(history, torch.tensor([4, 0])).tolist()
+        [5.5, inf]
+    """
+    capacity = history.shape[1]
+    used = torch.arange(capacity, device=history.device) < count[:, None]
+    ordered = torch.where(used, history, torch.inf).sort(dim=1).values
+    last = (count - 1).clamp(min=0).to(history.dtype)[:, None]
+    ranks = torch.tensor([0.25, 0.75], dtype=history.dtype, device=history.device) * last
+    below = ranks.long()  # truncation, as torch.quantile
+    above = ranks.ceil().long()
+    q1, q3 = ordered.gather(1, below).lerp(ordered.gather(1, above), ranks - below).unbind(dim=1)
+    return torch.where(count > 0, q3 + 1.5 * (q3 - q1), torch.inf)

@@ -68,6 +68,7 @@ from torch import Tensor
 from probes.linear_probe import LinearThoughtProbe
 from surgery.blocks import Probe, register_block
 from surgery.results import SavedResult, result_part
+from surgery.signals import SignalBoard, SignalSpec
 from surgery.step import Step
 from surgery.thoughts import THOUGHT_CLASSES, completion_prefix, split_thoughts, thought_positions
 from surgery.triggers import OnText, Trigger
@@ -168,6 +169,15 @@ class ThoughtClassifier(Probe):
     Paper: SEAL, arXiv 2504.07986, §3 (thoughts, classes, representative states); see the
     module docstring for the text that is read and the deviations.
 
+    Signals (with ``linear_probe`` only; :mod:`surgery.signals`, read with
+    :class:`~surgery.triggers.OnSignal`), for each row's last position every forward:
+    ``"predicted"`` (class: the linear probe's label of the thought opened there, -1 where the
+    text does not reach a separator there) and ``"probability"`` (its softmax probability,
+    NaN elsewhere). SEAL steering gated on it fires only where the opened thought is predicted
+    reflection or transition: ``when=seal_trigger_for(model) & OnSignal(classifier,
+    "predicted", "in", ["reflection", "transition"])``, with the classifier at a site before the
+    steering's (e.g. ``resid_pre.19`` for steering at ``resid_pre.20``).
+
     While the model runs it keeps only the vectors at the tokens where the text reaches the
     separator (``OnText``) and the fed token ids; :meth:`result` labels the thoughts and pairs
     each with its state. With ``linear_probe`` every recorded state is also labelled on the
@@ -248,15 +258,33 @@ class ThoughtClassifier(Probe):
                     f"the linear probe was fit on {self.linear_probe.d_model}-wide states, but {site} of "
                     f"{model.name} is {width} wide: fit it on states from this site"
                 )
-            self._weight = self.linear_probe.weight.to(device=model.device, dtype=torch.float32)
-            self._bias = self.linear_probe.bias.to(device=model.device, dtype=torch.float32)
+            self._weight = self.linear_probe.weight.to(device=model.device, dtype=torch.float64)
+            self._bias = self.linear_probe.bias.to(device=model.device, dtype=torch.float64)
         self.config.when.bind(model)
         self._model, self._site, self._width = model, str(site), width
+        self._canonical_site = site.canonical
+        self.signal_board = SignalBoard(self.signals())
+
+    def signals(self) -> dict[str, SignalSpec]:
+        if self.linear_probe is None:
+            return {}
+        site = getattr(self, "_canonical_site", self.config.site)
+        classes = tuple(self.linear_probe.classes)
+        return {"predicted": SignalSpec("predicted", "class", site, classes),
+                "probability": SignalSpec("probability", "float", site)}
+
+    def signal_hint(self) -> str:
+        if self.linear_probe is None:
+            return ("its signals need the online linear probe: ThoughtClassifier(site, "
+                    "linear_probe=fit_linear_probe(states, labels))")
+        return ""
 
     def reset(self, batch_size: int) -> None:
         self._prompt: tuple[Tensor, Tensor] | None = None  # (token ids, valid), [batch, pos]
         self._fed: list[tuple[Tensor, Tensor]] = []  # per decode step: (token ids, valid), [batch]
         self._hits: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []  # rows, positions, values, predicted
+        if self.signal_board is not None:
+            self.signal_board.clear()
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         if step.is_prefill:
@@ -267,8 +295,18 @@ class ThoughtClassifier(Probe):
         values = value[rows, columns].clone()
         predicted = None
         if self.linear_probe is not None:
-            predicted = (values.float() @ self._weight.T + self._bias).argmax(dim=-1)
+            predicted = (values.double() @ self._weight.T + self._bias).argmax(dim=-1)
+            self._publish(value[:, -1], step)
         self._hits.append((rows, step.positions[rows, columns], values, predicted))
+
+    def _publish(self, last: Tensor, step: Step) -> None:
+        """The signals of the step's last position: the class the linear probe gives a thought
+        opened there, and its probability (-1 and NaN where no separator ends there)."""
+        opens = self.config.when(step)[:, -1]
+        scores = last.double() @ self._weight.T + self._bias
+        probability, predicted = scores.softmax(dim=-1).max(dim=-1)
+        self.signal_board.publish("predicted", torch.where(opens, predicted, -1), step)
+        self.signal_board.publish("probability", torch.where(opens, probability, torch.nan), step)
 
     def result(self) -> ClassifiedThoughts:
         if self._model is None or self._prompt is None:

@@ -150,6 +150,16 @@ class Block:
                 patterns += value.text_patterns()
         return patterns
 
+    def signal_triggers(self) -> tuple:
+        """The :class:`~surgery.triggers.OnSignal` rules in the triggers of its config: the
+        probe signals it reads (the trace resolves them and checks their order on entry)."""
+        found: tuple = ()
+        for f in dataclasses.fields(self.config) if dataclasses.is_dataclass(self.config) else ():
+            value = getattr(self.config, f.name)
+            if hasattr(value, "signal_triggers"):
+                found += value.signal_triggers()
+        return found
+
     def tensors(self) -> dict[str, Tensor]:
         """Tensor state saved beside the config (e.g. a steering vector); none by default."""
         return {}
@@ -337,7 +347,31 @@ class Intervention(Block):
 
 
 class Probe(Block):
-    """A block that only observes; it must never change the model's output."""
+    """A block that only observes; it must never change the model's output.
+
+    A probe may publish signals that triggers read in the same run
+    (:class:`~surgery.triggers.OnSignal`, :mod:`surgery.signals`): it names them in
+    :meth:`signals`, makes ``self.signal_board = SignalBoard(self.signals())`` in :meth:`bind`,
+    clears it in :meth:`reset` and writes them in ``observe`` with
+    ``self.signal_board.publish(name, value, step)``.
+    """
+
+    def signals(self) -> dict:
+        """Name -> :class:`~surgery.signals.SignalSpec` of what it publishes (valid after
+        :meth:`bind`); none by default."""
+        return {}
+
+    def use_signals(self, names: frozenset[str]) -> None:
+        """Told by the trace on entry which of its signals some trigger reads (a probe may
+        compute them differently then, e.g. without host syncs); nothing by default."""
+
+    def signal_hint(self) -> str:
+        """Why an expected signal is missing, and the fix (e.g. a probe that needs a setting)."""
+        return ""
+
+    #: Where it writes its signals (a :class:`~surgery.signals.SignalBoard` over :meth:`signals`,
+    #: made in :meth:`bind` by probes that publish).
+    signal_board = None
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         raise NotImplementedError

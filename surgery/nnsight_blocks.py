@@ -77,6 +77,7 @@ from surgery.blocks import Intervention, Probe
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
+from surgery.signals import check_signal_reads
 from surgery.trace import add_routes, apply_blocks, check_blocks, refuse_token_choice
 
 __all__ = ["NNsightBlocks"]
@@ -114,6 +115,7 @@ class NNsightBlocks:
                             "tokens are picked by HF's generate, where no block can reach them: use "
                             "surgery.trace(surgery.wrap(lm), ...) for it, which runs on the same model")
         plans = check_blocks(model, blocks)
+        check_signal_reads(model, [block for block, _ in plans], {id(block): sites for block, sites in plans})
         self.blocks = tuple(block for block, _ in plans)
         routes: dict[str, tuple[list[Intervention], list[Probe]]] = {}
         add_routes(routes, plans)

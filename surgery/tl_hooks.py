@@ -66,6 +66,7 @@ from torch import Tensor
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
+from surgery.signals import check_signal_reads
 from surgery.trace import add_routes, apply_blocks, check_blocks, refuse_token_choice
 
 __all__ = ["TLHooks"]
@@ -104,6 +105,7 @@ class TLHooks:
         self.bridge = bridge
         self.model = wrap(bridge, tokenizer)
         plans = check_blocks(self.model, blocks)
+        check_signal_reads(self.model, [block for block, _ in plans], {id(block): sites for block, sites in plans})
         self.blocks = [block for block, _ in plans]
         self._routes: dict[str, tuple[list, list]] = {}
         add_routes(self._routes, plans)

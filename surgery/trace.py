@@ -31,6 +31,7 @@ from torch import Tensor
 from surgery import engine
 from surgery.blocks import Block, Intervention, Probe
 from surgery.model import Model
+from surgery.signals import check_signal_reads
 from surgery.sites import Site, hook_site
 from surgery.step import Step
 
@@ -51,6 +52,7 @@ class Trace:
         self._pending = list(blocks)
         self._routes: dict[str, tuple[list[Intervention], list[Probe]]] = {}
         self._handles = []
+        self._sites: dict[int, list[str]] = {}  # block id -> its canonical sites
         self._step: Step | None = None
         self._active = False
 
@@ -80,6 +82,7 @@ class Trace:
             handle.remove()
         self._handles.clear()
         self._routes.clear()
+        self._sites.clear()
         self._step = None
         self._active = False
         if self.model._active_trace is self:
@@ -95,6 +98,9 @@ class Trace:
 
     def _attach(self, blocks) -> None:
         plans = check_blocks(self.model, blocks, attached=self.blocks)
+        sites = {**self._sites, **{id(block): block_sites for block, block_sites in plans}}
+        check_signal_reads(self.model, [*self.blocks, *(block for block, _ in plans)], sites)
+        self._sites = sites
         for site in add_routes(self._routes, plans):
             module, kind = self.model.architecture.module_for(self.model.module, Site.parse(site))
             self._handles.append(hook_site(module, kind, self._router(site)))
