@@ -239,7 +239,7 @@ class MIEstimator(Probe):
             mi = _nhsic_given_factors(value[:, -1], *self._ry, config.sigma, config.epsilon)
             converged = torch.ones_like(mi, dtype=torch.bool)
         if self._series is None:
-            self._series = _RowSeries(mi.shape[0], max(step.capacity, 1), mi.device)
+            self._series = _RowSeries(mi.shape[0], step.capacity or 8, mi.device, growable=step.capacity == 0)
         valid = step.valid[:, -1]
         series = self._series
         fence = fence_so_far(series.values, series.count)
@@ -280,18 +280,30 @@ class MIEstimator(Probe):
 
 class _RowSeries:
     """Each row's values, one per valid forward, in ``[batch, capacity]`` device buffers written
-    in place (no host sync, no Python state that grows), with the count per row."""
+    in place (no host sync), with the count per row.
 
-    def __init__(self, batch: int, capacity: int, device: torch.device):
+    ``capacity`` is the run's number of forwards when the engine runs it (``Step.capacity``):
+    then the buffers never move. A host's own loop (nnsight, a TransformerLens bridge's
+    ``generate``) does not say how many forwards come: there the buffers double when full.
+    """
+
+    def __init__(self, batch: int, capacity: int, device: torch.device, growable: bool):
         self.values = torch.zeros(batch, capacity, dtype=torch.float64, device=device)
         self.converged = torch.ones(batch, capacity, dtype=torch.bool, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.growable = growable
+        self.appends = 0  # forwards seen (counted only when growable): an upper bound of every row's count
         if device.type == "cuda":  # graph replays write here: the addresses must not move
             for buffer in (self.values, self.converged, self.count):
                 torch._dynamo.mark_static_address(buffer)
 
     def append(self, values: Tensor, converged: Tensor, valid: Tensor) -> None:
-        slot = self.count.clamp(max=self.values.shape[1] - 1)[:, None]
+        if self.growable:  # a host's own loop (capacity unknown): no compiled step runs here
+            if self.appends == self.values.shape[1]:
+                self.values = torch.cat([self.values, torch.zeros_like(self.values)], dim=1)
+                self.converged = torch.cat([self.converged, torch.ones_like(self.converged)], dim=1)
+            self.appends += 1
+        slot = self.count[:, None]
         self.values.scatter_(1, slot, torch.where(valid[:, None], values[:, None], self.values.gather(1, slot)))
         self.converged.scatter_(1, slot, torch.where(valid[:, None], converged[:, None], self.converged.gather(1, slot)))
         self.count.add_(valid.long())
