@@ -1,4 +1,4 @@
-"""The ``surgery`` command: ``run``, ``report``, ``demo``, ``extract-vector``, ``bench``.
+"""The ``surgery`` command: ``run``, ``report``, ``demo``, ``extract-vector``, ``extract-thought-probe``, ``bench``.
 
 ``surgery run`` checks the study file first (every error names the field and the fix, before
 any model loads), then runs what the study's output folder lacks with a progress bar (rate and
@@ -14,6 +14,7 @@ Example:
     $ surgery report runs/gsm8k-baselines
     $ surgery demo --problems 4 --max-new-tokens 96
     $ surgery extract-vector runs/traces seal.safetensors --layer 21
+    $ surgery extract-thought-probe runs/traces thought_probe.safetensors --site resid_pre.20
     $ surgery bench engine kernels -- --reps 3
 """
 
@@ -51,11 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="the study's output folder (its config.json and results.jsonl)")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo = commands.add_parser(
-        "demo", help="a small real study on GSM8K with the embedded model: traces, SEAL vector, five conditions, report",
+        "demo", help="a small real study on GSM8K with the embedded model: traces, SEAL vector, seven conditions, report",
         description="Stage 1: the model's own traces on GSM8K sample problems 41-60, asked to check its steps. "
-                    "Stage 2: a SEAL vector from them. Stage 3: the first --problems problems under plain, SEAL "
-                    "steering, token mask, thinking-token insertion and representation recycling, with all three "
-                    "probes; then report.html. Offline, resumable (rerun after a stop). The study files it writes "
+                    "Stage 2: a SEAL vector and a linear thought probe from them. Stage 3: the first --problems "
+                    "problems under plain, SEAL steering, token mask, thinking-token insertion, representation "
+                    "recycling, and two closed-loop conditions (SEAL steering gated by the thought probe, recycling at "
+                    "measured MI peaks), with all three probes; then report.html. Offline, resumable (rerun after a stop). The study files it writes "
                     "(FOLDER/traces.toml, FOLDER/study.toml) run with `surgery run` too.")
     demo.add_argument("--output", default="runs/demo", metavar="FOLDER", help="where it writes (default: runs/demo)")
     demo.add_argument("--problems", type=int, default=12, help="GSM8K problems evaluated, 1-40 (default: 12)")
@@ -74,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--condition", help="whose rows (required when the study has several conditions)")
     extract.add_argument("--layer", type=int, help="block index (default: SEAL's depth, 20/28 of the model's blocks)")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    probe = commands.add_parser(
+        "extract-thought-probe", help="write an online thought classifier (linear probe) from a study's traces",
+        description="Label every thought of the rows of one condition by SEAL's keyword rules, read its state at "
+                    "--site at the opening blank line, fit a linear probe (held-out accuracy printed beside "
+                    "chance) and write a ThoughtClassifier carrying it. In a study it loads as "
+                    "{ type = \"thought_classifier\", from = \"FILE\" } and publishes the 'predicted' signal that "
+                    "gated SEAL steering reads (OnSignal).")
+    probe.add_argument("folder", help="the study's output folder (holds config.json and results.jsonl)")
+    probe.add_argument("output", help="the file to write (.safetensors)")
+    probe.add_argument("--condition", help="whose rows (required when the study has several conditions)")
+    probe.add_argument("--site", help="where states are read (default: resid_pre of the block below SEAL's depth)")
+    probe.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench = commands.add_parser(
         "bench", help="run the benchmarks (benchmarks/bench_*.py of a source checkout)",
         description="Run benchmarks side by side, each in its own process: medians and ratios. Arguments after "
@@ -105,11 +119,30 @@ def main(argv: list[str] | None = None) -> int:
                      batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
         elif args.command == "extract-vector":
             return _extract(args)
+        elif args.command == "extract-thought-probe":
+            return _extract_thought_probe(args)
         elif args.command == "bench":
             return _bench(args.names, extra, args.list)
     except (FileNotFoundError, ValueError) as error:
         print(f"surgery {args.command}: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _extract_thought_probe(args) -> int:
+    from experiments.extraction import extract_thought_probe, study_traces
+    from experiments.study_sections import ModelSpec
+    from surgery.saving import save_blocks
+
+    config, _ = study_traces(args.folder, args.condition)
+    model = ModelSpec(**config["model"]).load()
+    classifier = extract_thought_probe(args.folder, site=args.site, condition=args.condition, model=model,
+                                       progress=not args.no_progress)
+    path = save_blocks(args.output, [classifier], model)
+    probe = classifier.linear_probe
+    print(f"{path}: thought classifier at {classifier.config.site}, linear probe over {', '.join(probe.classes)}: "
+          f"held-out accuracy {probe.held_out_accuracy:.3f} (chance {probe.chance_accuracy:.3f}), "
+          f"trained on {probe.train_counts}, held out {probe.test_counts}")
     return 0
 
 

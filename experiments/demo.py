@@ -13,18 +13,25 @@ folder (so ``surgery run FOLDER/study.toml`` reruns or extends the study by hand
    traces: ``mean(execution) - mean(reflection ∪ transition)`` of the residual stream entering
    block :func:`~experiments.extraction.seal_layer` (21 of 30), read at each thought's opening
    separator (SEAL, METHODS.md §1), with its class counts. It fires at every generated blank
-   line (:func:`interventions.seal_trigger_for`: SmolLM2 has no think tags).
-3. **Study** (``study.toml``): the first ``problems`` problems of the sample, greedy, under five
-   conditions (plain; SEAL steering; SEAL's token-mask baseline; thinking-token insertion;
-   representation recycling), all three probes (MI estimator, thought classifier at the steering
-   site, reasoning graph) on every condition; then ``report.html`` and the terminal table.
+   line (:func:`interventions.seal_trigger_for`: SmolLM2 has no think tags). Beside it,
+   ``thought_probe.safetensors``: :func:`experiments.extraction.extract_thought_probe` fits a
+   linear probe from the same thoughts' states at ``resid_pre.20`` to their keyword labels
+   (held-out accuracy printed beside chance).
+3. **Study** (``study.toml``): the first ``problems`` problems of the sample, greedy, under seven
+   conditions: plain; SEAL steering; SEAL's token-mask baseline; thinking-token insertion;
+   representation recycling; and two closed-loop ones, where a block fires on what a probe of
+   the same run measures while decoding (:class:`surgery.signals.OnSignal`): ``seal_gated``
+   (SEAL's vector only at blank lines the thought probe says open a reflection or transition)
+   and ``rr_peaks`` (recycling where the MI of the emitting state crosses the row's running
+   Tukey fence). All three probes (MI estimator, the thought classifier with its linear probe,
+   reasoning graph) on every condition; then ``report.html`` and the terminal table.
 
 Every stage is resumable: killed at any moment, ``surgery demo`` continues where it stopped (the
 vector is written once, atomically, after its traces are complete).
 
 Example::
 
-    report = run_demo("runs/demo", problems=12)     # about 6 minutes on a 2-core CPU
+    report = run_demo("runs/demo", problems=12)     # about 8 minutes on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from experiments.extraction import extract_vector, seal_layer
+from experiments.extraction import extract_thought_probe, extract_vector, seal_layer
 from experiments.runner import run_study
 from experiments.study_config import load_study_config
 from experiments.summary import condition_summaries, format_table
 from interventions import SteeringVector
+from surgery.saving import load_blocks, save_blocks
 
 __all__ = ["EVALUATED_MAX", "TRACE_PROBLEMS", "run_demo", "write_study_files"]
 
@@ -77,7 +85,8 @@ blocks = []
 """
 
 STUDY_TOML = """\
-# Stage 3 of `surgery demo`: five conditions, all three probes. seal.safetensors is stage 2's vector.
+# Stage 3 of `surgery demo`: seven conditions (two closed loop), all three probes. seal.safetensors and
+# thought_probe.safetensors are stage 2's vector and linear thought probe.
 name = "demo"
 output = "study"
 """ + _COMMON + """
@@ -105,9 +114,16 @@ blocks = [{{ type = "thinking_token_insertion", words = [" Wait"], first_budget 
 [conditions.rr]                         # representation recycling at thinking tokens (released: p = 0.5)
 blocks = [{{ type = "representation_recycling", layer = {layer}, probability = 0.5, seed = 0 }}]
 
+# Closed loop: the blocks fire where a probe of this same run measures something, while decoding.
+[conditions.seal_gated]                 # SEAL's vector only at blank lines the thought probe says open a reflection/transition
+blocks = [{{ type = "steering_vector", from = "seal.safetensors", when = {{ kind = "and", left = {{ kind = "and", left = {{ kind = "text", text = "\\n\\n" }}, right = {{ kind = "step_window", start = 1 }} }}, right = {{ kind = "signal", source = "thought_classifier", signal = "predicted", op = "in", value = ["reflection", "transition"] }} }} }}]
+
+[conditions.rr_peaks]                   # recycling where the MI of the emitting state crosses the row's running Tukey fence
+blocks = [{{ type = "representation_recycling", layer = {layer}, when = {{ kind = "signal", source = "mi_estimator", signal = "peak" }} }}]
+
 [probes]
 mi = {{ type = "mi_estimator", answers_from = "dataset" }}
-thoughts = {{ type = "thought_classifier", site = "resid_pre.{layer}" }}
+thoughts = {{ type = "thought_classifier", from = "thought_probe.safetensors" }}   # at resid_pre.{probe_layer}, with its linear probe
 graph = {{ type = "reasoning_graph", n_clusters = 12 }}
 """
 
@@ -127,7 +143,7 @@ def write_study_files(folder: str | os.PathLike, *, problems: int = 12, max_new_
     traces.write_text(TRACES_TOML.format(offset=TRACE_PROBLEMS[0], limit=TRACE_PROBLEMS[1], **common))
     first_budget = max_new_tokens * 2 // 3
     study = folder / "study.toml"
-    study.write_text(STUDY_TOML.format(offset=0, limit=problems, layer=layer, first_budget=first_budget,
+    study.write_text(STUDY_TOML.format(offset=0, limit=problems, layer=layer, probe_layer=layer - 1, first_budget=first_budget,
                                        tts_budget=max_new_tokens - first_budget, **common))
     return traces, study
 
@@ -151,6 +167,14 @@ def run_demo(folder: str | os.PathLike = "runs/demo", *, problems: int = 12, max
     counts = vector.metadata["class_counts"]
     print(f"      thoughts in the traces: {', '.join(f'{k} {v}' for k, v in counts.items())}; "
           f"|S| = {vector.vector.norm():.2f}")
+    probe_path = folder / "thought_probe.safetensors"
+    if not probe_path.exists():
+        print(f"      thought probe from the same thoughts at resid_pre.{layer - 1} (what gated steering reads)")
+        classifier = extract_thought_probe(traces.output, site=f"resid_pre.{layer - 1}", model=model, progress=progress)
+        save_blocks(probe_path, [classifier], model)
+    probe = load_blocks(probe_path)[0].linear_probe
+    print(f"      linear thought probe: held-out accuracy {probe.held_out_accuracy:.2f} "
+          f"(chance {probe.chance_accuracy:.2f}, {sum(probe.test_counts.values())} held-out thoughts)")
     study = load_study_config(study_toml)
     print(f"[3/3] study: {problems} problems x {len(study.conditions)} conditions ({', '.join(study.conditions)})")
     store = run_study(study, model=model, progress=progress)

@@ -28,8 +28,10 @@ import surgery
 from experiments.store import ResultStore
 from experiments.study_sections import ModelSpec
 from interventions import SteeringVector
+from probes import ThoughtClassifier, fit_linear_probe
+from surgery.thoughts import thought_states
 
-__all__ = ["extract_vector", "seal_layer", "study_traces"]
+__all__ = ["extract_thought_probe", "extract_vector", "seal_layer", "study_traces"]
 
 
 def seal_layer(n_layers: int) -> int:
@@ -100,3 +102,46 @@ def extract_vector(
               "condition": condition or next(iter(config["conditions"]))}
     return SteeringVector.from_config(dataclasses.replace(vector.config, metadata={**vector.metadata, "source": source}),
                                       vector.tensors())
+
+
+def extract_thought_probe(
+    folder: str | os.PathLike,
+    *,
+    site: str | None = None,
+    condition: str | None = None,
+    model: surgery.Model | None = None,
+    batch_size: int = 8,
+    test_size: float = 0.25,
+    progress: bool = True,
+) -> ThoughtClassifier:
+    """An online thought classifier from a study's traces: what gated SEAL steering reads.
+
+    Every thought of the traces (the rows of ``condition``) is labelled by SEAL's keyword rules
+    and read at its opening separator at ``site`` (:func:`surgery.thoughts.thought_states`, the
+    states :meth:`SteeringVector.from_thoughts` averages); :func:`probes.fit_linear_probe` fits
+    a linear probe from states to labels on ``1 - test_size`` of them and reports its held-out
+    accuracy against chance. The returned :class:`~probes.ThoughtClassifier` carries it and
+    publishes the ``"predicted"`` signal while decoding.
+
+    Args:
+        folder: the study's output folder.
+        site: where the states are read; default ``resid_pre.{seal_layer - 1}``, the block
+            below SEAL's, so steering at :func:`seal_layer` can read this forward's prediction.
+        condition: whose rows (default: the study's only condition).
+        model: the study's model, loaded; default: loaded from the study's ``[model]``.
+        batch_size: traces per forward pass.
+        test_size: the held-out fraction.
+        progress: a progress bar over the batches.
+
+    Example::
+
+        classifier = extract_thought_probe("runs/demo/traces")
+        classifier.linear_probe.held_out_accuracy, classifier.linear_probe.chance_accuracy
+        surgery.save_blocks("thought_probe.safetensors", [classifier])
+    """
+    config, traces = study_traces(folder, condition)
+    model = ModelSpec(**config["model"]).load() if model is None else model
+    site = f"resid_pre.{seal_layer(model.n_layers) - 1}" if site is None else site
+    states, labels = thought_states(model, traces, site, chat=config["prompt"]["chat"], batch_size=batch_size,
+                                    progress=progress)
+    return ThoughtClassifier(site, linear_probe=fit_linear_probe(states, labels, test_size=test_size))

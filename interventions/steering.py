@@ -41,14 +41,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from interventions.residual_add import ResidualAdd
 from surgery.blocks import register_block
-from surgery.capture import states_at
-from surgery.prompts import encode_prompts
 from surgery.sites import Site
-from surgery.thoughts import THOUGHT_CLASSES, thought_positions
+from surgery.thoughts import THOUGHT_CLASSES, thought_states
 from surgery.saving import load_blocks, save_blocks
 from surgery.triggers import InThink, OnText, OnTokens, StepWindow, Trigger
 
@@ -183,24 +180,10 @@ class SteeringVector(ResidualAdd):
         if not traces:
             raise ValueError("from_thoughts needs at least one (prompt, completion) trace")
         resolved = model.resolve_site(f"{site}.{layer}")
-        sums = {label: torch.zeros(model.d_model, dtype=torch.float64, device=model.device) for label in THOUGHT_CLASSES}
-        counts = dict.fromkeys(THOUGHT_CLASSES, 0)
-        batches = range(0, len(traces), batch_size)
-        show = len(batches) > 1 if progress is None else progress
-        for start in tqdm(batches, desc="extracting thought states", disable=not show, leave=False):
-            rows, positions, labels = [], [], []
-            for prompt, completion in traces[start : start + batch_size]:
-                prompt_ids, attention = encode_prompts(model, [prompt], chat=chat)
-                prompt_row = prompt_ids[0][attention[0].bool()].tolist()
-                completion_row = (model.tokenizer(completion, add_special_tokens=False)["input_ids"]
-                                  if isinstance(completion, str) else [int(token) for token in completion])
-                found = thought_positions(model, prompt_row, completion_row)
-                rows.append(prompt_row + completion_row)
-                positions.append([p for p, _ in found])
-                labels.extend(label for _, label in found)
-            for label, vector in zip(labels, states_at(model, resolved, rows, positions)):
-                sums[label] += vector.double()
-                counts[label] += 1
+        states, labels = thought_states(model, traces, resolved, chat=chat, batch_size=batch_size, progress=progress)
+        counts = {label: labels.count(label) for label in THOUGHT_CLASSES}
+        sums = {label: states[[i for i, seen in enumerate(labels) if seen == label]].double().sum(dim=0)
+                for label in THOUGHT_CLASSES}
         if counts["execution"] == 0 or counts["reflection"] + counts["transition"] == 0:
             raise ValueError(
                 f"SEAL needs both execution and reflection/transition thoughts; the traces gave {counts}. "

@@ -114,7 +114,7 @@ class MIEstimator(Probe):
     Cholesky asks the host every 8 columns whether every row has converged; with it attached a
     compiled run decodes eagerly.
 
-    Signals (:mod:`surgery.signals`, read with :class:`~surgery.triggers.OnSignal`), published
+    Signals (:mod:`surgery.signals`, read with :class:`~surgery.signals.OnSignal`), published
     at its site for each row's emitting position every forward:
 
     - ``"value"`` (float): ``m_t`` of the token this forward emits (NaN for finished rows);

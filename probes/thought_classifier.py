@@ -170,7 +170,7 @@ class ThoughtClassifier(Probe):
     module docstring for the text that is read and the deviations.
 
     Signals (with ``linear_probe`` only; :mod:`surgery.signals`, read with
-    :class:`~surgery.triggers.OnSignal`), for each row's last position every forward:
+    :class:`~surgery.signals.OnSignal`), for each row's last position every forward:
     ``"predicted"`` (class: the linear probe's label of the thought opened there, -1 where the
     text does not reach a separator there) and ``"probability"`` (its softmax probability,
     NaN elsewhere). SEAL steering gated on it fires only where the opened thought is predicted

@@ -10,7 +10,7 @@ The core, one idea per module:
   (:class:`Step`, what blocks see per forward pass), ``capture`` (reading a site at chosen
   positions);
 - blocks: ``blocks`` (:class:`Intervention`, :class:`Probe`, :class:`TokenChoice`, the
-  registry), ``trace`` (:func:`trace`), ``triggers`` and ``text_match`` (where blocks fire),
+  registry), ``trace`` (:func:`trace`), ``triggers`` and ``text_match`` (where blocks fire), ``signals`` (probe values triggers read in the same run),
   ``kernels`` (hot ops: torch reference, Triton kernels, the backend choice), ``discovery``
   (packages export their modules);
 - files: ``config_json`` (a block's config to JSON and back), ``storage`` (the one format: safetensors + a JSON header, never pickle), ``saving``
@@ -35,6 +35,7 @@ from surgery.loading import EMBEDDED_MODEL, load
 from surgery.model import Model, wrap
 from surgery.saving import load_blocks, save_blocks
 from surgery.prompts import encode_prompts
+from surgery.signals import OnSignal
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.trace import Trace, trace
@@ -50,6 +51,7 @@ __all__ = [
     "Intervention",
     "Model",
     "Not",
+    "OnSignal",
     "OnText",
     "OnTokens",
     "Or",

@@ -151,8 +151,8 @@ class Block:
         return patterns
 
     def signal_triggers(self) -> tuple:
-        """The :class:`~surgery.triggers.OnSignal` rules in the triggers of its config: the
-        probe signals it reads (the trace resolves them and checks their order on entry)."""
+        """The :class:`~surgery.signals.OnSignal` rules in its config's triggers (the trace
+        resolves them and checks their order on entry)."""
         found: tuple = ()
         for f in dataclasses.fields(self.config) if dataclasses.is_dataclass(self.config) else ():
             value = getattr(self.config, f.name)
@@ -350,7 +350,7 @@ class Probe(Block):
     """A block that only observes; it must never change the model's output.
 
     A probe may publish signals that triggers read in the same run
-    (:class:`~surgery.triggers.OnSignal`, :mod:`surgery.signals`): it names them in
+    (:class:`~surgery.signals.OnSignal`, :mod:`surgery.signals`): it names them in
     :meth:`signals`, makes ``self.signal_board = SignalBoard(self.signals())`` in :meth:`bind`,
     clears it in :meth:`reset` and writes them in ``observe`` with
     ``self.signal_board.publish(name, value, step)``.
@@ -369,8 +369,7 @@ class Probe(Block):
         """Why an expected signal is missing, and the fix (e.g. a probe that needs a setting)."""
         return ""
 
-    #: Where it writes its signals (a :class:`~surgery.signals.SignalBoard` over :meth:`signals`,
-    #: made in :meth:`bind` by probes that publish).
+    #: Where it writes its signals (a :class:`~surgery.signals.SignalBoard`; see above).
     signal_board = None
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:

@@ -43,6 +43,8 @@ import bisect
 import re
 from dataclasses import dataclass
 
+import torch
+
 __all__ = [
     "REFLECTION_KEYWORDS",
     "REFLECTION_PREFIXES",
@@ -56,6 +58,7 @@ __all__ = [
     "completion_prefix",
     "split_thoughts",
     "thought_positions",
+    "thought_states",
 ]
 
 #: The tags around a reasoning span (the one definition: the model looks up their token ids).
@@ -241,3 +244,51 @@ def thought_positions(model, prompt_ids: list[int], completion_ids: list[int]) -
         token = bisect.bisect_right(ends, second_newline)
         positions.append((len(prompt_ids) + token, thought.label))
     return positions
+
+
+def thought_states(model, traces, site, *, chat: bool = False, batch_size: int = 8, progress: bool | None = None):
+    """Every thought of ``traces`` with its state: ``(states [n, d_model], labels)``.
+
+    Each ``(prompt, completion)`` trace (completion as text or as the generated token ids) is
+    cut into thoughts (:func:`thought_positions`), and ``site``'s value is read at each
+    thought's opening separator by one forward pass over prompt + completion
+    (:func:`surgery.capture.states_at`), ``batch_size`` traces at a time. What SEAL's vector
+    averages and what a linear thought probe is fit on.
+
+    Args:
+        model: the wrapped model.
+        traces: ``(prompt, completion)`` pairs.
+        site: a site (``"resid_pre.20"`` or a resolved :class:`~surgery.sites.Site`).
+        chat: wrap prompts in the chat template (as they were when the traces were made).
+        batch_size: traces per forward pass.
+        progress: a progress bar (default: when there are several batches).
+
+    Returns:
+        States in the model's dtype, on its device, and one label per state
+        (:data:`THOUGHT_CLASSES`).
+    """
+    from tqdm.auto import tqdm
+
+    from surgery.capture import states_at
+    from surgery.prompts import encode_prompts
+
+    traces = list(traces)
+    resolved = model.resolve_site(site)
+    batches = range(0, len(traces), batch_size)
+    show = len(batches) > 1 if progress is None else progress
+    states, labels = [], []
+    for start in tqdm(batches, desc="reading thought states", disable=not show, leave=False):
+        rows, positions = [], []
+        for prompt, completion in traces[start : start + batch_size]:
+            prompt_ids, attention = encode_prompts(model, [prompt], chat=chat)
+            prompt_row = prompt_ids[0][attention[0].bool()].tolist()
+            completion_row = (model.tokenizer(completion, add_special_tokens=False)["input_ids"]
+                              if isinstance(completion, str) else [int(token) for token in completion])
+            found = thought_positions(model, prompt_row, completion_row)
+            rows.append(prompt_row + completion_row)
+            positions.append([p for p, _ in found])
+            labels.extend(label for _, label in found)
+        states.append(states_at(model, resolved, rows, positions))
+    if not states:
+        return torch.zeros(0, model.d_model, dtype=model.dtype, device=model.device), labels
+    return torch.cat(states), labels

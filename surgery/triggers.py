@@ -29,7 +29,7 @@ from torch import Tensor
 
 from surgery.step import Step
 
-__all__ = ["Always", "And", "InThink", "Not", "OnSignal", "OnText", "OnTokens", "Or", "StepWindow", "Trigger"]
+__all__ = ["Always", "And", "InThink", "Not", "OnText", "OnTokens", "Or", "StepWindow", "Trigger"]
 
 
 class Trigger:
@@ -54,8 +54,9 @@ class Trigger:
         """``(string, case_sensitive)`` keys the engine must track through the text for this trigger."""
         return ()
 
-    def signal_triggers(self) -> tuple[OnSignal, ...]:
-        """The :class:`OnSignal` rules inside this trigger (the trace resolves and checks them)."""
+    def signal_triggers(self) -> tuple:
+        """The :class:`~surgery.signals.OnSignal` rules inside this trigger (the trace resolves
+        and checks them)."""
         return ()
 
     def __call__(self, step: Step) -> Bool[Tensor, "batch pos"]:
@@ -229,203 +230,6 @@ class StepWindow(Trigger):
         return inside.expand(step.valid.shape).clone()
 
 
-_COMPARISONS = {
-    "true": None,
-    ">": torch.gt,
-    ">=": torch.ge,
-    "<": torch.lt,
-    "<=": torch.le,
-    "==": torch.eq,
-    "!=": torch.ne,
-    "in": None,
-}
-
-
-@dataclass(frozen=True)
-class OnSignal(Trigger):
-    """Fires where a probe's signal, published in the same run, passes a comparison.
-
-    Closed loop: an intervention fires where a probe measures something, while decoding
-    (:mod:`surgery.signals`). A signal is one value per row for the step's last position (the
-    one that emits the next token); other positions of a prefill never fire.
-
-    Args:
-        source: the probe (an attached :class:`~surgery.blocks.Probe`), or its registry name
-            (``"mi_estimator"``), or name and site when several are attached
-            (``"thought_classifier@resid_pre.20"``); a config file holds the name.
-        signal: the signal's name (the probe's :meth:`~surgery.blocks.Probe.signals`).
-        op: ``"true"`` (a bool signal is True; the default), ``">"``, ``">="``, ``"<"``,
-            ``"<="``, ``"=="``, ``"!="`` (against ``value``), or ``"in"`` (``value`` is a list).
-            Class signals compare by class name: ``OnSignal(tc, "predicted", "in",
-            ["reflection", "transition"])``.
-        value: what ``op`` compares with.
-        previous: read the value the probe published in the previous forward (needed when
-            the probe sits at or after the reader's site in the forward).
-
-    Comparisons build the same rule: ``OnSignal(mi, "value") > 0.5`` is
-    ``OnSignal(mi, "value", ">", 0.5)``; ``.isin([...])`` is ``"in"``.
-
-    Example:
-        >>> rule = OnSignal("mi_estimator", "value") > 0.5
-        >>> rule.op, rule.value, Trigger.from_dict(rule.to_dict()) == rule
-        ('>', 0.5, True)
-        >>> OnSignal("thought_classifier", "predicted").isin(["reflection"]).value
-        ('reflection',)
-    """
-
-    kind: ClassVar[str] = "signal"
-    source: object = None
-    signal: str = ""
-    op: str = "true"
-    value: object = None
-    previous: bool = False
-    _resolved: tuple | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __init__(self, source, signal: str, op: str = "true", value=None, previous: bool = False):
-        from surgery.blocks import Probe
-
-        if not isinstance(source, (str, Probe)) or (isinstance(source, str) and not source):
-            raise TypeError(f"OnSignal's source is a probe or its registry name, got {source!r}")
-        if not isinstance(signal, str) or not signal:
-            raise ValueError(f"OnSignal needs the signal's name, got {signal!r}")
-        if op not in _COMPARISONS:
-            raise ValueError(f"OnSignal op must be one of {list(_COMPARISONS)}, got {op!r}")
-        if op == "in":
-            if isinstance(value, (str, int, float)) or value is None:
-                raise ValueError(f'op "in" needs a list of values, got {value!r}')
-            value = tuple(value)
-        elif op == "true":
-            if value is not None:
-                raise ValueError(f'op "true" tests a bool signal and takes no value, got {value!r}')
-        elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"op {op!r} compares with a number (or a class name), got {value!r}")
-        object.__setattr__(self, "source", source)
-        object.__setattr__(self, "signal", signal)
-        object.__setattr__(self, "op", op)
-        object.__setattr__(self, "value", value)
-        object.__setattr__(self, "previous", bool(previous))
-        object.__setattr__(self, "_resolved", None)
-
-    def _compare(self, op: str, value) -> OnSignal:
-        return OnSignal(self.source, self.signal, op, value, self.previous)
-
-    def __gt__(self, value) -> OnSignal:
-        return self._compare(">", value)
-
-    def __ge__(self, value) -> OnSignal:
-        return self._compare(">=", value)
-
-    def __lt__(self, value) -> OnSignal:
-        return self._compare("<", value)
-
-    def __le__(self, value) -> OnSignal:
-        return self._compare("<=", value)
-
-    def isin(self, values) -> OnSignal:
-        """The rule that fires where the signal is one of ``values``."""
-        return self._compare("in", values)
-
-    @property
-    def reference(self) -> str:
-        """How a config names the source: ``name`` or ``name@site``."""
-        return self.source if isinstance(self.source, str) else _reference(self.source)
-
-    def to_dict(self) -> dict:
-        value = list(self.value) if isinstance(self.value, tuple) else self.value
-        return {"kind": self.kind, "source": self.reference, "signal": self.signal, "op": self.op, "value": value,
-                "previous": self.previous}
-
-    def signal_triggers(self) -> tuple[OnSignal, ...]:
-        return (self,)
-
-    def resolve(self, blocks, n_layers: int) -> tuple:
-        """Find the source among ``blocks`` and check the signal and comparison; returns
-        ``(probe, spec)``. The trace calls it on entry (:func:`surgery.signals.check_signal_reads`)."""
-        from surgery.blocks import Probe
-
-        probes = [block for block in blocks if isinstance(block, Probe)]
-        if isinstance(self.source, Probe):
-            found = [probe for probe in probes if probe is self.source]
-            if not found:
-                raise ValueError(
-                    f"OnSignal reads {self.reference}'s signal {self.signal!r}, but that probe is not attached to this "
-                    "trace: attach it too (surgery.trace(model, reader, probe))"
-                )
-        else:
-            name, _, site = self.source.partition("@")
-            found = [probe for probe in probes if probe.name == name
-                     and (not site or _same_site(site, getattr(probe.config, "site", None), n_layers))]
-            attached = ", ".join(_reference(p) for p in probes) or "none"
-            if not found:
-                raise ValueError(f"OnSignal reads a probe {self.source!r}, and no such probe is attached "
-                                 f"(probes attached: {attached}): attach it to the same trace")
-            if len(found) > 1:
-                raise ValueError(f"OnSignal's source {self.source!r} matches {len(found)} attached probes ({attached}): "
-                                 'name the site too, e.g. "thought_classifier@resid_pre.20"')
-        probe = found[0]
-        specs = probe.signals()
-        spec = specs.get(self.signal)
-        if spec is None:
-            published = ", ".join(map(repr, specs)) or "none"
-            raise ValueError(f"{type(probe).__name__} publishes no signal {self.signal!r} (it publishes: {published})"
-                             + (f"; {probe.signal_hint()}" if probe.signal_hint() else ""))
-        threshold = self._threshold(spec)
-        object.__setattr__(self, "_resolved", (probe, spec, threshold))
-        return probe, spec
-
-    def _threshold(self, spec):
-        """The comparison's value as the signal's dtype (class names become indices)."""
-        if self.op == "true":
-            if spec.kind != "bool":
-                raise ValueError(f"signal {spec.name!r} is a {spec.kind} signal: compare it (op '>', 'in', ...)")
-            return None
-        if spec.kind == "bool":
-            raise ValueError(f"signal {spec.name!r} is a bool signal: use op 'true' (or ~OnSignal(...))")
-        values = self.value if self.op == "in" else (self.value,)
-        if spec.kind == "class":
-            unknown = [v for v in values if v not in spec.classes and not (isinstance(v, int) and 0 <= v < len(spec.classes))]
-            if unknown:
-                raise ValueError(f"signal {spec.name!r} has the classes {list(spec.classes)}: {unknown} is not one")
-            values = tuple(spec.classes.index(v) if isinstance(v, str) else v for v in values)
-        elif any(isinstance(v, str) for v in values):
-            raise ValueError(f"signal {spec.name!r} is a number: compare it with numbers, got {self.value!r}")
-        return values if self.op == "in" else values[0]
-
-    def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
-        if self._resolved is None:
-            raise RuntimeError("OnSignal is not resolved: use it in a block inside surgery.trace(...), beside its probe")
-        probe, spec, threshold = self._resolved
-        value = probe.signal_board.read(spec.name, step, self.previous)
-        if self.op == "true":
-            hit = value
-        elif self.op == "in":
-            hit = torch.zeros_like(value, dtype=torch.bool)
-            for v in threshold:
-                hit = hit | (value == v)
-        else:
-            hit = _COMPARISONS[self.op](value, threshold)
-        out = torch.zeros_like(step.valid)
-        out[:, -1] = hit
-        return out
-
-
-def _reference(probe) -> str:
-    """``name@site`` of a probe (``name`` for one without a site)."""
-    site = getattr(probe.config, "site", None)
-    return f"{probe.name}@{site}" if site else probe.name
-
-
-def _same_site(written: str, other: str | None, n_layers: int) -> bool:
-    from surgery.sites import Site
-
-    if other is None:
-        return False
-    try:
-        return Site.parse(written).resolve(n_layers) == Site.parse(other).resolve(n_layers)
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True)
 class _Pair(Trigger):
     """Two triggers combined; subclasses say how."""
@@ -442,7 +246,7 @@ class _Pair(Trigger):
     def text_patterns(self) -> tuple[tuple[str, bool], ...]:
         return self.left.text_patterns() + self.right.text_patterns()
 
-    def signal_triggers(self) -> tuple[OnSignal, ...]:
+    def signal_triggers(self) -> tuple:
         return self.left.signal_triggers() + self.right.signal_triggers()
 
 
@@ -480,7 +284,7 @@ class Not(Trigger):
     def text_patterns(self) -> tuple[tuple[str, bool], ...]:
         return self.inner.text_patterns()
 
-    def signal_triggers(self) -> tuple[OnSignal, ...]:
+    def signal_triggers(self) -> tuple:
         return self.inner.signal_triggers()
 
     def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:

@@ -17,7 +17,8 @@ from interventions import RepresentationRecycling, SteeringVector
 from probes import MIEstimator, ThoughtClassifier, fit_linear_probe
 from probes.peaks import running_peaks
 from surgery.capture import states_at
-from surgery.triggers import OnSignal, OnText, StepWindow, Trigger
+from surgery.signals import OnSignal
+from surgery.triggers import OnText, StepWindow, Trigger
 
 ANSWERS = ["The answer is 8.", "56", "So 16.", "20"]
 GATED = ("reflection", "transition")

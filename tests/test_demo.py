@@ -1,5 +1,5 @@
-"""surgery demo: the study files it writes load as studies (five conditions, all probes, the
-vector's site), its evaluated problems are disjoint from its traces' ones, and bad options are
+"""surgery demo: the study files it writes load as studies (seven conditions, two of them closed
+loop, all probes, the vector's and the thought probe's sites), its evaluated problems are disjoint from its traces' ones, and bad options are
 clear errors. (The whole demo takes minutes on the real model: its figures are in the README.)"""
 
 import pytest
@@ -9,6 +9,10 @@ from experiments.demo import EVALUATED_MAX, TRACE_PROBLEMS, write_study_files
 from experiments.runner import study_problems
 from experiments.study_config import load_study_config
 from interventions import SteeringVector
+from probes import ThoughtClassifier, fit_linear_probe
+from surgery.saving import save_blocks
+from surgery.signals import OnSignal
+from surgery.triggers import OnText, StepWindow, Trigger
 
 
 def test_the_demo_studies_load_and_their_problems_are_disjoint(tmp_path):
@@ -19,13 +23,23 @@ def test_the_demo_studies_load_and_their_problems_are_disjoint(tmp_path):
     # a SmolLM2-shaped vector where stage 2 writes it (the study checks it against the model)
     SteeringVector(torch.zeros(576), layer=21, metadata={"architecture": "llama", "d_model": 576}).save(
         tmp_path / "seal.safetensors")
+    # and a thought classifier with a linear probe of that width, where stage 2 writes it
+    states = torch.randn(12, 576, generator=torch.Generator().manual_seed(0))
+    probe = fit_linear_probe(states, ["execution", "reflection"] * 6)
+    save_blocks(tmp_path / "thought_probe.safetensors", [ThoughtClassifier("resid_pre.20", linear_probe=probe)])
     study = load_study_config(study_toml)
-    assert list(study.conditions) == ["plain", "seal", "mask", "tts", "rr"]
+    assert list(study.conditions) == ["plain", "seal", "mask", "tts", "rr", "seal_gated", "rr_peaks"]
     assert [spec.type for specs in study.conditions.values() for spec in specs] == [
-        "steering_vector", "token_mask", "thinking_token_insertion", "representation_recycling"]
+        "steering_vector", "token_mask", "thinking_token_insertion", "representation_recycling", "steering_vector",
+        "representation_recycling"]
     assert {name: spec.type for name, spec in study.probes.items()} == {
         "mi": "mi_estimator", "thoughts": "thought_classifier", "graph": "reasoning_graph"}
-    assert study.probes["thoughts"].to_dict()["config"]["site"] == "resid_pre.21"
+    assert study.probes["thoughts"].to_dict()["config"]["site"] == "resid_pre.20"
+    gated = Trigger.from_dict(study.conditions["seal_gated"][0].to_dict()["config"]["when"])
+    assert gated == OnText("\n\n") & StepWindow(1) & OnSignal("thought_classifier", "predicted", "in",
+                                                                ["reflection", "transition"])
+    peaks = study.conditions["rr_peaks"][0].to_dict()["config"]
+    assert Trigger.from_dict(peaks["when"]) == OnSignal("mi_estimator", "peak") and peaks["probability"] == 1.0
     evaluated = [p.id for p in study_problems(study)]
     traced = [p.id for p in study_problems(traces)]
     assert len(evaluated) == EVALUATED_MAX and len(traced) == TRACE_PROBLEMS[1]
