@@ -110,9 +110,11 @@ class MIResult(SavedResult):
 class MIEstimator(Probe):
     """Per-token MI between the emitting state ``h_t`` and the answer state ``h_y`` (MI peaks).
 
-    Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): by default the per-token pivoted
-    Cholesky asks the host every 8 columns whether every row has converged; with it attached a
-    compiled run decodes eagerly.
+    Graph-safe (:attr:`~surgery.blocks.Block.graph_safe`) only on the sync-free path (below):
+    then an instance says so, and a compiled decode step holds it (its values, fence and count
+    live in device buffers written in place). By default the per-token pivoted Cholesky asks
+    the host every 8 columns whether every row has converged, and a compiled run with it
+    attached decodes eagerly.
 
     Signals (:mod:`surgery.signals`, read with :class:`~surgery.signals.OnSignal`), published
     at its site for each row's emitting position every forward:
@@ -206,6 +208,7 @@ class MIEstimator(Probe):
 
     def use_signals(self, names) -> None:
         self._signals_read = frozenset(names)
+        self.graph_safe = self.sync_free  # this instance: see the class docstring
 
     @property
     def sync_free(self) -> bool:

@@ -89,6 +89,28 @@ def test_a_block_that_is_not_graph_safe_decodes_eagerly_with_a_warning(tiny_llam
     assert compiled.token_ids == eager.token_ids
 
 
+def test_closed_loop_recycling_compiles_with_its_mi_probe_inside(tiny_llama):
+    """The MI probe on its sync-free path (its signal is read) is graph-safe: recycling at
+    measured peaks runs in one compiled graph, firing where the eager step fires."""
+    answers = ["8", "56", "The answer is 30.", "So 16"]
+
+    def closed_loop():
+        mi = MIEstimator(answers=answers, warmup=4)
+        return [RepresentationRecycling(layer=1, when=surgery.OnSignal(mi, "peak")), mi]
+
+    eager_blocks, compiled_blocks = closed_loop(), closed_loop()
+    eager = generate(tiny_llama, eager_blocks, False)
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "decodes eagerly" warning: it compiles
+        compiled = generate(tiny_llama, compiled_blocks, ON_CPU)
+    assert compiled.token_ids == eager.token_ids and any(eager_blocks[0].fired())
+    assert compiled_blocks[0].fired() == eager_blocks[0].fired()
+    for ours, theirs in zip(compiled_blocks[1].result().values, eager_blocks[1].result().values):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)  # float32 states, ill-conditioned estimator
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] <= 1
+
+
 def test_compile_needs_the_static_cache_and_valid_options(tiny_llama):
     with pytest.raises(ValueError, match="compile needs cache='static'"):
         surgery.generate(tiny_llama, PROMPTS, 4, compile=True)
