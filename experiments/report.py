@@ -281,16 +281,20 @@ def _fired_section(study: StudyResults, figures: Path) -> str:
     path = plot_fired(fired, study.problems(), figures / "fired.png", condition_colours(study.conditions))
     if path is None:
         return ""
-    rows = [[_e(f.condition), _e(f.name), str(sum(1 for c in f.per_problem.values() if c)), str(len(f.per_problem)),
+    rows = [[_e(f.condition), _e(f.name), _e(f.rule or "its own rule"), str(sum(1 for c in f.per_problem.values() if c)),
+             str(len(f.per_problem)),
              str(len(f.offsets)), _number(len(f.offsets) / len(f.per_problem) if f.per_problem else None, 1),
              (f"{min(f.offsets)} … {max(f.offsets)}" + ("" if f.relative else " (position ids)")) if f.offsets else "–"]
             for f in fired]
-    table = _table(["condition", "intervention", "problems acted on", "problems", "firings", "firings / problem",
-                    "offset range"], rows)
+    table = _table(["condition", "intervention", "fires on", "problems acted on", "problems", "firings",
+                    "firings / problem", "offset range"], rows)
     caption = ("Where each intervention acted. Left: firings by generated-token offset (position id minus the row's "
                "prompt length; for token masks and recycling the position whose logits choose the next token, so "
                "−1 chooses the first generated token; thinking-token insertion: the index of the inserted word). "
-               "Right: firings per problem. Conditions without interventions are not shown.")
+               "Right: firings per problem. Conditions without interventions are not shown. \"Fires on\" is the "
+               "block's trigger; <code>probe.signal</code> marks a closed loop: it fires where that probe, attached to "
+               "the same run, measured something while decoding (\"its own rule\": the block's built-in rule, e.g. "
+               "recycling's thinking words, the token mask's words).")
     if not all(f.relative for f in fired):
         caption += (" This study's records do not hold prompt lengths (written before records kept "
                     "<code>prompt_tokens</code>): positions are shown as position ids, counted from the prompt's "

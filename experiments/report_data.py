@@ -40,7 +40,8 @@ from experiments.summary import ConditionSummary, condition_summaries
 from probes.graph_metrics import GraphAnalysis, analyse
 from probes.reasoning_graph import ReasoningGraphConfig
 
-__all__ = ["FiredPositions", "StudyResults", "fired_offsets", "graph_analyses", "peak_statistics", "read_study"]
+__all__ = ["FiredPositions", "StudyResults", "fired_offsets", "graph_analyses", "peak_statistics", "read_study",
+           "trigger_text"]
 
 #: Blocks whose ``fired`` entries are generated-token indices already (every other block records
 #: position ids, 0 at the row's first prompt token: see each block's ``by_row``).
@@ -182,6 +183,7 @@ class FiredPositions:
             the records do not hold ``prompt_tokens`` (``relative`` False).
         per_problem: problem id -> number of firings, for every problem of the condition.
         relative: whether ``offsets`` are relative to the first generated token.
+        rule: where it fires, from its config's trigger (:func:`trigger_text`); "" without one.
     """
 
     condition: str
@@ -190,6 +192,37 @@ class FiredPositions:
     offsets: list[int]
     per_problem: dict[str, int]
     relative: bool
+    rule: str = ""
+
+
+def trigger_text(data: dict | None) -> str:
+    """A trigger's JSON form (``Trigger.to_dict``) as a short formula; closed-loop reads show
+    as ``probe.signal``.
+
+    >>> print(trigger_text({"kind": "and", "left": {"kind": "text", "text": "\\n\\n", "case_sensitive": True},
+    ...               "right": {"kind": "signal", "source": "thought_classifier", "signal": "predicted", "op": "in",
+    ...                         "value": ["reflection", "transition"], "previous": False}}))
+    text '\\n\\n' & thought_classifier.predicted in [reflection, transition]
+    """
+    if not data:
+        return ""
+    kind = data.get("kind")
+    if kind in ("and", "or"):
+        return f"{trigger_text(data['left'])} {'&' if kind == 'and' else '|'} {trigger_text(data['right'])}"
+    if kind == "not":
+        return f"~({trigger_text(data['inner'])})"
+    if kind == "signal":
+        value = data.get("value")
+        shown = f"[{', '.join(map(str, value))}]" if isinstance(value, list) else value
+        comparison = "" if data.get("op") == "true" else f" {data['op']} {shown}"
+        return f"{data['source']}.{data['signal']}{comparison}" + (" (previous step)" if data.get("previous") else "")
+    if kind == "text":
+        return f"text {data['text']!r}"
+    if kind == "tokens":
+        return f"tokens {', '.join(map(repr, data.get('strings', [])))}{' ids ' + str(data['ids']) if data.get('ids') else ''}"
+    if kind == "step_window":
+        return f"steps {data.get('start', 0)}…{'' if data.get('stop') is None else data['stop']}"
+    return {"in_think": "in <think>", "always": "always"}.get(kind, str(kind))
 
 
 def fired_offsets(study: StudyResults) -> list[FiredPositions]:
@@ -201,6 +234,8 @@ def fired_offsets(study: StudyResults) -> list[FiredPositions]:
     found = []
     for condition in study.conditions:
         payloads = study.payloads(condition)
+        blocks = study.config.get("conditions", {}).get(condition, [])
+        specs = {name: spec for (name, _), spec in zip(study.interventions(condition), blocks)}
         for name, block_type in study.interventions(condition):
             entries = [(problem, p.get("fired", {}).get(name), p.get("prompt_tokens")) for problem, p in payloads]
             if not entries or not all(isinstance(e, list) and all(type(x) is int for x in e) for _, e, _ in entries):
@@ -208,6 +243,7 @@ def fired_offsets(study: StudyResults) -> list[FiredPositions]:
             relative = block_type in GENERATED_INDEX_BLOCKS or all(isinstance(n, int) for _, _, n in entries)
             shift = (lambda n: 0) if block_type in GENERATED_INDEX_BLOCKS or not relative else (lambda n: n)
             offsets = [x - shift(n) for _, e, n in entries for x in e]
+            when = specs[name].get("config", {}).get("when") if name in specs else None
             found.append(FiredPositions(condition, name, block_type, offsets,
-                                        {problem: len(e) for problem, e, _ in entries}, relative))
+                                        {problem: len(e) for problem, e, _ in entries}, relative, trigger_text(when)))
     return found

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 from conftest import PNG_MAGIC
 from test_runner import write_study
 
@@ -18,6 +19,7 @@ from experiments.report_data import fired_offsets, graph_analyses, peak_statisti
 from experiments.runner import run_study, study_problems
 from experiments.study_config import load_study_config
 from experiments.summary import condition_summaries
+from probes.peaks import running_peaks
 
 CONDITIONS = ["plain", "mask", "tts"]
 PROBLEMS = 3
@@ -91,6 +93,20 @@ def test_fired_positions_are_offsets_from_the_first_generated_token(study):
     assert all(0 <= x < longest for x in fired["tts"].offsets)
     assert sum(fired["mask"].per_problem.values()) == len(fired["mask"].offsets)
     assert len(fired["mask"].per_problem) == PROBLEMS
+
+
+def test_a_closed_loop_condition_shows_its_signal_and_fires_where_its_own_mi_peaks(tmp_path):
+    config = load_study_config(write_study(tmp_path, conditions=["rr_peaks"], max_new_tokens=16))
+    run_study(config, problems=study_problems(config)[:PROBLEMS], progress=False)
+    results = read_study(config.output)
+    (fired,) = fired_offsets(results)
+    assert fired.rule == "mi_estimator.peak" and fired.offsets
+    for _, payload in results.payloads("rr_peaks"):  # the running-fence rule on the row's own stored values
+        values = torch.tensor(payload["probes"]["mi"]["values"], dtype=torch.float64)
+        emitted = [p - payload["prompt_tokens"] + 1 for p in payload["fired"]["representation_recycling"]]
+        assert emitted == running_peaks(values, 3).tolist()
+    page = write_report(config.output, progress=False).read_text()
+    assert "mi_estimator.peak" in page and "marks a closed loop" in page
 
 
 def test_graphs_and_peaks_are_computed_per_condition(study):

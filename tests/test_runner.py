@@ -31,7 +31,8 @@ CONDITIONS = ["plain", "seal", "mask", "tts", "rr"]
 
 def write_study(folder: Path, output: str = "out", max_new_tokens: int = 12, conditions=CONDITIONS, **generation) -> Path:
     """A tiny model and tokenizer saved to ``folder/model``, five GSM8K-style problems, a SEAL vector
-    file, and a study over ``conditions`` (of the five) with all three probes."""
+    file, and a study over ``conditions`` (of the five, or the closed-loop ``rr_peaks``) with all
+    three probes."""
     tokenizer = build_tokenizer()
     model = tiny_model("llama", tokenizer)
     # a second EOS id that a row emits early, so some rows stop and thinking-token insertion acts
@@ -52,6 +53,8 @@ def write_study(folder: Path, output: str = "out", max_new_tokens: int = 12, con
         "mask": '{ type = "token_mask", words = ["e", "."], penalty = -5.0 }',
         "tts": '{ type = "thinking_token_insertion", words = [" Wait"], budget = 4, answer_prompt = " So", answer_tokens = 2 }',
         "rr": f'{{ type = "representation_recycling", layer = 1, trigger_words = {json.dumps(words)} }}',
+        # closed loop: recycling where the MI probe of [probes] measures a peak
+        "rr_peaks": '{ type = "representation_recycling", layer = 1, when = { kind = "signal", source = "mi_estimator", signal = "peak" } }',
     }
     tables = "".join(f"[conditions.{name}]\nblocks = [{blocks[name]}]\n" for name in conditions)
     extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in generation.items())
@@ -72,7 +75,7 @@ max_new_tokens = {max_new_tokens}
 batch_size = 2
 {extra}
 {tables}[probes]
-mi = {{ type = "mi_estimator", answers_from = "dataset" }}
+mi = {{ type = "mi_estimator", answers_from = "dataset", warmup = 3 }}
 thoughts = {{ type = "thought_classifier", site = "resid_pre.2" }}
 graph = {{ type = "reasoning_graph", n_clusters = 2, min_chars = 1 }}
 ''')
