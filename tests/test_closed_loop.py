@@ -5,7 +5,10 @@ fires exactly where the offline rule, applied to what the run itself measured, s
 the intervention at those positions reproduces its tokens, and (4) rows alone equal rows batched.
 """
 
+import re
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 from conftest import PROMPTS
 
 import surgery
+from experiments.block_specs import parse_block
 from interventions import RepresentationRecycling, SteeringVector
 from probes import MIEstimator, ThoughtClassifier, fit_linear_probe
 from probes.peaks import running_peaks
@@ -269,3 +273,11 @@ def test_on_signal_round_trips_and_compares():
         OnSignal("mi_estimator", "value", "=>", 1.0)
     with pytest.raises(ValueError, match="needs a list"):
         OnSignal("mi_estimator", "value", "in", 1.0)
+
+
+def test_the_readme_closed_loop_condition_is_a_valid_study_block():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = re.search(r'^blocks = \[\{ type = "representation_recycling".*signal = "peak".*$', readme, re.MULTILINE).group(0)
+    (table,) = tomllib.loads(line)["blocks"]
+    spec = parse_block("conditions.rr_peaks.blocks[0]", table, ".", None, kind="intervention")
+    assert surgery.Trigger.from_dict(spec.config["when"]) == OnSignal("mi_estimator", "peak")
