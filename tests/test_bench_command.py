@@ -9,7 +9,7 @@ from experiments.cli import main
 
 def test_the_checkout_benchmarks_are_found_by_name():
     scripts = benchmark_scripts()
-    assert {"engine", "interventions", "kernels", "mi", "graph", "backends"} <= set(scripts)
+    assert {"engine", "interventions", "kernels", "mi", "graph", "backends", "closed_loop"} <= set(scripts)
     assert scripts["engine"] == BENCHMARKS_FOLDER / "bench_engine.py"
 
 
