@@ -270,7 +270,8 @@ class ThoughtClassifier(Probe):
             return {}
         site = getattr(self, "_canonical_site", self.config.site)
         classes = tuple(self.linear_probe.classes)
-        return {"predicted": SignalSpec("predicted", "class", site, classes),
+        others = tuple(c for c in THOUGHT_CLASSES if c not in classes)  # e.g. no transition in its training set
+        return {"predicted": SignalSpec("predicted", "class", site, classes, others),
                 "probability": SignalSpec("probability", "float", site)}
 
     def signal_hint(self) -> str:

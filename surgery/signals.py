@@ -59,12 +59,15 @@ class SignalSpec:
             ``"class"`` (an index into ``classes``; -1 where there is no class this step).
         site: the canonical site whose forward hook computes it.
         classes: the class names of a ``"class"`` signal, in index order.
+        other_names: names a reader may compare with that this probe never outputs (a thought
+            probe fit without transition thoughts): they match nothing.
     """
 
     name: str
     kind: str
     site: str
     classes: tuple[str, ...] = ()
+    other_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in SIGNAL_KINDS:
@@ -75,8 +78,7 @@ class SignalSpec:
         return {"bool": torch.bool, "float": torch.float64, "class": torch.long}[self.kind]
 
     @property
-    def empty(self) -> float | bool | int:
-        """The value before anything is published."""
+    def empty(self) -> float | bool | int:  # the value before anything is published
         return {"bool": False, "float": float("nan"), "class": -1}[self.kind]
 
 
@@ -89,9 +91,7 @@ def forward_order(site: str | Site, n_layers: int) -> tuple[int, int]:
     if site == CHOICE_PHASE:
         return (n_layers + 1, 0)
     site = Site.parse(site).resolve(n_layers)
-    if site.kind == "logits":
-        return (n_layers, 0)
-    return (site.layer, _KIND_ORDER[site.kind])
+    return (n_layers, 0) if site.kind == "logits" else (site.layer, _KIND_ORDER[site.kind])
 
 
 class SignalBoard:
@@ -113,11 +113,11 @@ class SignalBoard:
         self._published_at: dict[str, Tensor] = {}
 
     def _allocate(self, name: str, batch: int, device: torch.device) -> None:
-        spec = self.specs[name]
+        spec = self.specs[name]  # below: graph replays write these buffers, their addresses must not move
         self._current[name] = torch.full((batch,), spec.empty, dtype=spec.dtype, device=device)
         self._previous[name] = self._current[name].clone()
         self._published_at[name] = torch.full((), -1, dtype=torch.long, device=device)
-        if device.type == "cuda":  # graph replays write here: the addresses must not move
+        if device.type == "cuda":
             for buffer in (self._current[name], self._previous[name], self._published_at[name]):
                 torch._dynamo.mark_static_address(buffer)
 
@@ -342,10 +342,13 @@ class OnSignal(Trigger):
             raise ValueError(f"signal {spec.name!r} is a bool signal: use op 'true' (or ~OnSignal(...))")
         values = self.value if self.op == "in" else (self.value,)
         if spec.kind == "class":
-            unknown = [v for v in values if v not in spec.classes and not (isinstance(v, int) and 0 <= v < len(spec.classes))]
+            known = (*spec.classes, *spec.other_names)
+            unknown = [v for v in values if v not in known and not (isinstance(v, int) and 0 <= v < len(spec.classes))]
             if unknown:
-                raise ValueError(f"signal {spec.name!r} has the classes {list(spec.classes)}: {unknown} is not one")
-            values = tuple(spec.classes.index(v) if isinstance(v, str) else v for v in values)
+                raise ValueError(f"signal {spec.name!r} has the classes {list(known)}: {unknown} is not one")
+            # a name the probe never outputs matches nothing (-2: signals are -1 where there is no class)
+            values = tuple((spec.classes.index(v) if v in spec.classes else -2) if isinstance(v, str) else v
+                           for v in values)
         elif any(isinstance(v, str) for v in values):
             raise ValueError(f"signal {spec.name!r} is a number: compare it with numbers, got {self.value!r}")
         return values if self.op == "in" else values[0]

@@ -262,6 +262,26 @@ def test_signal_errors_name_the_fix(tiny_llama):
     assert tiny_llama._active_trace is None
 
 
+def test_a_gate_may_name_a_class_the_probe_was_not_fit_on(tiny_llama):
+    """A thought probe fit without transition thoughts (SmolLM2's traces give none) still gates on
+    ["reflection", "transition"]: transition matches nothing; a misspelt class is an error."""
+    classifier = ThoughtClassifier("resid_pre.1")
+    with surgery.trace(tiny_llama, classifier) as tr:
+        tr.generate(PROMPTS, 40, chat=True)
+    states = classifier.result().all_states()
+    probe = fit_linear_probe(states, [("execution", "reflection")[k % 2] for k in range(len(states))])
+    assert probe.classes == ("execution", "reflection")
+    online = ThoughtClassifier("resid_pre.1", linear_probe=probe)
+    vector = torch.zeros(tiny_llama.d_model, dtype=tiny_llama.dtype)
+    steer = SteeringVector(vector, layer=2, when=BLANK_LINE & OnSignal(online, "predicted").isin(GATED))
+    with surgery.trace(tiny_llama, steer, online) as tr:
+        out = tr.generate(PROMPTS, 40, chat=True)
+    assert steer.fired() == offline_gated_positions(tiny_llama, probe, "resid_pre.1", PROMPTS, out)
+    typo = SteeringVector(vector, layer=2, when=OnSignal(online, "predicted").isin(["reflecton"]))
+    with pytest.raises(ValueError, match=r"classes \['execution', 'reflection', 'transition'\]: \['reflecton'\]"):
+        surgery.trace(tiny_llama, typo, online).__enter__()
+
+
 def test_on_signal_round_trips_and_compares():
     rule = OnSignal("mi_estimator", "value") > 0.5
     assert (rule.op, rule.value) == (">", 0.5)
