@@ -65,7 +65,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; 
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.8em; }
 .meta { color: #555; } table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; } td { white-space: nowrap; }
-td.text { text-align: left; } th { background: #f2f2f2; }
+td.text { text-align: left; white-space: normal; } th { background: #f2f2f2; }
 td:first-child, th:first-child { text-align: left; } figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; } figcaption { color: #444; font-size: 0.92em; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; } .note { color: #666; }
@@ -158,33 +158,41 @@ def _summary_section(study: StudyResults, figures: Path) -> str:
 
 def _vector_section(study: StudyResults, figures: Path) -> str:
     """Where each block loaded from a file came from: its metadata and, for a vector extracted
-    from a study's traces, that study's prompt, sampling and problems."""
+    from a study's traces, that study's prompt, sampling and problems; for a thought classifier
+    carrying a linear probe, the probe's held-out accuracy."""
     items = []
-    for condition, specs in study.config.get("conditions", {}).items():
-        for spec in specs:
-            if not spec.get("from"):
-                continue
-            path = Path(spec["from"])
-            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != spec.get("from_sha256"):
-                items.append(f"<li><b>{_e(condition)}</b>: {_e(spec['type'])} from {_e(path)}: the file is gone or "
-                             "changed since the study ran, so its metadata is not shown</li>")
-                continue
-            metadata = {key: value for block in load_blocks(path) for key, value in getattr(block, "metadata", {}).items()}
-            source = metadata.pop("source", None)
-            text = f"<b>{_e(condition)}</b>: {_e(spec['type'])} from {_e(path.name)}"
-            if "class_counts" in metadata:
-                counts = ", ".join(f"{label} {count}" for label, count in metadata["class_counts"].items())
-                text += (f", extracted at {_e(metadata.get('site', '?'))} of {_e(metadata.get('model', '?'))} from "
-                         f"{_e(metadata.get('n_traces', '?'))} traces whose thoughts were {_e(counts)}")
+    loaded = [(condition, spec) for condition, specs in study.config.get("conditions", {}).items() for spec in specs]
+    loaded += [(f"probe {name}", spec) for name, spec in study.config.get("probes", {}).items()]
+    for condition, spec in loaded:
+        if not spec.get("from"):
+            continue
+        path = Path(spec["from"])
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != spec.get("from_sha256"):
+            items.append(f"<li><b>{_e(condition)}</b>: {_e(spec['type'])} from {_e(path)}: the file is gone or "
+                         "changed since the study ran, so its metadata is not shown</li>")
+            continue
+        metadata = {key: value for block in load_blocks(path) for key, value in getattr(block, "metadata", {}).items()}
+        source = metadata.pop("source", None)
+        text = f"<b>{_e(condition)}</b>: {_e(spec['type'])} from {_e(path.name)}"
+        if "class_counts" in metadata:
+            counts = ", ".join(f"{label} {count}" for label, count in metadata["class_counts"].items())
+            text += (f", extracted at {_e(metadata.get('site', '?'))} of {_e(metadata.get('model', '?'))} from "
+                     f"{_e(metadata.get('n_traces', '?'))} traces whose thoughts were {_e(counts)}")
+        probe = spec.get("config", {}).get("linear_probe")
+        if probe:
+            text += (f" at {_e(spec['config'].get('site', '?'))}, with a linear probe over {_e(', '.join(probe['classes']))}: "
+                     f"held-out accuracy {probe['held_out_accuracy']:.3f} against chance {probe['chance_accuracy']:.3f} "
+                     f"(trained on {_e(json.dumps(probe['train_counts']))}, held out {_e(json.dumps(probe['test_counts']))})")
+        if metadata:
             text += "<pre>" + _e(json.dumps(metadata, sort_keys=True)) + "</pre>"
-            origin = Path(source["folder"]) / "config.json" if isinstance(source, dict) else None
-            if origin is not None and origin.is_file():
-                traced = json.loads(origin.read_text(encoding="utf-8"))["config"]
-                text += (f"The traces are condition {_e(source['condition'])} of study {_e(traced['name'])}: dataset "
-                         f"{_e(json.dumps(traced['dataset'], sort_keys=True))}, generation "
-                         f"{_e(json.dumps(traced['generation'], sort_keys=True))}, prompt template:"
-                         f"<pre>{_e(traced['prompt']['template'])}</pre>")
-            items.append(f"<li>{text}</li>")
+        origin = Path(source["folder"]) / "config.json" if isinstance(source, dict) else None
+        if origin is not None and origin.is_file():
+            traced = json.loads(origin.read_text(encoding="utf-8"))["config"]
+            text += (f"The traces are condition {_e(source['condition'])} of study {_e(traced['name'])}: dataset "
+                     f"{_e(json.dumps(traced['dataset'], sort_keys=True))}, generation "
+                     f"{_e(json.dumps(traced['generation'], sort_keys=True))}, prompt template:"
+                     f"<pre>{_e(traced['prompt']['template'])}</pre>")
+        items.append(f"<li>{text}</li>")
     return f"<h2>Where the loaded blocks came from</h2><ul>{''.join(items)}</ul>" if items else ""
 
 

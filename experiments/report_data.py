@@ -243,7 +243,10 @@ def fired_offsets(study: StudyResults) -> list[FiredPositions]:
             relative = block_type in GENERATED_INDEX_BLOCKS or all(isinstance(n, int) for _, _, n in entries)
             shift = (lambda n: 0) if block_type in GENERATED_INDEX_BLOCKS or not relative else (lambda n: n)
             offsets = [x - shift(n) for _, e, n in entries for x in e]
-            when = specs[name].get("config", {}).get("when") if name in specs else None
+            config = specs[name].get("config", {}) if name in specs else {}
+            rule = trigger_text(config.get("when"))
+            if rule and config.get("words"):  # e.g. the token mask: its words, where its trigger holds
+                rule = f"its words, {rule}"
             found.append(FiredPositions(condition, name, block_type, offsets,
-                                        {problem: len(e) for problem, e, _ in entries}, relative, trigger_text(when)))
+                                        {problem: len(e) for problem, e, _ in entries}, relative, rule))
     return found

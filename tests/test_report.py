@@ -176,3 +176,23 @@ def test_a_vector_loaded_from_a_file_is_shown_with_where_its_traces_came_from(tm
     (tmp_path / "seal.safetensors").write_bytes(b"changed")
     page = write_report(config.output, progress=False).read_text(encoding="utf-8")
     assert "the file is gone or changed since the study ran" in page
+
+
+def test_a_thought_probe_loaded_from_a_file_is_shown_with_its_held_out_accuracy(tmp_path):
+    from probes import ThoughtClassifier, fit_linear_probe
+    from surgery.saving import save_blocks
+
+    study_toml = write_study(tmp_path, conditions=["plain"])
+    states = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))
+    probe = fit_linear_probe(states, ["execution", "reflection"] * 6)
+    save_blocks(tmp_path / "thought_probe.safetensors", [ThoughtClassifier("resid_pre.2", linear_probe=probe)])
+    text = study_toml.read_text().replace('thoughts = { type = "thought_classifier", site = "resid_pre.2" }',
+                                          'thoughts = { type = "thought_classifier", from = "thought_probe.safetensors" }')
+    study_toml.write_text(text)
+    config = load_study_config(study_toml)
+    run_study(config, problems=study_problems(config)[:1], progress=False)
+    section = write_report(config.output, progress=False).read_text(encoding="utf-8")
+    section = section[section.index("Where the loaded blocks came from"):]
+    assert (f"probe thoughts</b>: thought_classifier from thought_probe.safetensors at resid_pre.2, with a linear probe "
+            f"over execution, reflection: held-out accuracy {probe.held_out_accuracy:.3f} against chance "
+            f"{probe.chance_accuracy:.3f}") in section

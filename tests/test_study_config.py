@@ -124,7 +124,7 @@ def test_a_full_file_parses_to_the_expected_dataclasses(study_folder, model_load
     assert seal.config["metadata"] == {"note": "hand-made"} and len(seal.source_sha256) == 64
     mask, rr = study.conditions["mask"]
     assert mask.config["words"] == ["Wait", "Alternatively"] and mask.config["match"] == "auto"  # defaults written out
-    assert rr.config == {"layer": -1, "trigger_words": ["Wait"], "probability": 0.5, "seed": 0}
+    assert rr.config == {"layer": -1, "trigger_words": ["Wait"], "probability": 0.5, "seed": 0, "when": None}
     assert {name: spec.type for name, spec in study.probes.items()} == {
         "mi": "mi_estimator", "thoughts": "thought_classifier", "graph": "reasoning_graph"}
     assert study.probes["mi"].answers_from == "dataset" and study.probes["mi"].config["answers"] is None
