@@ -90,22 +90,31 @@ def _kernel_factor(v: Float[Tensor, "n d"], sigma: float, max_rank: int) -> Floa
     coordinates over σ, not with ``d``. Returns None when some row needs more than
     ``max_rank`` columns (the caller then solves exactly).
     """
+    factor, residual = _pivoted_cholesky(v, sigma, max_rank, stop_early=True)
+    return None if bool((residual >= KX_TOLERANCE).any()) else factor
+
+
+def _pivoted_cholesky(v: Float[Tensor, "n d"], sigma: float, rank: int, stop_early: bool) -> tuple[Tensor, Tensor]:
+    """Up to ``rank`` pivoted-Cholesky columns of each row's Gaussian kernel: ``(L, residual)``
+    with ``residual`` the largest remaining diagonal entry per row. ``stop_early``: ask the host
+    every 8 columns whether every row is below :data:`KX_TOLERANCE`, and stop there; otherwise
+    compute all ``rank`` columns (a row's columns after it converged are zeros)."""
     n, d = v.shape
     rows = torch.arange(n, device=v.device)
-    factor = torch.zeros(n, d, max_rank, dtype=torch.float64, device=v.device)
+    factor = torch.zeros(n, d, rank, dtype=torch.float64, device=v.device)
     residual = torch.ones(n, d, dtype=torch.float64, device=v.device)  # diag(Kx - L Lᵀ)
     scale = -0.5 / sigma**2
-    for j in range(max_rank):
+    for j in range(rank):
         largest, pivot = residual.max(dim=-1)
-        if j % 8 == 0 and bool((largest < KX_TOLERANCE).all()):  # one sync per 8 columns
-            return factor[..., :j]
+        if stop_early and j % 8 == 0 and bool((largest < KX_TOLERANCE).all()):  # one sync per 8 columns
+            return factor[..., :j], largest
         live = largest >= KX_TOLERANCE
         column = torch.exp((v - v[rows, pivot][:, None]).square() * scale)
         column = column - torch.einsum("ndj,nj->nd", factor[..., :j], factor[rows, pivot, :j])
         column = torch.where(live[:, None], column / largest.clamp(min=KX_TOLERANCE).sqrt()[:, None], 0.0)
         factor[..., j] = column
         residual = residual - column.square()
-    return None if bool((residual.max(dim=-1).values >= KX_TOLERANCE).any()) else factor
+    return factor, residual.max(dim=-1).values
 
 
 def _kernel_factor_fixed(v: Float[Tensor, "n d"], sigma: float, rank: int) -> tuple[Float[Tensor, "n d q"], Tensor]:
@@ -118,20 +127,8 @@ def _kernel_factor_fixed(v: Float[Tensor, "n d"], sigma: float, rank: int) -> tu
     ``rank`` pivoted factor, an approximation). Fixed work per call, no data-dependent branch:
     what a probe publishing a signal inside a captured step needs.
     """
-    n, d = v.shape
-    rows = torch.arange(n, device=v.device)
-    factor = torch.zeros(n, d, rank, dtype=torch.float64, device=v.device)
-    residual = torch.ones(n, d, dtype=torch.float64, device=v.device)
-    scale = -0.5 / sigma**2
-    for j in range(rank):
-        largest, pivot = residual.max(dim=-1)
-        live = largest >= KX_TOLERANCE
-        column = torch.exp((v - v[rows, pivot][:, None]).square() * scale)
-        column = column - torch.einsum("ndj,nj->nd", factor[..., :j], factor[rows, pivot, :j])
-        column = torch.where(live[:, None], column / largest.clamp(min=KX_TOLERANCE).sqrt()[:, None], 0.0)
-        factor[..., j] = column
-        residual = residual - column.square()
-    return factor, residual.max(dim=-1).values < KX_TOLERANCE
+    factor, residual = _pivoted_cholesky(v, sigma, rank, stop_early=False)
+    return factor, residual < KX_TOLERANCE
 
 
 def nhsic_sync_free(

@@ -41,6 +41,25 @@ def test_both_token_side_paths_equal_the_transcription(scale, low_rank):
     assert_close(nhsic(x, y), want, rtol=1e-4)  # low-rank factorisations truncated at 1e-12 / 1e-13
 
 
+@pytest.mark.parametrize("d, scale", [(64, 1.0), (576, 3.0), (576, 30.0)])
+def test_the_sync_free_path_equals_the_early_stopping_one(d, scale):
+    """nhsic_sync_free computes a fixed number of columns (zeros after a row converged): the same
+    values as the path that stops when every row has converged, and the formula's."""
+    from probes.hsic import _answer_factors, _nhsic_given_factors, nhsic_sync_free
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(5, d, generator=g, dtype=torch.float64) * scale
+    x[:, 0] *= 20
+    y = torch.randn(d, generator=g, dtype=torch.float64) * scale
+    factors = _answer_factors(y, 50.0, 1e-5)
+    values, converged = nhsic_sync_free(x, *factors, 50.0, 1e-5, rank=64)
+    assert converged.all()
+    assert_close(values, _nhsic_given_factors(x, *factors, 50.0, 1e-5), rtol=1e-9)
+    assert_close(values, torch.tensor([reference_nhsic(xi, y) for xi in x], dtype=torch.float64), rtol=1e-4)
+    _, too_few = nhsic_sync_free(x * 40, *factors, 50.0, 1e-5, rank=4)  # a spread-out kernel needs more columns
+    assert not too_few.any()
+
+
 def test_nhsic_broadcasts_a_batch_of_answers():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 48, generator=g) * 20, torch.randn(4, 48, generator=g) * 20
