@@ -31,7 +31,7 @@ vector is written once, atomically, after its traces are complete).
 
 Example::
 
-    report = run_demo("runs/demo", problems=12)     # about 8 minutes on a 2-core CPU
+    report = run_demo("runs/demo", problems=12)     # about 9 minutes on a 2-core CPU
 """
 
 from __future__ import annotations
