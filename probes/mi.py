@@ -178,7 +178,6 @@ class MIEstimator(Probe):
         self._ry: tuple[Tensor, Tensor] | None = None
         self._answer_states: Tensor | None = None
         self._series: _RowSeries | None = None
-        self._signals_read: frozenset[str] = frozenset()
 
     @classmethod
     def example(cls, model, prompts=(), identity: bool = False) -> MIEstimator:
@@ -207,13 +206,13 @@ class MIEstimator(Probe):
         return {name: SignalSpec(name, kind, site) for name, kind in (("value", "float"), ("fence", "float"), ("peak", "bool"))}
 
     def use_signals(self, names) -> None:
-        self._signals_read = frozenset(names)
+        super().use_signals(names)
         self.graph_safe = self.sync_free  # this instance: see the class docstring
 
     @property
     def sync_free(self) -> bool:
         """Whether this run computes ``m_t`` on the fixed-work path (see the class docstring)."""
-        return bool(self._signals_read) if self.config.sync_free is None else self.config.sync_free
+        return bool(self.signals_read) if self.config.sync_free is None else self.config.sync_free
 
     @staticmethod
     def _last_token_states(model, site, texts: list[str]) -> Float[Tensor, "n d"]:
@@ -245,10 +244,11 @@ class MIEstimator(Probe):
             self._series = _RowSeries(mi.shape[0], step.capacity or 8, mi.device, growable=step.capacity == 0)
         valid = step.valid[:, -1]
         series = self._series
-        fence = fence_so_far(series.values, series.count)
-        self.signal_board.publish("value", torch.where(valid, mi, torch.nan), step)
-        self.signal_board.publish("fence", fence, step)
-        self.signal_board.publish("peak", valid & (series.count >= config.warmup) & (mi > fence), step)
+        if self.signals_read:  # nobody reads them: no sort of the history per step
+            fence = fence_so_far(series.values, series.count)
+            self.signal_board.publish("value", torch.where(valid, mi, torch.nan), step)
+            self.signal_board.publish("fence", fence, step)
+            self.signal_board.publish("peak", valid & (series.count >= config.warmup) & (mi > fence), step)
         series.append(mi, converged, valid)
 
     def result(self, out=None) -> MIResult:

@@ -292,18 +292,19 @@ class ThoughtClassifier(Probe):
             self._prompt = (step.token_ids, step.valid)
         else:
             self._fed.append((step.token_ids[:, 0], step.valid[:, 0]))
-        rows, columns = self.config.when(step).nonzero(as_tuple=True)
+        hits = self.config.when(step)
+        rows, columns = hits.nonzero(as_tuple=True)
         values = value[rows, columns].clone()
         predicted = None
         if self.linear_probe is not None:
             predicted = (values.double() @ self._weight.T + self._bias).argmax(dim=-1)
-            self._publish(value[:, -1], step)
+            if self.signals_read:
+                self._publish(value[:, -1], hits[:, -1], step)
         self._hits.append((rows, step.positions[rows, columns], values, predicted))
 
-    def _publish(self, last: Tensor, step: Step) -> None:
+    def _publish(self, last: Tensor, opens: Tensor, step: Step) -> None:
         """The signals of the step's last position: the class the linear probe gives a thought
         opened there, and its probability (-1 and NaN where no separator ends there)."""
-        opens = self.config.when(step)[:, -1]
         scores = last.double() @ self._weight.T + self._bias
         probability, predicted = scores.softmax(dim=-1).max(dim=-1)
         self.signal_board.publish("predicted", torch.where(opens, predicted, -1), step)

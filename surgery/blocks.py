@@ -143,21 +143,19 @@ class Block:
     def text_patterns(self) -> tuple[tuple[str, bool], ...]:
         """``(string, case_sensitive)`` keys the engine must follow for this block (by default,
         those of the triggers in its config)."""
-        patterns: tuple[tuple[str, bool], ...] = ()
-        for f in dataclasses.fields(self.config) if dataclasses.is_dataclass(self.config) else ():
-            value = getattr(self.config, f.name)
-            if hasattr(value, "text_patterns"):
-                patterns += value.text_patterns()
-        return patterns
+        return self._from_config_triggers("text_patterns")
 
     def signal_triggers(self) -> tuple:
-        """The :class:`~surgery.signals.OnSignal` rules in its config's triggers (the trace
-        resolves them and checks their order on entry)."""
+        """The :class:`~surgery.signals.OnSignal` rules in its config's triggers (checked on entry)."""
+        return self._from_config_triggers("signal_triggers")
+
+    def _from_config_triggers(self, method: str) -> tuple:
+        """``method()`` of every trigger among the config's fields, concatenated."""
         found: tuple = ()
         for f in dataclasses.fields(self.config) if dataclasses.is_dataclass(self.config) else ():
             value = getattr(self.config, f.name)
-            if hasattr(value, "signal_triggers"):
-                found += value.signal_triggers()
+            if hasattr(value, method):
+                found += getattr(value, method)()
         return found
 
     def tensors(self) -> dict[str, Tensor]:
@@ -361,16 +359,18 @@ class Probe(Block):
         :meth:`bind`); none by default."""
         return {}
 
+    signals_read: frozenset[str] = frozenset()  # what triggers read of its signals (use_signals)
+
     def use_signals(self, names: frozenset[str]) -> None:
-        """Told by the trace on entry which of its signals some trigger reads (a probe may
-        compute them differently then, e.g. without host syncs); nothing by default."""
+        """Told by the trace on entry which of its signals some trigger reads: a probe publishes
+        only those (none read: no work) and may compute them differently (without host syncs)."""
+        self.signals_read = frozenset(names)
 
     def signal_hint(self) -> str:
         """Why an expected signal is missing, and the fix (e.g. a probe that needs a setting)."""
         return ""
 
-    #: Where it writes its signals (a :class:`~surgery.signals.SignalBoard`; see above).
-    signal_board = None
+    signal_board = None  # where it writes its signals (a surgery.signals.SignalBoard; see above)
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         raise NotImplementedError

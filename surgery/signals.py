@@ -359,7 +359,7 @@ class OnSignal(Trigger):
         probe, spec, threshold = self._resolved
         value = probe.signal_board.read(spec.name, step, self.previous)
         if self.op in ("true", "in"):
-            hit = value if self.op == "true" else torch.isin(value, torch.tensor(threshold, device=value.device))
+            hit = value if self.op == "true" else sum(value == v for v in threshold) > 0  # no tensor built per step
         else:
             hit = _COMPARISONS[self.op](value, threshold)
         out = torch.zeros_like(step.valid)
