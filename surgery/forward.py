@@ -24,7 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from surgery.kv_cache import new_cache, rollback
+from surgery.bridge import read_cache_under_either_name
+from surgery.kv_cache import cache_keyword, new_cache, rollback
 from surgery.model import Model
 from surgery.partial_rerun import LayerInputs, supports_partial_rerun
 from surgery.step import Step
@@ -63,6 +64,8 @@ class Forward:
         module = model.module
         self.module, self.step, self.on_step = module, step, on_step
         self.options = _forward_options(module)
+        self.cache_keyword = cache_keyword(module)  # "cache" on transformers >= 5.24
+        read_cache_under_either_name(module)  # TransformerLens 4.3 on transformers >= 5.24 (surgery.bridge)
         # the decode step, compiled when asked (the prefill and re-runs stay eager)
         self.decode = module if compile_options is None else torch.compile(module.forward, **compile_options)
         self.static = cache == "static"
@@ -83,8 +86,8 @@ class Forward:
     def _call(self, input_ids: Tensor, step: Step, module=None) -> Tensor:
         with _guard_hooks() if module is not None and module is not self.module else contextlib.nullcontext():
             output = (module or self.module)(
-                input_ids=input_ids, attention_mask=self.mask, position_ids=step.positions, past_key_values=self.cache,
-                **self.options,
+                input_ids=input_ids, attention_mask=self.mask, position_ids=step.positions,
+                **{self.cache_keyword: self.cache}, **self.options,
             )
         return output.logits[:, -1].to(dtype=torch.float32, copy=True)
 

@@ -9,6 +9,12 @@ Two kinds, named by :func:`surgery.generate`'s ``cache`` argument:
   reads and writes the same memory every time: what CUDA-graph capture and ``torch.compile``
   need. Sliding-window layers are refused (their static form keeps a host-side counter).
 
+The keyword a model's forward takes its cache by changed in transformers 5.24: ``cache=`` from
+5.24 on (``past_key_values=`` still works there, with a FutureWarning, until its announced
+removal in 5.40), ``past_key_values=`` up to 5.23. :func:`cache_keyword` names the one a model
+takes, and :func:`passed_cache` finds the cache a forward was called with under either name
+(the adapters read it from hosts that call the model themselves).
+
 Recomputing the last position (representation recycling) rolls layers back one position and
 lets the re-run overwrite it; :func:`last_entry` and :func:`restore_last_entry` keep one
 layer's last keys and values for the rows that do not change. All of these are tensor ops on
@@ -21,7 +27,7 @@ Example:
     ...                      num_attention_heads=2, num_key_value_heads=2)
     >>> module = LlamaForCausalLM(config).eval()
     >>> cache = new_cache("static", config, max_length=8)
-    >>> _ = module(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+    >>> _ = module(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **{cache_keyword(module): cache})
     >>> int(cache.layers[0].cumulative_length)
     3
     >>> rollback(cache)
@@ -31,17 +37,36 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
 from transformers import Cache, DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-__all__ = ["CACHE_KINDS", "check_kind", "last_entry", "new_cache", "restore_last_entry", "rollback"]
+__all__ = [
+    "CACHE_KINDS", "cache_keyword", "check_kind", "last_entry", "new_cache", "passed_cache", "restore_last_entry",
+    "rollback",
+]
 
 #: The cache kinds :func:`new_cache` builds.
 CACHE_KINDS = ("dynamic", "static")
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The keyword ``module``'s forward takes its KV cache by: ``"cache"`` where the forward names
+    it so (transformers >= 5.24), else ``"past_key_values"`` (transformers <= 5.23, and models
+    whose code still uses the old name)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def passed_cache(kwargs: Mapping) -> Cache | None:
+    """The KV cache a forward was called with: ``kwargs["cache"]`` (transformers >= 5.24 call their
+    models so, ``generate`` included) or ``kwargs["past_key_values"]`` (older releases, and
+    callers such as TransformerLens 4.3 that still use the old name); None without one."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def check_kind(kind: str) -> None:

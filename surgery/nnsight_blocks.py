@@ -74,6 +74,7 @@ import torch
 from torch import Tensor
 
 from surgery.blocks import Intervention, Probe
+from surgery.kv_cache import passed_cache
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
@@ -158,7 +159,7 @@ class NNsightBlocks:
         ids = args[0] if args else kwargs["input_ids"]
         if kwargs.get("use_cache") is False:
             raise ValueError("NNsightBlocks needs the KV cache in lm.generate: leave use_cache at its default (True)")
-        cache = kwargs.get("past_key_values")
+        cache = passed_cache(kwargs)
         cached = 0 if cache is None else cache.get_seq_length()
         if cached == 0:
             step = self._prefill(ids, kwargs.get("attention_mask"))

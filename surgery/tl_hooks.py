@@ -63,6 +63,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from surgery.kv_cache import passed_cache
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
@@ -142,7 +143,7 @@ class TLHooks:
     # ---- per forward -------------------------------------------------------------------------
     def _note_inputs(self, _module, args, kwargs) -> None:
         ids = args[0] if args else kwargs.get("input_ids")
-        cache = kwargs.get("past_key_values")
+        cache = passed_cache(kwargs)
         cached = cache is not None and cache.get_seq_length() > 0
         self._pending = (ids, kwargs.get("attention_mask"), cached, bool(kwargs.get("use_cache")))
 

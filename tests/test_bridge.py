@@ -42,6 +42,26 @@ def test_plain_generation_equals_the_bridges_own_generate(tokenizer, kind):
         theirs = bridge.generate(padded, max_new_tokens=12, do_sample=False, stop_at_eos=False, attention_mask=mask,
                                  return_type="tokens", verbose=False)
     assert out.token_ids == theirs[:, width:].tolist()
+    # and both are the tokens of the same weights never booted (a bridge whose attention lost the
+    # KV cache would agree with itself, not with this)
+    assert out.token_ids == surgery.generate(tiny_model(kind, tokenizer), rows, 12, eos_token_ids=[]).token_ids
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_booted_models_own_generate_reads_its_kv_cache(tokenizer, kind):
+    """TransformerLens 4.3's attention reads the cache as past_key_values=, transformers >= 5.24
+    passes it as cache=: once the toolkit has seen the bridge, the HF model's own greedy generate
+    on the booted module gives the never-booted model's tokens, as on transformers <= 5.23."""
+    never_booted = tiny_model(kind, tokenizer).module  # the same seed: the same weights
+    model, bridge = booted(kind, tokenizer)
+    surgery.wrap(bridge)
+    surgery.wrap(bridge)  # idempotent
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            ours = model.module.generate(ids, max_new_tokens=12, do_sample=False)
+            reference = never_booted.generate(ids, max_new_tokens=12, do_sample=False)
+        assert ours.tolist() == reference.tolist()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

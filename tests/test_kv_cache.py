@@ -3,9 +3,12 @@ by the model itself."""
 
 import pytest
 import torch
+import transformers
+from conftest import tiny_model
+from packaging.version import Version
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM, StaticCache
 
-from surgery.kv_cache import last_entry, new_cache, restore_last_entry, rollback
+from surgery.kv_cache import cache_keyword, last_entry, new_cache, passed_cache, restore_last_entry, rollback
 
 KINDS = ["dynamic", "static"]
 
@@ -14,7 +17,7 @@ def _filled(model, kind, length=5, batch=2):
     cache = new_cache(kind, model.module.config, max_length=12)
     ids = torch.arange(1, 1 + batch * length).reshape(batch, length) % model.vocab_size
     with torch.no_grad():
-        model.module(input_ids=ids, past_key_values=cache, use_cache=True)
+        model.module(input_ids=ids, use_cache=True, **{cache_keyword(model.module): cache})
     return cache, ids
 
 
@@ -25,6 +28,27 @@ def _length(cache, layer=0):
 
 def _keys_at(cache, layer, position):
     return cache.layers[layer].keys[:, :, position]
+
+
+def test_cache_keyword_is_the_name_the_installed_transformers_gives_it(tiny, tokenizer):
+    """transformers 5.24 renamed the forward's past_key_values to cache (the old name warns until 5.40)."""
+    expected = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    for module in (tiny.module, tiny_model("gpt2", tokenizer).module):
+        assert cache_keyword(module) == expected
+
+    class OldStyle(torch.nn.Module):  # remote code written for transformers <= 5.23
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert cache_keyword(OldStyle()) == "past_key_values"
+
+
+def test_passed_cache_finds_the_cache_under_either_name():
+    cache = DynamicCache()
+    assert passed_cache({"cache": cache}) is cache
+    assert passed_cache({"past_key_values": cache, "use_cache": True}) is cache
+    assert passed_cache({"cache": None, "past_key_values": cache}) is cache
+    assert passed_cache({"use_cache": True}) is None
 
 
 def test_new_cache_kinds_and_errors():
@@ -48,8 +72,8 @@ def test_rollback_then_forward_rewrites_the_last_position(tiny_llama, kind):
     assert all(_length(cache, layer) == 4 for layer in range(tiny_llama.n_layers))
     # feeding the last token again restores every layer's last position as it was
     with torch.no_grad():
-        tiny_llama.module(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True,
-                          position_ids=torch.full((2, 1), 4))
+        tiny_llama.module(input_ids=ids[:, -1:], use_cache=True, position_ids=torch.full((2, 1), 4),
+                          **{cache_keyword(tiny_llama.module): cache})
     for layer in range(tiny_llama.n_layers):
         assert _length(cache, layer) == 5
         torch.testing.assert_close(_keys_at(cache, layer, 4), _keys_at(reference, layer, 4))

@@ -64,15 +64,16 @@ def test_layer_inputs_errors(tiny_llama):
 
 def test_layer_inputs_rerun_reproduces_the_forward(tiny_llama):
     """Re-running blocks 1.. on their recorded inputs (cache rolled back) gives the forward's logits."""
-    from surgery.kv_cache import new_cache, rollback
+    from surgery.kv_cache import cache_keyword, new_cache, rollback
 
     module = tiny_llama.module
     cache = new_cache("dynamic", module.config, 16)
     inputs = LayerInputs(module, tiny_llama.architecture, 1)
     try:
         with torch.no_grad():
-            module(input_ids=torch.tensor([[3, 4, 5]]), past_key_values=cache, use_cache=True)
-            logits = module(input_ids=torch.tensor([[6]]), past_key_values=cache, use_cache=True).logits[:, -1]
+            passing = {cache_keyword(module): cache, "use_cache": True}
+            module(input_ids=torch.tensor([[3, 4, 5]]), **passing)
+            logits = module(input_ids=torch.tensor([[6]]), **passing).logits[:, -1]
             rollback(cache, range(1, tiny_llama.n_layers))
             again = inputs.rerun(1)
     finally:
