@@ -3,6 +3,8 @@
 import os
 import re
 from collections import Counter
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +28,26 @@ from transformers import (  # noqa: E402
 )
 
 import surgery  # noqa: E402
+
+#: What the header of every run names: the stack whose releases change the toolkit's behaviour.
+STACK = ("torch", "transformers", "transformer-lens", "nnsight", "triton", "tokenizers", "accelerate", "numpy")
+
+
+def pytest_report_header(config):
+    """The versions this run tests, and where they differ from requirements/lock.txt (as under
+    `make test-latest`); `make test` installs the lock's."""
+    lock = Path(__file__).parents[1] / "requirements" / "lock.txt"
+    pins = dict(line.split("==", 1) for line in lock.read_text().splitlines() if "==" in line and line[0] != "#")
+    shown = []
+    for name in STACK:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        differs = pins.get(name) not in (None, version.split("+")[0])
+        shown.append(f"{name} {version}" + (f" (lock: {pins[name]})" if differs else ""))
+    return "stack: " + ", ".join(shown)
+
 
 # Qwen2's pre-tokenizer pattern: punctuation keeps the newlines that follow it, so ".\n\n" can be
 # one token, as in the R1-Distill models.
