@@ -67,7 +67,9 @@ def _mask_logits_kernel(
     if HAS_ACTIVE:
         masked = masked & (tl.load(active_ptr + row) != 0)
     if HARD:
-        edited = tl.where(masked, float("-inf"), x).to(x.dtype)
+        # chosen in float32 (exact for every storage dtype): Triton 3.7's interpreter cannot make a
+        # bfloat16 constant (no get_bf16), and 3.7.1 is what torch 2.13's CUDA build runs
+        edited = tl.where(masked, float("-inf"), x.to(tl.float32)).to(x.dtype)
     else:
         # penalty comes rounded to the storage dtype; the sum is taken in float32, rounded once
         edited = tl.where(masked, to_storage(x.to(tl.float32) + penalty, x.dtype), x)
