@@ -11,7 +11,7 @@
 # requires triton==3.7.1: the lock pins that triton for every machine, so the Triton kernels CI
 # checks under TRITON_INTERPRET=1 are the ones a GPU runs. Another build, e.g. the CPU wheel
 # elsewhere: TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
-# Nothing is reinstalled when .venv already has a torch.
+# A .venv that already has the lock's torch version keeps its build (the TORCH_SPEC step is skipped).
 PYTHON ?= python3
 VENV ?= .venv
 LOCK ?= requirements/lock.txt
