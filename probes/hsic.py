@@ -24,6 +24,13 @@ Deviations from the released code:
   ``G = H L`` (push-through identity): ``O(d·q² + d·q·r + q³)`` per token instead of ≈ 12·d³.
   When q would exceed ``min(KX_MAX_RANK, d/3)`` the step falls back to one exact batched LU. The
   tests check both paths against the literal float64 formula to 1e-4 relative.
+
+``precision="float32"`` (:data:`PRECISIONS`) is the released estimator's precision, for checking
+published series: the released ``mi_estimators.hsic_normalized_cca`` op for op, in float32, one
+vector at a time (:func:`_released_ratio_float32`). Its values differ from float64 by ~1e-2
+absolute and may be negative, and they move by as much when the states move by float32 rounding
+(a batched or cached forward, another device): a published float32 series is reproducible to
+~1e-2, not bit for bit. It costs ≈ 6·d³ FLOPs per token (no low-rank shortcut).
 """
 
 from __future__ import annotations
@@ -34,7 +41,24 @@ from torch import Tensor
 
 from surgery.kernels import centred_gaussian_gram
 
-__all__ = ["RY_RANK_TOLERANCE", "hsic_across_examples", "nhsic", "nhsic_sync_free"]
+__all__ = ["PRECISIONS", "RY_RANK_TOLERANCE", "hsic_across_examples", "nhsic", "nhsic_sync_free"]
+
+PRECISIONS = ("float64", "float32")
+"""How nHSIC is computed.
+
+- ``"float64"`` (default): the formula in float64, cheaper but equal (module docstring).
+- ``"float32"``: the released estimator's precision, for checking published series: the
+  operations of ChnQ/MI-Peaks ``src/mi_estimators.py`` (commit bcee82c) in their order, in
+  float32, with ``torch.inverse`` (:func:`_released_ratio_float32`).
+"""
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {PRECISIONS}, got {precision!r}: 'float64' (default) computes the formula "
+            "exactly, 'float32' as the released code does (to check published series)"
+        )
 
 
 def _centred_kernel(v: Float[Tensor, "*batch d"], sigma: float) -> Float[Tensor, "*batch d d"]:
@@ -187,8 +211,56 @@ def _nhsic_given_factors(
     return ((centred @ solved) * right).sum(dim=(-2, -1))
 
 
+def _released_ratio_float32(v: Float[Tensor, "*batch d"], sigma: float, epsilon: float) -> Float[Tensor, "*batch d d"]:
+    """``R = K̃ (K̃ + ε·m·I)⁻¹`` as the released code computes it, in float32, one vector at a time.
+
+    The operations of ``kernelmat`` and ``hsic_normalized_cca`` in ChnQ/MI-Peaks
+    ``src/mi_estimators.py`` (commit bcee82c), in their order: squared distances by the
+    expansion ``x_i² - 2·x_i·x_j + x_j²`` (its cancellation included) then ``abs``; the kernel
+    ``exp(-D / (2σ²))``; centring as a product with an explicit ``H = I - (1/m)·11ᵀ``; the
+    ridge added as ``(ε·m)·I``; ``torch.inverse`` (here its sync-free twin
+    :func:`torch.linalg.inv_ex`, the same LU); ``K̃ @ inverse``.
+
+    Each vector is its own call, as released: the ridge system is so ill-conditioned in float32
+    that a batched inversion (another LAPACK path) moves the score by ~1e-2 relative, so the
+    batch is a loop. On one CPU this equals the released computation on the same vectors (tested
+    against a transcription); another LAPACK path (a GPU, other threads) may differ by as much
+    as batched and single inversion do on one CPU (~1e-2 relative, measured).
+    Matrix products follow PyTorch's float32 setting (TF32 off by default; keep it off here).
+    """
+    v = v.to(torch.float32)
+    m = v.shape[-1]
+    eye = torch.eye(m, dtype=torch.float32, device=v.device)
+    centring = eye - (1.0 / m) * torch.ones(m, m, dtype=torch.float32, device=v.device)
+
+    def one(vector: Tensor) -> Tensor:
+        column = vector[:, None]  # the released code reshapes the vector to m samples of width 1
+        squares = (column * column).sum(1, keepdim=True)
+        distance = (squares - 2 * (column @ column.T) + squares.T).abs()
+        kernel = torch.exp(-distance / (2.0 * sigma * sigma * 1))  # the release scales by the sample width, 1
+        centred = kernel @ centring
+        inverse, _ = torch.linalg.inv_ex(centred + epsilon * m * eye)
+        return centred @ inverse
+
+    flat = v.reshape(-1, m)
+    return torch.stack([one(vector) for vector in flat]).reshape(*v.shape, m)
+
+
+def _nhsic_released_float32(
+    x: Float[Tensor, "*xbatch d"], ry: Float[Tensor, "*rbatch d d"], sigma: float, epsilon: float
+) -> Float[Tensor, "..."]:
+    """``sum(Rx ∘ Ryᵀ)`` in float32, as released, given the answers' ``Ry`` (float32, from
+    :func:`_released_ratio_float32`, computed once per problem; leading dimensions broadcast
+    against ``x``'s). No host sync; one pair at a time (see :func:`_released_ratio_float32`)."""
+    rx = _released_ratio_float32(x, sigma, epsilon)
+    rx, ry = torch.broadcast_tensors(rx, ry.to(device=x.device, dtype=torch.float32))
+    pairs = zip(rx.reshape(-1, *rx.shape[-2:]), ry.reshape(-1, *ry.shape[-2:]))
+    return torch.stack([(a * b.T).sum() for a, b in pairs]).reshape(rx.shape[:-2])
+
+
 def nhsic(
-    x: Float[Tensor, "*xbatch d"], y: Float[Tensor, "*ybatch d"], sigma: float = 50.0, epsilon: float = 1e-5
+    x: Float[Tensor, "*xbatch d"], y: Float[Tensor, "*ybatch d"], sigma: float = 50.0, epsilon: float = 1e-5,
+    precision: str = "float64",
 ) -> Float[Tensor, "..."]:
     """Paper-compatible normalised HSIC between two vectors, as in arXiv 2506.02867 section 3.
 
@@ -202,9 +274,12 @@ def nhsic(
         y: ``[d]`` (one answer state) or ``[..., d]`` broadcastable against ``x``.
         sigma: kernel bandwidth (the paper uses 50, grid 50–400).
         epsilon: ridge (1e-5 in the paper).
+        precision: ``"float64"`` (default) or ``"float32"``, the released estimator's precision,
+            for checking published series: the released code's operations in float32
+            (:data:`PRECISIONS`; ~1e-2 absolute from float64, sometimes negative).
 
     Returns:
-        float64 tensor of the broadcast leading shape.
+        tensor of the broadcast leading shape, float64 (float32 with ``precision="float32"``).
 
     Example:
         >>> import torch
@@ -214,9 +289,15 @@ def nhsic(
         torch.Size([3])
         >>> bool(nhsic(y, y) > nhsic(x[0], y))        # a vector depends most on itself
         True
+        >>> released = nhsic(x, y, precision="float32")   # the released code's float32 computation
+        >>> released.dtype, bool((released.double() - nhsic(x, y)).abs().max() < 0.1)
+        (torch.float32, True)
     """
+    _check_precision(precision)
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(f"nhsic pairs coordinates: x has width {x.shape[-1]}, y has {y.shape[-1]}; they must match")
+    if precision == "float32":  # one pair at a time, as released (see _released_ratio_float32)
+        return _nhsic_released_float32(x, _released_ratio_float32(y.to(x.device), sigma, epsilon), sigma, epsilon)
     return _nhsic_given_factors(x, *_answer_factors(y.to(x.device), sigma, epsilon), sigma, epsilon)
 
 

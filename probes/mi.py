@@ -13,10 +13,15 @@ token of the reference answer run alone through the model (one vector per proble
 paper-compatible score is ``m_t = nHSIC(h_t, h_y)`` with the d coordinates taken as d paired
 scalar samples (see :func:`probes.hsic.nhsic`).
 
-Deviations from the released code:
+Deviations from the released code (each released choice is a named mode, to reproduce
+published figures; the defaults follow the paper's text):
 
 - float64 throughout, and the same value computed cheaper (``Ry`` once per problem, when the
   probe is bound, kept as a truncated SVD; low-rank token kernels): see :mod:`probes.hsic`.
+  ``precision="float32"`` computes as released (float32, ``torch.inverse``, op for op).
+- Tukey peaks, as the paper's text says; ``peak_rule="top_k"``: the released notebook's top 20
+  values (:func:`probes.peaks.top_k_peaks`). ``PeakStats.ratio`` per value; the released code
+  counts one token fewer: ``ratio_steps="released_total_tokens"``.
 - representation-recycling re-runs are not observed (the trace calls no probe for them): the
   first pass is kept.
 - rows that have finished are still computed in the batched solve (no host sync per step) and
@@ -47,8 +52,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from probes.hsic import _answer_factors, _nhsic_given_factors, nhsic_sync_free
-from probes.peaks import PeakStats, fence_so_far, tukey_peaks
+from probes.hsic import _answer_factors, _check_precision, _nhsic_given_factors, nhsic_sync_free
+from probes.hsic import _nhsic_released_float32, _released_ratio_float32
+from probes.peaks import PeakStats, _check_k, _check_peak_rule, _check_ratio_steps, fence_so_far, kth_largest_so_far
+from probes.peaks import top_k_peaks, tukey_peaks
 from surgery.blocks import Probe, register_block
 from surgery.capture import states_at
 from surgery.results import SavedResult
@@ -71,6 +78,10 @@ class MIEstimatorConfig:
     sync_free: bool | None = field(
         default=None, metadata={"help": "fixed work per token, no host sync (None: when a trigger reads its signals)"}
     )
+    peak_rule: str = field(default="tukey", metadata={"help": "'tukey' (paper: Q3 + 1.5 IQR) or 'top_k' (released)"})
+    top_k: int = field(default=20, metadata={"help": "peaks per series with peak_rule='top_k' (released: 20)"})
+    precision: str = field(default="float64", metadata={"help": "'float64' or 'float32' (released; checks figures)"})
+    ratio_steps: str = field(default="values", metadata={"help": "ratio per 'values' or 'released_total_tokens'"})
 
 
 @dataclass
@@ -78,14 +89,24 @@ class MIResult(SavedResult):
     """What :class:`MIEstimator` measured, one entry per prompt row.
 
     Attributes:
-        values: float64 ``[n_tokens]`` per row: ``m_t`` for each generated token (CPU).
-        peaks: int64 peak indices per row (Tukey's upper fence, see :func:`probes.peaks.tukey_peaks`).
+        values: float64 ``[n_tokens]`` per row: ``m_t`` for each generated token (CPU), float32
+            numbers with ``precision="float32"``.
+        peaks: int64 peak indices per row, ascending, by ``peak_rule``.
         stats: :class:`~probes.peaks.PeakStats` per row.
+        peak_rule: the rule that made ``peaks`` and ``stats``: ``"tukey"``
+            (:func:`probes.peaks.tukey_peaks`) or ``"top_k"`` (:func:`probes.peaks.top_k_peaks`).
+        top_k: ``k`` of the ``"top_k"`` rule; None for ``"tukey"``.
+        ratio_steps: what ``stats[i].ratio`` divides by (:data:`probes.peaks.RATIO_STEPS`).
+        precision: how ``values`` were computed (:data:`probes.hsic.PRECISIONS`).
     """
 
     values: list[Tensor]
     peaks: list[Tensor]
     stats: list[PeakStats]
+    peak_rule: str = "tukey"
+    top_k: int | None = None
+    ratio_steps: str = "values"
+    precision: str = "float64"
 
     def peak_token_texts(self, out, tokenizer) -> list[list[str]]:
         """The generated tokens at the peaks, per row, as decoded text.
@@ -100,7 +121,7 @@ class MIResult(SavedResult):
 
     def plot(self, path, row: int = 0) -> None:
         """Save a PNG of ``m_t`` over tokens for one row, peaks marked, with the Tukey fence
-        (:func:`probes.plots.plot_mi`)."""
+        when ``peak_rule`` is ``"tukey"`` (:func:`probes.plots.plot_mi`)."""
         from probes.plots import plot_mi  # probes.plots imports this module
 
         plot_mi(self, path, row)
@@ -121,19 +142,26 @@ class MIEstimator(Probe):
 
     - ``"value"`` (float): ``m_t`` of the token this forward emits (NaN for finished rows);
     - ``"fence"`` (float): Tukey's upper fence of the row's values before it
-      (:func:`probes.peaks.fence_so_far`; +inf before the first value);
+      (:func:`probes.peaks.fence_so_far`; +inf before the first value); with
+      ``peak_rule="top_k"`` their k-th largest (:func:`probes.peaks.kth_largest_so_far`);
     - ``"peak"`` (bool): ``m_t`` is above that fence and the row has at least ``warmup``
-      values before it: :func:`probes.peaks.running_peaks`, the rule a decoder can apply while it
-      generates (closed-loop recycling fires on it).
+      values before it: :func:`probes.peaks.running_peaks` (``"top_k"``:
+      :func:`probes.peaks.running_top_k_peaks`, which fires at every offline top-k peak and more
+      often), the rule a decoder can apply while it generates (closed-loop recycling fires on it).
 
     When a trigger reads its signals (or with ``sync_free=True``) each token's ``m_t`` comes from
     :func:`probes.hsic.nhsic_sync_free`: exactly ``kernel_rank`` pivoted-Cholesky columns, no
     host sync (equal to the default path to ~1e-10 relative for every token whose kernel
     converges within them; :meth:`result` warns about any that did not).
 
+    With ``precision="float32"`` each ``m_t`` is the released estimator's (:func:`probes.hsic.nhsic`,
+    ≈ 6·d³ FLOPs per token, no host sync; ``kernel_rank`` unused).
+
     Paper: arXiv 2506.02867, section 3 (nHSIC, Tukey peaks); see the module docstring for the
     definitions and the deviations (float64 and a cheaper but equal formula, both in
-    :mod:`probes.hsic`; re-runs ignored).
+    :mod:`probes.hsic`; re-runs ignored). The released code's choices (ChnQ/MI-Peaks bcee82c)
+    are modes: to check a published series set all of ``peak_rule="top_k"`` (its notebook's 20
+    largest values), ``precision="float32"`` and ``ratio_steps="released_total_tokens"``.
 
     Args:
         site: where ``h_t`` and ``h_y`` are read (default the last block's output).
@@ -146,6 +174,11 @@ class MIEstimator(Probe):
         kernel_rank: columns of the token kernel's factor on the sync-free path.
         sync_free: force the sync-free path on (True) or off (False); None: on when a trigger
             reads the probe's signals.
+        peak_rule: ``"tukey"`` (the paper's text) or ``"top_k"`` (:data:`probes.peaks.PEAK_RULES`).
+        top_k: peaks per series with ``peak_rule="top_k"`` (the released notebook's 20).
+        precision: ``"float64"`` or ``"float32"``, the released estimator's precision, for checking
+            published series (:data:`probes.hsic.PRECISIONS`).
+        ratio_steps: ``PeakStats.ratio``'s denominator (:data:`probes.peaks.RATIO_STEPS`).
 
     The answer states and ``Ry`` are computed when the probe is bound (entering the trace), in
     one batched forward; every ``generate`` or ``run`` must then have ``len(answers)`` rows.
@@ -156,6 +189,15 @@ class MIEstimator(Probe):
         with surgery.trace(model, mi) as tr:
             out = tr.generate(["What is 7 * 8?", "3 + 5?"], max_new_tokens=128, chat=True)
         mi.result(out).stats[0].count
+
+    The released choices, as a study's TOML or the block registry keep them:
+
+    >>> from surgery.blocks import Block
+    >>> released = MIEstimator(answers=["56"], peak_rule="top_k", top_k=20, precision="float32",
+    ...                        ratio_steps="released_total_tokens")
+    >>> config = Block.from_dict(released.to_dict()).config
+    >>> config.peak_rule, config.top_k, config.precision, config.ratio_steps
+    ('top_k', 20, 'float32', 'released_total_tokens')
     """
 
     config_class = MIEstimatorConfig
@@ -163,6 +205,7 @@ class MIEstimator(Probe):
     def __init__(
         self, site: str = "resid_post.-1", answers: Sequence[str] | None = None, sigma: float = 50.0,
         epsilon: float = 1e-5, warmup: int = 16, kernel_rank: int = 64, sync_free: bool | None = None,
+        peak_rule: str = "tukey", top_k: int = 20, precision: str = "float64", ratio_steps: str = "values",
     ):
         if answers is not None:
             if isinstance(answers, str) or not all(isinstance(a, str) and a for a in answers):
@@ -173,9 +216,14 @@ class MIEstimator(Probe):
         for name, number in (("warmup", warmup), ("kernel_rank", kernel_rank)):
             if isinstance(number, bool) or not isinstance(number, int) or number < 1:
                 raise ValueError(f"{name} must be a positive integer, got {number!r}")
+        _check_peak_rule(peak_rule)
+        _check_k(top_k, "top_k")
+        _check_precision(precision)
+        _check_ratio_steps(ratio_steps)
         self.config = MIEstimatorConfig(site=site, answers=answers, sigma=float(sigma), epsilon=float(epsilon),
-                                        warmup=warmup, kernel_rank=kernel_rank, sync_free=sync_free)
-        self._ry: tuple[Tensor, Tensor] | None = None
+                                        warmup=warmup, kernel_rank=kernel_rank, sync_free=sync_free,
+                                        peak_rule=peak_rule, top_k=top_k, precision=precision, ratio_steps=ratio_steps)
+        self._ry: tuple[Tensor, Tensor] | Tensor | None = None  # precision="float32": Ry itself, as released
         self._answer_states: Tensor | None = None
         self._series: _RowSeries | None = None
 
@@ -197,7 +245,8 @@ class MIEstimator(Probe):
         if not self.config.answers:
             raise ValueError("MIEstimator needs the reference answers: MIEstimator(answers=[...]), one string per prompt")
         self._answer_states = self._last_token_states(model, site, list(self.config.answers))
-        self._ry = _answer_factors(self._answer_states, self.config.sigma, self.config.epsilon)
+        ry_of = _released_ratio_float32 if self.config.precision == "float32" else _answer_factors
+        self._ry = ry_of(self._answer_states, self.config.sigma, self.config.epsilon)
         self._site = site.canonical
         self.signal_board = SignalBoard(self.signals())
 
@@ -234,7 +283,10 @@ class MIEstimator(Probe):
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         # The last position of every forward emits the next token (prompts are left-padded).
         config = self.config
-        if self.sync_free:
+        if config.precision == "float32":  # as released, each row against its own Ry; exact in float64
+            mi = _nhsic_released_float32(value[:, -1], self._ry, config.sigma, config.epsilon).to(torch.float64)
+            converged = torch.ones_like(mi, dtype=torch.bool)
+        elif self.sync_free:
             rank = min(config.kernel_rank, value.shape[-1])
             mi, converged = nhsic_sync_free(value[:, -1], *self._ry, config.sigma, config.epsilon, rank)
         else:
@@ -245,7 +297,10 @@ class MIEstimator(Probe):
         valid = step.valid[:, -1]
         series = self._series
         if self.signals_read:  # nobody reads them: no sort of the history per step
-            fence = fence_so_far(series.values, series.count)
+            if config.peak_rule == "tukey":
+                fence = fence_so_far(series.values, series.count)
+            else:
+                fence = kth_largest_so_far(series.values, series.count, config.top_k)
             self.signal_board.publish("value", torch.where(valid, mi, torch.nan), step)
             self.signal_board.publish("fence", fence, step)
             self.signal_board.publish("peak", valid & (series.count >= config.warmup) & (mi > fence), step)
@@ -262,8 +317,11 @@ class MIEstimator(Probe):
             out: the run's :class:`~surgery.engine.GenerationOutput`; when given, it is checked
                 against the values (one per generated token of each row).
         """
+        config = self.config
+        described = dict(peak_rule=config.peak_rule, top_k=config.top_k if config.peak_rule == "top_k" else None,
+                         ratio_steps=config.ratio_steps, precision=config.precision)
         if self._series is None:
-            return MIResult([], [], [])
+            return MIResult([], [], [], **described)
         values, converged = self._series.rows()
         unconverged = sum(int((~c).sum()) for c in converged)
         if unconverged:
@@ -277,8 +335,11 @@ class MIEstimator(Probe):
                 f"out does not match this probe's last run: lengths {out.lengths}, "
                 f"recorded {[len(v) for v in values]} values per row"
             )
-        found = [tukey_peaks(v) for v in values]
-        return MIResult(values=values, peaks=[p for p, _ in found], stats=[s for _, s in found])
+        if config.peak_rule == "tukey":
+            found = [tukey_peaks(v, config.ratio_steps) for v in values]
+        else:
+            found = [top_k_peaks(v, config.top_k, config.ratio_steps) for v in values]
+        return MIResult(values=values, peaks=[p for p, _ in found], stats=[s for _, s in found], **described)
 
 
 class _RowSeries:

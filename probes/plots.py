@@ -6,8 +6,8 @@ or on a headless machine leaks nothing.
 
 - :func:`plot_trajectory`: one sample's reasoning steps as a path through its K-means clusters
   in 2-D (Topology of Reasoning, arXiv 2506.05744, §3; see :mod:`probes.reasoning_graph`).
-- :func:`plot_mi`: one row's per-token MI with its peaks and the Tukey fence (arXiv 2506.02867,
-  §3; see :mod:`probes.mi`); ``MIResult.plot`` calls it.
+- :func:`plot_mi`: one row's per-token MI with its peaks and, for Tukey peaks, the fence (arXiv
+  2506.02867, §3; see :mod:`probes.mi`); ``MIResult.plot`` calls it.
 - :func:`plot_thoughts`: thought counts per class and the thought states in 2-D (SEAL, arXiv
   2504.07986, §3; see :mod:`probes.thought_classifier`); ``ClassifiedThoughts.plot`` calls it.
 
@@ -131,7 +131,11 @@ def plot_trajectory(
 
 
 def plot_mi(result: MIResult, path, row: int = 0) -> None:
-    """Save a PNG of ``m_t`` over tokens for one row, peaks marked, with the Tukey fence.
+    """Save a PNG of ``m_t`` over tokens for one row, its peaks marked.
+
+    The peaks are the result's (``result.peak_rule``): with ``"tukey"`` the fence
+    ``Q3 + 1.5·IQR`` they are above is drawn too; with ``"top_k"`` (the released notebook's
+    rule) there is no fence, and the legend says ``top k values``.
 
     Args:
         result: what :class:`probes.mi.MIEstimator` measured.
@@ -143,14 +147,18 @@ def plot_mi(result: MIResult, path, row: int = 0) -> None:
         plot_mi(mi.result(out), "mi.png", row=0)     # the same as mi.result(out).plot("mi.png")
     """
     values, peaks = result.values[row], result.peaks[row]
-    q1, q3 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=values.dtype)).tolist()
+    rule = "" if result.peak_rule == "tukey" else f" (top {result.top_k})"
     with _figure(path, figsize=(8, 3), save_dpi=120) as (fig, ax):
-        ax.plot(range(len(values)), values.tolist(), lw=1, label="MI (nHSIC)")
-        ax.scatter(peaks.tolist(), values[peaks].tolist(), color="red", zorder=3, label="peaks")
-        ax.axhline(q3 + 1.5 * (q3 - q1), color="grey", ls="--", lw=0.8, label="Q3 + 1.5 IQR")
+        released = ", float32 as released" if result.precision == "float32" else ""
+        ax.plot(range(len(values)), values.tolist(), lw=1, label=f"MI (nHSIC{released})")
+        label = "peaks" if result.peak_rule == "tukey" else f"peaks (top {result.top_k} values)"
+        ax.scatter(peaks.tolist(), values[peaks].tolist(), color="red", zorder=3, label=label)
+        if result.peak_rule == "tukey":
+            q1, q3 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=values.dtype)).tolist()
+            ax.axhline(q3 + 1.5 * (q3 - q1), color="grey", ls="--", lw=0.8, label="Q3 + 1.5 IQR")
         ax.set_xlabel("generated token")
         ax.set_ylabel("MI with answer")
-        ax.set_title(f"row {row}: {len(peaks)} peaks / {len(values)} tokens")
+        ax.set_title(f"row {row}: {len(peaks)} peaks{rule} / {len(values)} tokens")
         ax.legend(loc="upper right", fontsize="small")
 
 

@@ -2,7 +2,9 @@
 
 References: the paper's nHSIC formula as a float64 numpy transcription (``reference_nhsic`` in
 conftest); hidden states from one uncached forward with a plain PyTorch hook on the last decoder
-layer.
+layer. The released code's modes (``peak_rule="top_k"``, ``precision="float32"``,
+``ratio_steps="released_total_tokens"``) against our transcriptions of the released rules
+(``tests/test_peaks.py``, ``released_nhsic_float32`` in ``tests/test_hsic.py``).
 """
 
 import json
@@ -14,8 +16,8 @@ from tolerance import assert_close
 
 import surgery
 from probes.mi import MIEstimator, MIResult
-from probes.peaks import tukey_peaks
-from surgery.blocks import block_class
+from probes.peaks import running_top_k_peaks, top_k_peaks, tukey_peaks
+from surgery.blocks import Block, block_class
 
 
 def _last_layer_states(model, ids: list[int]) -> torch.Tensor:
@@ -133,3 +135,144 @@ def test_smollm2_values_finite_and_equal_naive(smollm2):
         assert torch.isfinite(got.values[row]).all() and len(got.values[row]) == out.lengths[row]
         assert got.stats[row].count == len(got.peaks[row])
         assert_close(got.values[row], torch.tensor(want, dtype=torch.float64), rtol=1e-4)  # low-rank path vs the literal formula
+
+
+# ---- the released code's choices, as named modes (issue 20) ---------------------------------
+
+
+def test_peak_rule_top_k_takes_the_top_values_and_says_so(tiny_llama, tmp_path):
+    tukey = MIEstimator(answers=ANSWERS)
+    top = MIEstimator(answers=ANSWERS, peak_rule="top_k", top_k=3, ratio_steps="released_total_tokens")
+    with surgery.trace(tiny_llama, tukey, top) as tr:
+        out = tr.generate(PROMPTS, 12)
+    default, released = tukey.result(out), top.result(out)
+    described = (default.peak_rule, default.top_k, default.ratio_steps, default.precision)
+    assert described == ("tukey", None, "values", "float64")
+    assert (released.peak_rule, released.top_k, released.ratio_steps) == ("top_k", 3, "released_total_tokens")
+    for row, values in enumerate(default.values):
+        assert torch.equal(released.values[row], values)  # the rule changes the peaks, never the values
+        peaks, stats = top_k_peaks(values, 3, "released_total_tokens")
+        assert released.peaks[row].tolist() == peaks.tolist() and released.stats[row] == stats
+        assert released.stats[row].count == 3 and released.stats[row].ratio == 3 / (len(values) - 1)
+        assert default.peaks[row].tolist() == tukey_peaks(values)[0].tolist()
+    loaded = MIResult.load(released.save(tmp_path / "mi.safetensors"))
+    assert (loaded.peak_rule, loaded.top_k, loaded.ratio_steps) == ("top_k", 3, "released_total_tokens")
+    assert [p.tolist() for p in loaded.peaks] == [p.tolist() for p in released.peaks]
+
+
+def test_precision_float32_on_the_states_the_probe_saw_equals_the_released_computation(tiny):
+    """Fed the very states the probe saw (recorded beside it), our transcription of the released
+    float32 estimator gives the probe's values; a float64 probe beside it is unchanged.
+
+    Identical inputs matter: float32 nHSIC turns the float32 rounding between a cached, batched
+    run and one uncached forward (~1e-7 relative in the states) into ~1e-2 differences in m_t
+    (measured, up to 20 % relative on the tiny models), so it cannot be checked against states
+    recomputed another way.
+    """
+    from test_hsic import released_nhsic_float32
+
+    from probes.record import RecordSite
+
+    prompts, answers = PROMPTS[:2], ANSWERS[:2]
+    released = MIEstimator(answers=answers, precision="float32")
+    default = MIEstimator(answers=answers)
+    record = RecordSite("resid_post.-1")
+    with surgery.trace(tiny, released, default, record) as tr:
+        out = tr.generate(prompts, 6)
+    got = released.result(out)
+    assert got.precision == "float32"
+    # the answers as the probe ran them, in one batch (alone, their states differ by float32 rounding)
+    answer_states = MIEstimator._last_token_states(tiny, tiny.resolve_site("resid_post.-1"), answers)
+    for row, h_y in enumerate(answer_states):
+        positions, states = record.result().for_row(row)
+        emitting = states[positions >= out.prompt_lengths[row] - 1]  # the prompt's last position emits token 0
+        values = got.values[row]
+        assert len(emitting) == len(values) == out.lengths[row]
+        assert values.dtype == torch.float64 and torch.equal(values.float().double(), values)  # float32 numbers
+        want = torch.stack([released_nhsic_float32(h, h_y) for h in emitting]).double()
+        assert_close(values, want, precision=torch.float32)  # same ops in the same order
+        float64 = torch.tensor([reference_nhsic(h, h_y) for h in emitting], dtype=torch.float64)
+        assert_close(default.result(out).values[row], float64, rtol=1e-4)  # low-rank path vs the literal formula
+
+
+def test_closed_loop_top_k_fires_where_the_running_top_k_rule_says(tiny):
+    from interventions import RepresentationRecycling
+    from surgery.signals import OnSignal
+
+    k, warmup = 3, 2
+    mi = MIEstimator(answers=ANSWERS, peak_rule="top_k", top_k=k, warmup=warmup)
+    rr = RepresentationRecycling(layer=1, when=OnSignal(mi, "peak"))
+    with surgery.trace(tiny, rr, mi) as tr:
+        out = tr.generate(PROMPTS, 24, chat=True)
+    assert mi.sync_free
+    values = mi.result(out).values
+    fired = [[p - out.prompt_lengths[row] + 1 for p in positions] for row, positions in enumerate(rr.fired())]
+    assert any(fired)
+    for row in range(len(PROMPTS)):
+        assert fired[row] == running_top_k_peaks(values[row], k, warmup).tolist()
+        assert all(t >= max(k, warmup) for t in fired[row])
+
+
+def test_new_options_round_trip_and_refuse_bad_values():
+    released = MIEstimator(answers=ANSWERS, peak_rule="top_k", top_k=7, precision="float32",
+                           ratio_steps="released_total_tokens")
+    rebuilt = Block.from_dict(json.loads(json.dumps(released.to_dict())))
+    assert type(rebuilt) is MIEstimator and rebuilt.config == released.config
+    assert MIEstimator(answers=ANSWERS).config.peak_rule == "tukey"
+    assert (MIEstimator().config.precision, MIEstimator().config.ratio_steps, MIEstimator().config.top_k) == (
+        "float64", "values", 20)
+    bad = [
+        (dict(peak_rule="iqr"), r"peak_rule must be one of \('tukey', 'top_k'\)"),
+        (dict(peak_rule="top_k", top_k=0), "top_k must be a positive integer"),
+        (dict(top_k=True), "top_k must be a positive integer"),
+        (dict(precision="float16"), r"precision must be one of \('float64', 'float32'\)"),
+        (dict(ratio_steps="tokens"), "ratio_steps must be one of"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            MIEstimator(answers=ANSWERS, **kwargs)
+
+
+def test_new_options_in_a_study_table(tiny_llama):
+    import tomllib
+
+    from experiments.block_specs import parse_block
+    from experiments.config_checks import StudyConfigError
+
+    table = tomllib.loads('mi = { type = "mi_estimator", answers_from = "dataset", peak_rule = "top_k", top_k = 20, '
+                          'precision = "float32", ratio_steps = "released_total_tokens" }')["mi"]
+    spec = parse_block("probes.mi", table, ".", None, kind="probe")
+    block = spec.build(tiny_llama, answers=ANSWERS)
+    assert (block.config.peak_rule, block.config.top_k, block.config.precision, block.config.ratio_steps) == (
+        "top_k", 20, "float32", "released_total_tokens")
+    with pytest.raises(StudyConfigError, match="peak_rule must be one of"):
+        parse_block("probes.mi", {"type": "mi_estimator", "answers_from": "dataset", "peak_rule": "top20"}, ".", None,
+                    kind="probe")
+    with pytest.raises(StudyConfigError, match="expected an integer"):
+        parse_block("probes.mi", {"type": "mi_estimator", "answers_from": "dataset", "top_k": "20"}, ".", None,
+                    kind="probe")
+
+
+@pytest.mark.slow
+def test_smollm2_released_modes_equal_the_released_rules(smollm2):
+    """On real states (d = 576): float32 values equal the released transcription on the states the
+    probe saw, and the top-k peaks are the notebook's top 20 of them."""
+    from test_hsic import released_nhsic_float32
+    from test_peaks import notebook_top_k
+
+    from probes.record import RecordSite
+
+    prompts, answers = ["What is 7 * 8? Think step by step."], ["7 * 8 = 56. The answer is 56."]
+    probe = MIEstimator(answers=answers, precision="float32", peak_rule="top_k", ratio_steps="released_total_tokens")
+    record = RecordSite("resid_post.-1")
+    with surgery.trace(smollm2, probe, record) as tr:
+        out = tr.generate(prompts, 24, chat=True)
+    got = probe.result(out)
+    h_y = MIEstimator._last_token_states(smollm2, smollm2.resolve_site("resid_post.-1"), answers)[0]
+    positions, states = record.result().for_row(0)
+    emitting = states[positions >= out.prompt_lengths[0] - 1]
+    want = torch.stack([released_nhsic_float32(h, h_y) for h in emitting]).double()
+    assert_close(got.values[0], want, precision=torch.float32)  # same ops in the same order
+    assert got.peaks[0].tolist() == notebook_top_k(got.values[0], 20)
+    count = min(20, out.lengths[0])
+    assert got.stats[0].count == count and got.stats[0].ratio == count / (out.lengths[0] - 1)
