@@ -7,18 +7,32 @@ the separators of many reasoning traces. The steered keys and values land in the
 later tokens attend to them; there is no extra forward pass.
 
 Paper-compatible defaults: site ``resid_pre`` (input to block ``layer``), ``alpha=1``, trigger
-``OnTokens("\\n\\n") & InThink()`` (tokens whose text contains "\\n\\n", inside ``<think>``),
-no normalisation of ``S``. Deviations, all opt-in: any site kind, any trigger. For models that
-write a blank line as two "\\n" tokens (SmolLM2) pass ``when=OnText("\\n\\n")``; for models
-without think tokens drop ``InThink()``. :func:`seal_trigger_for` picks for a model: SEAL's
-trigger where it has think tokens, else every generated blank line, wherever its tokens split
-it, which is where extraction reads the states; it is what :meth:`~SteeringVector.from_thoughts`
-gives a vector unless told otherwise.
+``OnTokens("\\n\\n") & InThink() & FromPromptEnd()`` (tokens whose text contains "\\n\\n", inside
+``<think>``, and in the prefill only the last prompt position: separators a prompt already holds
+are left alone), no normalisation of ``S``. Deviations, all opt-in: any site kind, any trigger.
+For models without think tokens (SmolLM2, which also writes a blank line as two "\\n" tokens)
+:func:`seal_trigger_for` gives ``OnText("\\n\\n") & StepWindow(1)``: every generated blank line,
+wherever its tokens split it. Extraction reads its states where the vector's own trigger fires
+when each trace is replayed, so decode-time and extraction rules are one rule on every tokenizer.
+
+What the released code (VITA-Group/SEAL) does, as named modes (METHODS.md section 1):
+
+- its think flag: ``seal_trigger(released=True)`` (:class:`~surgery.triggers.SealThinkFlag`): set
+  after a prompt that holds a ``<think>`` anywhere (the paper's span is closed after an earlier
+  turn's ``</think>``), then by fed ``<think>`` / ``</think>``; the prefill rule is the same;
+- empty thoughts (a separator right after a separator) counted as execution thoughts:
+  ``from_thoughts(..., empty_thoughts="execution")`` (the paper: skipped);
+- float32 extraction and steering: load the model with ``dtype=torch.float32`` (bfloat16 moves
+  the vector by ~3% on SmolLM2); the vector from the first 500 correct and 500 incorrect MATH
+  *train* traces at layer 20 (``studies/replications/``);
+- it applies ``mean(R ∪ T) - mean(E)`` with coefficient -1: the same addition as ours with
+  ``alpha=+1``;
+- its misspelt "think differently" keyword never matches; ours does (:mod:`surgery.thoughts`).
 
 Extraction (:meth:`SteeringVector.from_thoughts`) runs each trace through the model once,
 labels its thoughts with :mod:`surgery.thoughts` (SEAL's keyword rules, the "think differently"
-typo fixed) and keeps one vector per thought (the state at the token that completes its
-opening "\\n\\n"), never every hidden state.
+typo fixed) and keeps one vector per thought (the state at its opening separator, where the
+trigger fires), never every hidden state.
 
 Example:
     >>> import torch
@@ -47,23 +61,43 @@ from surgery.blocks import register_block
 from surgery.sites import Site
 from surgery.thoughts import THOUGHT_CLASSES, thought_states
 from surgery.saving import load_blocks, save_blocks
-from surgery.triggers import InThink, OnText, OnTokens, StepWindow, Trigger
+from surgery.triggers import FromPromptEnd, InThink, OnText, OnTokens, SealThinkFlag, StepWindow, Trigger
 
 __all__ = ["SteeringVector", "SteeringVectorConfig", "seal_trigger", "seal_trigger_for"]
 
 
-def seal_trigger() -> Trigger:
-    """SEAL's trigger: the fed token contains "\\n\\n" and the row is inside ``<think>``."""
-    return OnTokens("\n\n") & InThink()
+def seal_trigger(released: bool = False) -> Trigger:
+    """SEAL's trigger: the fed token contains "\\n\\n", inside the think span, never before the
+    prompt's last token (:class:`~surgery.triggers.FromPromptEnd`: in the prefill only the last
+    prompt position can fire, METHODS.md section 1, as in the released code).
+
+    ``released=True`` swaps the paper's span (:class:`~surgery.triggers.InThink`) for the released
+    code's think flag (:class:`~surgery.triggers.SealThinkFlag`), which differs only after a prompt
+    that holds a closed ``<think>…</think>`` (the flag says inside, the span outside).
+
+    Example:
+        >>> seal_trigger()
+        And(left=And(left=OnTokens(strings=('\\n\\n',), ids=(), case_sensitive=True), right=InThink()), right=FromPromptEnd())
+    """
+    return OnTokens("\n\n") & (SealThinkFlag() if released else InThink()) & FromPromptEnd()
 
 
-def seal_trigger_for(model) -> Trigger:
+def seal_trigger_for(model, released: bool = False) -> Trigger:
     """SEAL's trigger for ``model``: :func:`seal_trigger` when it has ``<think>`` tokens; else
-    ``OnText("\\n\\n") & StepWindow(1)``: the whole completion is the reasoning (as
-    :func:`surgery.thoughts.thought_positions` reads it), so every generated token that completes a
-    blank line, even one written as two "\\n" tokens (prompt positions never fire)."""
+    ``OnText("\\n\\n") & StepWindow(1)``: the whole completion is the reasoning, so every
+    generated token that completes a blank line, even one written as two "\\n" tokens or one
+    that begins with the prompt's last "\\n" (prompt positions never fire). Extraction
+    (:meth:`SteeringVector.from_thoughts`) reads its states where this trigger fires, so
+    decode-time and extraction rules are the same rule on every tokenizer.
+
+    Raises:
+        ValueError: ``released=True`` for a model without ``<think>`` (the released code needs it).
+    """
     if model.think_token_ids != (None, None):
-        return seal_trigger()
+        return seal_trigger(released)
+    if released:
+        raise ValueError(f"the released SEAL trigger needs '<think>' tokens, and {model.name} has none: "
+                         "use seal_trigger_for(model) (every generated blank line)")
     return OnText("\n\n") & StepWindow(1)
 
 
@@ -148,15 +182,17 @@ class SteeringVector(ResidualAdd):
         chat: bool = False,
         batch_size: int = 8,
         progress: bool | None = None,
+        empty_thoughts: str = "skip",
         **options,
     ) -> SteeringVector:
         """Build SEAL's vector from reasoning traces: mean(execution) - mean(reflection ∪ transition).
 
-        Each completion is cut into thoughts by :func:`surgery.thoughts.split_thoughts`: a maximal
-        run of blank lines is one separator, so empty thoughts (the pieces between the newlines
-        of one run, e.g. "\\n\\n\\n\\n") are not thoughts and add no state; text before the first
-        separator is not a thought either. Each thought's state is read at the token that
-        completes its opening "\\n\\n".
+        Each completion is cut into thoughts where the vector's own trigger (``when``, default
+        :func:`seal_trigger_for` the model) fires when the trace is replayed
+        (:func:`surgery.thoughts.thought_positions`): the states are read exactly where the
+        vector will be added while decoding, on every tokenizer. Thought ``j`` is the text after
+        separator ``j`` up to the next one; text before the first separator is not a thought.
+        Each thought's state is read at its separator token.
 
         Args:
             model: the wrapped model.
@@ -167,6 +203,9 @@ class SteeringVector(ResidualAdd):
             chat: wrap prompts in the chat template (as they were when the traces were made).
             batch_size: traces per forward pass.
             progress: show a progress bar (default: when there are several batches).
+            empty_thoughts: an empty thought (a separator right after a separator): ``"skip"``
+                (the paper: no thought is empty) or ``"execution"`` (the released code counts it as
+                an execution thought).
             **options: passed to the constructor (``alpha``, ``when``; ``when`` defaults to
                 :func:`seal_trigger_for` the model).
 
@@ -180,7 +219,9 @@ class SteeringVector(ResidualAdd):
         if not traces:
             raise ValueError("from_thoughts needs at least one (prompt, completion) trace")
         resolved = model.resolve_site(f"{site}.{layer}")
-        states, labels = thought_states(model, traces, resolved, chat=chat, batch_size=batch_size, progress=progress)
+        options.setdefault("when", seal_trigger_for(model))
+        states, labels = thought_states(model, traces, resolved, chat=chat, batch_size=batch_size, progress=progress,
+                                        when=options["when"], empty_thoughts=empty_thoughts)
         counts = {label: labels.count(label) for label in THOUGHT_CLASSES}
         sums = {label: states[[i for i, seen in enumerate(labels) if seen == label]].double().sum(dim=0)
                 for label in THOUGHT_CLASSES}
@@ -200,7 +241,6 @@ class SteeringVector(ResidualAdd):
             "class_counts": counts,
             "n_traces": len(traces),
         }
-        options.setdefault("when", seal_trigger_for(model))
         return cls(vector, layer=resolved.layer, site=resolved.kind, metadata=metadata, **options)
 
     # ---- saving ----------------------------------------------------------------------------

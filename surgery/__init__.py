@@ -39,13 +39,15 @@ from surgery.signals import OnSignal
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.trace import Trace, trace
-from surgery.triggers import Always, And, InThink, Not, OnText, OnTokens, Or, StepWindow, Trigger
+from surgery.triggers import (Always, And, FromPromptEnd, InThink, Not, OnText, OnTokens, Or, SealThinkFlag, StepWindow,
+                              Trigger)
 
 __all__ = [
     "Always",
     "And",
     "Block",
     "EMBEDDED_MODEL",
+    "FromPromptEnd",
     "GenerationOutput",
     "InThink",
     "Intervention",
@@ -56,6 +58,7 @@ __all__ = [
     "OnTokens",
     "Or",
     "Probe",
+    "SealThinkFlag",
     "Site",
     "Step",
     "StepWindow",

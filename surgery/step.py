@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-__all__ = ["Step", "think_state"]
+__all__ = ["Step", "seal_think_flag", "think_state"]
 
 
 def think_state(
@@ -50,6 +50,31 @@ def think_state(
     return torch.where(last_event >= 0, last_was_open, before[:, None])
 
 
+def seal_think_flag(
+    token_ids: Int[Tensor, "batch pos"],
+    valid: Bool[Tensor, "batch pos"],
+    think_ids: tuple[int | None, int | None],
+) -> Bool[Tensor, " batch"]:
+    """SEAL's released think flag after a prompt: whether the row's prompt holds a ``<think>``.
+
+    The released SEAL code (VITA-Group/SEAL, as METHODS.md section 1 and issue 20 describe it)
+    keeps one flag per row: set by a fed ``<think>``, cleared by a fed ``</think>``, and in the
+    prefill only the last prompt position can be steered. Its prefill sets the flag when the
+    prompt holds a ``<think>`` anywhere, whatever follows it, so a prompt with an earlier turn's
+    closed ``<think>…</think>`` starts the completion *inside* (:func:`think_state` says outside).
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[7, 1, 8, 2], [1, 2, 3, 4]])
+        >>> seal_think_flag(ids, torch.ones(2, 4, dtype=torch.bool), (7, 8)).tolist()
+        [True, False]
+    """
+    open_id, _ = think_ids
+    if open_id is None:
+        return torch.zeros(token_ids.shape[0], dtype=torch.bool, device=token_ids.device)
+    return ((token_ids == open_id) & valid).any(dim=1)
+
+
 @dataclass(frozen=True)
 class Step:
     """What one forward pass feeds, per row and position (all tensors on the model's device).
@@ -62,6 +87,10 @@ class Step:
             stopped on (EOS, a stop string's last token) is not valid either: alone, the row
             never feeds it.
         in_think: inside a ``<think>`` span, ``[batch, pos]``.
+        seal_think: the released SEAL code's think flag, ``[batch, pos]``: at every prefill
+            position whether the row's prompt holds a ``<think>`` (:func:`seal_think_flag`), then
+            set by a fed ``<think>`` and cleared by a fed ``</think>``
+            (:class:`~surgery.triggers.SealThinkFlag` reads it).
         finished: rows that have stopped (on an earlier token or on the token fed now), ``[batch]``.
         text_hits: for each string the engine tracks, keyed ``(string, case_sensitive)`` (see
             :class:`~surgery.triggers.OnText`), whether an occurrence of it ends at each fed
@@ -85,6 +114,7 @@ class Step:
     positions: Int[Tensor, "batch pos"]
     valid: Bool[Tensor, "batch pos"]
     in_think: Bool[Tensor, "batch pos"]
+    seal_think: Bool[Tensor, "batch pos"]
     finished: Bool[Tensor, " batch"]
     text_hits: dict[tuple[str, bool], Tensor] = field(default_factory=dict)
     text_states: dict[tuple[str, bool], Tensor] = field(default_factory=dict, repr=False)
@@ -117,6 +147,7 @@ class Step:
                 positions=self.positions[:, -length:],
                 valid=self.valid[:, -length:],
                 in_think=self.in_think[:, -length:],
+                seal_think=self.seal_think[:, -length:],
                 finished=self.finished,
                 text_hits={text: hits[:, -length:] for text, hits in self.text_hits.items()},
                 text_states={text: states[:, -length:] for text, states in self.text_states.items()},
@@ -153,12 +184,59 @@ class Step:
             positions=positions,
             valid=valid,
             in_think=think_state(token_ids, valid, think_ids),
+            seal_think=seal_think_flag(token_ids, valid, think_ids)[:, None].expand_as(valid).clone(),
             finished=torch.zeros(token_ids.shape[0], dtype=torch.bool, device=token_ids.device),
             text_hits=text_hits,
             text_states=text_states,
             is_prefill=True,
             index_on_device=torch.zeros((), dtype=torch.long, device=token_ids.device),
             capacity=capacity,
+        )
+
+    @classmethod
+    def replay(
+        cls,
+        prompt_ids: Int[Tensor, " prompt"],
+        completion_ids: Int[Tensor, " completion"],
+        think_ids: tuple[int | None, int | None] = (None, None),
+        matchers: dict | None = None,
+    ) -> Step:
+        """One row's finished trace as the steps that made it, folded into one ``[1, pos]`` step.
+
+        Position ``p < len(prompt)`` is the prefill's (``index_on_device`` 0 there); completion
+        token ``k`` was fed by decode step ``k + 1`` (its index). Every field a trigger reads
+        (``in_think``, ``seal_think``, ``text_hits``, the step index) equals, position by
+        position, what the prefill and the decode steps held while generating, so a trigger
+        called on it says where it fired (:func:`surgery.thoughts.trigger_positions`).
+
+        Example:
+            >>> step = Step.replay(torch.tensor([5, 7]), torch.tensor([9, 8]), think_ids=(7, 8))
+            >>> step.in_think.tolist(), step.index_on_device.tolist()
+            ([[False, True, True, False]], [[0, 0, 1, 2]])
+        """
+        prompt, completion = prompt_ids.reshape(1, -1), completion_ids.reshape(1, -1)
+        token_ids = torch.cat([prompt, completion], dim=1)
+        valid = torch.ones_like(token_ids, dtype=torch.bool)
+        n_prompt, length = prompt.shape[1], token_ids.shape[1]
+        flag = seal_think_flag(prompt, valid[:, :n_prompt], think_ids)
+        seal_think = torch.cat([flag[:, None].expand_as(prompt),
+                                think_state(completion, valid[:, n_prompt:], think_ids, before=flag)], dim=1)
+        text_states, text_hits = {}, {}
+        for text, matcher in (matchers or {}).items():
+            text_states[text], text_hits[text] = matcher.scan(matcher.initial(1), token_ids, valid)
+        index = (torch.arange(length, device=token_ids.device) - n_prompt + 1).clamp(min=0)
+        return cls(
+            index=0,
+            token_ids=token_ids,
+            positions=torch.arange(length, device=token_ids.device)[None],
+            valid=valid,
+            in_think=think_state(token_ids, valid, think_ids),
+            seal_think=seal_think,
+            finished=torch.zeros(1, dtype=torch.bool, device=token_ids.device),
+            text_hits=text_hits,
+            text_states=text_states,
+            index_on_device=index[None],
+            capacity=completion.shape[1],
         )
 
     def next(
@@ -175,6 +253,7 @@ class Step:
             positions=self.positions[:, -1:] + 1,
             valid=valid,
             in_think=think_state(fed[:, None], valid, think_ids, before=self.in_think[:, -1]),
+            seal_think=think_state(fed[:, None], valid, think_ids, before=self.seal_think[:, -1]),
             finished=finished,
             text_hits=text_hits,
             text_states=text_states,

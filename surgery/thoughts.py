@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "EMPTY_THOUGHTS",
     "REFLECTION_KEYWORDS",
     "REFLECTION_PREFIXES",
     "THINK_CLOSE",
@@ -59,6 +60,7 @@ __all__ = [
     "split_thoughts",
     "thought_positions",
     "thought_states",
+    "trigger_positions",
 ]
 
 #: The tags around a reasoning span (the one definition: the model looks up their token ids).
@@ -223,15 +225,75 @@ def completion_prefix(model, prompt_ids: list[int]) -> str:
     return THINK_OPEN if open_id is not None and inside else ""
 
 
-def thought_positions(model, prompt_ids: list[int], completion_ids: list[int]) -> list[tuple[int, str]]:
+EMPTY_THOUGHTS = ("skip", "execution")
+"""What extraction does with an empty thought (a separator right after a separator): ``"skip"``
+(the paper's text: no thought is empty) or ``"execution"`` (the released SEAL code counts it as
+an "other", i.e. execution, thought)."""
+
+
+def trigger_positions(model, prompt_ids: list[int], completion_ids: list[int], when) -> list[int]:
+    """Where ``when`` fired while ``completion_ids`` were generated after ``prompt_ids``.
+
+    The trace is replayed as the steps that made it (:meth:`surgery.step.Step.replay`: the
+    prefill, then one decode step per completion token), so the answer is the decode-time one:
+    the same vocabulary masks, think flags, text automata and step windows. Positions count
+    prompt and completion together (0 is the first prompt token).
+
+    Raises:
+        ValueError: the trigger reads a probe's live signal (:class:`~surgery.signals.OnSignal`),
+            which a finished trace cannot replay.
+    """
+    from surgery.step import Step
+    from surgery.text_match import text_matchers
+
+    if when.signal_triggers():
+        raise ValueError("a trigger that reads a probe's signal (OnSignal) cannot be replayed over a finished trace: "
+                         "pass the trigger without it (e.g. seal_trigger_for(model))")
+    when.bind(model)
+    device = model.device
+    step = Step.replay(torch.tensor(prompt_ids, dtype=torch.long, device=device),
+                       torch.tensor(completion_ids, dtype=torch.long, device=device),
+                       model.think_token_ids, text_matchers(model, when.text_patterns()))
+    return when(step)[0].nonzero().flatten().tolist()
+
+
+def thought_positions(
+    model, prompt_ids: list[int], completion_ids: list[int], when=None, empty_thoughts: str = "skip"
+) -> list[tuple[int, str]]:
     """``(position, label)`` of each SEAL thought of a completion, positions in prompt + completion.
 
-    The position is the token that completes the thought's opening "\\n\\n"; labels follow
-    :func:`surgery.thoughts.split_thoughts`. The text is rebuilt from the tokens' own texts, so
-    character offsets map onto tokens exactly. When the prompt ends inside ``<think>`` (a
-    reasoning chat template), the completion is read as inside the think span.
+    Two rules for where a thought opens:
+
+    - ``when`` given (a trigger, e.g. the steering vector's own): at every position where that
+      trigger fires when the trace is replayed (:func:`trigger_positions`). This is what
+      :meth:`interventions.SteeringVector.from_thoughts` uses, so the states a vector is built
+      from are read exactly where that vector is added while decoding, on every tokenizer
+      (one "\\n\\n" token, two "\\n" tokens, a blank line that begins in the prompt).
+      Thought ``j`` is the text after separator ``j`` up to the next separator (cut at
+      ``</think>``); ``empty_thoughts`` (:data:`EMPTY_THOUGHTS`) says what an empty one is.
+    - ``when=None``: the text rule of :func:`split_thoughts` on the completion: the token that
+      completes each maximal newline run's second "\\n" (empty thoughts skipped). When the
+      prompt ends inside ``<think>`` (a reasoning chat template), the completion is read as
+      inside the think span.
+
+    The text is rebuilt from the tokens' own texts, so character offsets map onto tokens exactly.
     """
+    if empty_thoughts not in EMPTY_THOUGHTS:
+        raise ValueError(f"empty_thoughts must be one of {EMPTY_THOUGHTS}, got {empty_thoughts!r}")
     texts = model.vocabulary_texts
+    if when is not None:
+        row = list(prompt_ids) + list(completion_ids)
+        separators = trigger_positions(model, list(prompt_ids), list(completion_ids), when)
+        positions = []
+        for j, separator in enumerate(separators):
+            stop = separators[j + 1] if j + 1 < len(separators) else len(row)
+            opening = texts[row[separator]].rsplit("\n", 1)[-1]  # what the separator token holds after its newlines
+            body = (opening + "".join(texts[t] for t in row[separator + 1 : stop])).split(THINK_CLOSE)[0]
+            if body.strip():
+                positions.append((separator, classify_thought(body)))
+            elif empty_thoughts == "execution":
+                positions.append((separator, "execution"))
+        return positions
     prefix = completion_prefix(model, prompt_ids)
     ends, total = [], len(prefix)
     for token in completion_ids:
@@ -246,7 +308,8 @@ def thought_positions(model, prompt_ids: list[int], completion_ids: list[int]) -
     return positions
 
 
-def thought_states(model, traces, site, *, chat: bool = False, batch_size: int = 8, progress: bool | None = None):
+def thought_states(model, traces, site, *, chat: bool = False, batch_size: int = 8, progress: bool | None = None,
+                   when=None, empty_thoughts: str = "skip"):
     """Every thought of ``traces`` with its state: ``(states [n, d_model], labels)``.
 
     Each ``(prompt, completion)`` trace (completion as text or as the generated token ids) is
@@ -262,6 +325,9 @@ def thought_states(model, traces, site, *, chat: bool = False, batch_size: int =
         chat: wrap prompts in the chat template (as they were when the traces were made).
         batch_size: traces per forward pass.
         progress: a progress bar (default: when there are several batches).
+        when: read the states where this trigger fires on each trace (:func:`thought_positions`);
+            None: the text rule of :func:`split_thoughts`.
+        empty_thoughts: ``"skip"`` or ``"execution"`` (:data:`EMPTY_THOUGHTS`; with ``when`` only).
 
     Returns:
         States in the model's dtype, on its device, and one label per state
@@ -284,7 +350,7 @@ def thought_states(model, traces, site, *, chat: bool = False, batch_size: int =
             prompt_row = prompt_ids[0][attention[0].bool()].tolist()
             completion_row = (model.tokenizer(completion, add_special_tokens=False)["input_ids"]
                               if isinstance(completion, str) else [int(token) for token in completion])
-            found = thought_positions(model, prompt_row, completion_row)
+            found = thought_positions(model, prompt_row, completion_row, when, empty_thoughts)
             rows.append(prompt_row + completion_row)
             positions.append([p for p, _ in found])
             labels.extend(label for _, label in found)

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from surgery.step import Step
 
-__all__ = ["Always", "And", "InThink", "Not", "OnText", "OnTokens", "Or", "StepWindow", "Trigger"]
+__all__ = ["Always", "And", "FromPromptEnd", "InThink", "Not", "OnText", "OnTokens", "Or", "SealThinkFlag", "StepWindow",
+           "Trigger"]
 
 
 class Trigger:
@@ -208,6 +209,57 @@ class InThink(Trigger):
 
     def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
         return step.in_think
+
+
+@dataclass(frozen=True)
+class SealThinkFlag(Trigger):
+    """Fires where the released SEAL code's think flag is set (:attr:`~surgery.step.Step.seal_think`).
+
+    The flag of VITA-Group/SEAL (METHODS.md section 1, "What the released code does"): after
+    the prefill it is set when the row's prompt holds a ``<think>`` anywhere (an earlier turn's
+    closed ``<think>…</think>`` included, where :class:`InThink` says outside), then a fed
+    ``<think>`` sets it and a fed ``</think>`` clears it. With a prompt that holds no think tag,
+    or one whose last tag is an open ``<think>``, the two agree. Use it to reproduce the released
+    code (:func:`interventions.seal_trigger` with ``released=True``); :class:`InThink` is the
+    paper's span and the default.
+    """
+
+    kind: ClassVar[str] = "seal_think_flag"
+
+    def bind(self, model) -> SealThinkFlag:
+        if model.think_token_ids[0] is None:
+            raise ValueError(
+                f"SealThinkFlag needs a '<think>' token, and {model.name}'s vocabulary has none: it would "
+                "never fire. Drop it from the trigger for this model."
+            )
+        return self
+
+    def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
+        return step.seal_think
+
+
+@dataclass(frozen=True)
+class FromPromptEnd(Trigger):
+    """Fires at each row's last prompt token and at every token fed after it.
+
+    In the prefill only the last prompt position passes (SEAL, METHODS.md section 1: "in prefill
+    only the last prompt position can fire"; the released code steers only there); in every
+    decode step the fed token passes. ``OnTokens("\\n\\n") & FromPromptEnd()`` leaves the
+    separators inside a prompt alone (a prompt that already holds part of a reasoning trace).
+
+    Example:
+        >>> import torch
+        >>> prefill = Step.prefill(torch.tensor([[4, 5, 6]]), torch.ones(1, 3, dtype=torch.long))
+        >>> FromPromptEnd()(prefill).tolist()
+        [[False, False, True]]
+    """
+
+    kind: ClassVar[str] = "from_prompt_end"
+
+    def mask(self, step: Step) -> Bool[Tensor, "batch pos"]:
+        index = step.index_on_device.expand(step.valid.shape)
+        following = torch.cat([index[:, 1:], torch.ones_like(index[:, :1])], dim=1)  # the next position's step
+        return (index > 0) | (following > 0)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -149,6 +150,58 @@ def smollm2() -> surgery.Model:
     return surgery.load()
 
 
+#: The real DeepSeek-R1-Distill-Qwen tokenizer and chat template (../shared beside the clone).
+R1_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "r1-distill-qwen-tokenizer"
+R1_VOCAB_SIZE = 151936  # the real 1.5B's embedding rows (the tokenizer has 151,665 entries)
+#: Texts whose tokens a tiny R1 model emits (their unembedding rows are kept, every other row is
+#: zeroed): the separators, the think tags and a few words of a reflection, so greedy decoding
+#: writes think spans, blank lines and thoughts of every class.
+R1_FOCUS = ("\n\n", ".\n\n", "\n\n\n", ":\n\n", "\n", "<think>", "</think>", "Wait", ",", " let", " me", " check",
+            "So", " the", " answer", " is", " 5", ".", "Alternatively", " another", " way")
+
+
+@pytest.fixture(scope="session")
+def r1_tokenizer():
+    """The real R1-Distill-Qwen tokenizer (a few seconds)."""
+    return AutoTokenizer.from_pretrained(R1_TOKENIZER)
+
+
+def tiny_r1_model(r1_tokenizer, seed: int = 0, focus: bool = True) -> surgery.Model:
+    """A tiny random Qwen2 of the real R1-Distill-Qwen-1.5B vocabulary width, with its tokenizer.
+
+    With ``focus`` only the unembedding rows of :data:`R1_FOCUS`'s tokens are kept (scaled up),
+    so its greedy text is made of separators, think tags and thought words rather than random
+    pieces of the whole vocabulary (``focus=False``: plain random weights).
+    """
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=R1_VOCAB_SIZE, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=r1_tokenizer.bos_token_id, eos_token_id=r1_tokenizer.eos_token_id,
+                         pad_token_id=r1_tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2)
+    module = Qwen2ForCausalLM(config)
+    module.generation_config.pad_token_id = r1_tokenizer.pad_token_id
+    if focus:
+        ids = sorted({i for text in R1_FOCUS for i in r1_tokenizer(text, add_special_tokens=False)["input_ids"]})
+        with torch.no_grad():
+            rows = module.get_output_embeddings().weight
+            kept = rows[ids] * 4
+            rows.zero_()
+            rows[ids] = kept
+    return surgery.wrap(module, r1_tokenizer, name="tiny-r1-distill-qwen")
+
+
+@pytest.fixture(scope="session")
+def tiny_r1(r1_tokenizer) -> surgery.Model:
+    """A tiny random Qwen2 with the real R1-Distill-Qwen tokenizer (:func:`tiny_r1_model`)."""
+    return tiny_r1_model(r1_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_r1_plain(r1_tokenizer) -> surgery.Model:
+    """The same with plain random weights (``focus=False``)."""
+    return tiny_r1_model(r1_tokenizer, focus=False)
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 PROMPTS = [
@@ -195,10 +248,11 @@ def occurrences_ending_at_each_token(texts, tokens, pattern):
     return [(c - p) > 0 for p, c in zip([0] + counts[:-1], counts)]
 
 
-def separator_positions(model, prompts, out, chat=True):
+def separator_positions(model, prompts, out, chat=True, from_prompt_end=False):
     """Reference: position ids of the fed tokens containing "\\n\\n" inside <think>, per row.
 
     Fed tokens are the prompt and every generated token but the last (which is never fed).
+    ``from_prompt_end``: only the last prompt token and what follows it (SEAL's prefill rule).
     """
     open_id, close_id = model.think_token_ids
     texts = model.vocabulary_texts
@@ -212,7 +266,7 @@ def separator_positions(model, prompts, out, chat=True):
                 inside = True
             elif token == close_id:
                 inside = False
-            if inside and "\n\n" in texts[token]:
+            if inside and "\n\n" in texts[token] and (not from_prompt_end or position >= len(ids[0]) - 1):
                 hits.append(position)
         rows.append(hits)
     return rows

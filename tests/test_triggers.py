@@ -6,7 +6,7 @@ from conftest import PROMPTS
 
 import surgery
 from surgery.step import Step
-from surgery.triggers import Always, And, InThink, Not, OnTokens, Or, StepWindow, Trigger
+from surgery.triggers import Always, And, FromPromptEnd, InThink, Not, OnTokens, Or, SealThinkFlag, StepWindow, Trigger
 
 
 def prefill_step(model, texts, chat=False):
@@ -110,3 +110,68 @@ def test_a_row_fires_at_the_same_positions_alone_as_in_a_batch(tiny):
     for i, prompt in enumerate(PROMPTS):
         alone, _ = fired([prompt])
         assert alone[0] == batched[i]
+
+
+# ---- the real DeepSeek-R1-Distill-Qwen tokenizer ------------------------------------------------
+
+def test_r1_separators_are_the_565_vocabulary_tokens_holding_a_blank_line(tiny_r1, r1_tokenizer):
+    assert r1_tokenizer(".\n\n", add_special_tokens=False)["input_ids"] == [382]
+    assert r1_tokenizer("\n\n", add_special_tokens=False)["input_ids"] == [271]
+    assert tiny_r1.think_token_ids == (151648, 151649)
+    vocabulary = OnTokens("\n\n").bind(tiny_r1)._vocabulary
+    assert int(vocabulary.sum()) == 565  # as the released SEAL code counts them on Qwen2.5's tokenizer
+    assert all(vocabulary[i] for i in (271, 382, 1406)) and not vocabulary[198]  # "\n" alone is not one
+
+
+def released_seal_flag(prompt_ids, fed_ids, think_ids):
+    """Transcription of the released SEAL think flag, per fed position: set by any <think> of the
+    prompt, then by a fed <think>, cleared by a fed </think> (METHODS.md section 1)."""
+    open_id, close_id = think_ids
+    flag = open_id in prompt_ids
+    flags = [flag] * len(prompt_ids)
+    for token in fed_ids:
+        flag = True if token == open_id else False if token == close_id else flag
+        flags.append(flag)
+    return flags
+
+
+@pytest.mark.parametrize("tail", [
+    "<think>\nLet me see.\n\nFirst, 2 + 3 = 5.\n\n",                      # an open span
+    "<think>\nOld.\n\nDone.</think>\n\nThe answer is 5.\n\n",               # an earlier, closed span
+    "No tags at all.\n\n",
+])
+def test_seal_think_flag_and_in_think_against_their_rules_on_r1_prompts(tiny_r1, r1_tokenizer, tail):
+    head = r1_tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                            add_generation_prompt=True)
+    prompt = r1_tokenizer(head + tail, add_special_tokens=False)["input_ids"]
+    completion = r1_tokenizer("Wait, check.\n\n</think>\n\nSo 5.\n\n<think>\nAgain.\n\n", add_special_tokens=False)["input_ids"]
+    step = Step.replay(torch.tensor(prompt), torch.tensor(completion), tiny_r1.think_token_ids)
+    assert step.seal_think[0].tolist() == released_seal_flag(prompt, completion, tiny_r1.think_token_ids)
+    inside, span = False, []
+    for token in prompt + completion:  # the paper's span: the last tag seen decides
+        inside = True if token == 151648 else False if token == 151649 else inside
+        span.append(inside)
+    assert step.in_think[0].tolist() == span
+    closed = "</think>" in tail
+    assert (step.seal_think[0, len(prompt) - 1] != step.in_think[0, len(prompt) - 1]) == closed
+
+
+def test_from_prompt_end_passes_the_last_prompt_token_and_every_decode_position(tiny_r1, r1_tokenizer):
+    ids = r1_tokenizer(["a.\n\nb.\n\n", "c.\n\n"], add_special_tokens=False, padding=True,
+                       return_tensors="pt", padding_side="left")
+    prefill = Step.prefill(ids["input_ids"], ids["attention_mask"], tiny_r1.think_token_ids)
+    fired = (OnTokens("\n\n").bind(tiny_r1) & FromPromptEnd())(prefill)
+    assert fired.tolist() == [[False, False, False, True], [False, False, False, True]]
+    decode = prefill.next(torch.tensor([382, 271]), torch.zeros(2, dtype=torch.bool), tiny_r1.think_token_ids)
+    assert FromPromptEnd()(decode).tolist() == [[True], [True]]
+    assert Trigger.from_dict(FromPromptEnd().to_dict()) == FromPromptEnd()
+    assert Trigger.from_dict(SealThinkFlag().to_dict()) == SealThinkFlag()
+
+
+def test_seal_think_flag_needs_a_think_token(tokenizer):
+    from conftest import tiny_model
+
+    model = tiny_model("llama", tokenizer)
+    model.__dict__["think_token_ids"] = (None, None)  # as for a vocabulary without them
+    with pytest.raises(ValueError, match="needs a '<think>' token"):
+        SealThinkFlag().bind(model)
