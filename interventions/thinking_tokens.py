@@ -18,6 +18,14 @@ Paper-compatible: ``max_insertions=1`` (the released code inserts once) with ``f
 set to the first pass's length. ``max_insertions > 1`` re-inserts each time the model would
 stop while budget remains (the natural generalisation). ``budget=0`` changes nothing.
 
+``joins="released"`` asks for the authors' released procedure instead (ChnQ/MI-Peaks
+``TTTS_evaluate.py``): three ``generate`` passes joined as text, the word appended after the
+whole first output (never at ``</think>``), only the answer pass graded. It cannot run inside
+one decode: :func:`interventions.released_ttts.trace_generate` runs it for a trace that holds
+such a block (``tr.generate`` refuses it), and :func:`interventions.released_ttts.released_ttts`
+runs it directly; that module states every released detail. :meth:`ThinkingTokenInsertion.released`
+builds the block with the released settings.
+
 Example:
     >>> tts = ThinkingTokenInsertion(words=(" Wait",), budget=128, answer_prompt=" Final Answer:")
     >>> tts.config.max_insertions, tts.config.answer_tokens
@@ -27,6 +35,8 @@ Example:
     ...     out = tr.generate(["What is 7 * 8?"], max_new_tokens=256, chat=True)
     >>> tts.insertions()                                                  # doctest: +SKIP
     [[23]]
+    >>> ThinkingTokenInsertion.released("Wait").config.joins   # a study condition of the released run
+    'released'
 """
 
 from __future__ import annotations
@@ -38,9 +48,13 @@ from torch import Tensor
 
 from surgery.blocks import Intervention, per_row, register_block
 
-__all__ = ["ThinkingTokenInsertion", "ThinkingTokenInsertionConfig"]
+__all__ = ["JOINS", "ThinkingTokenInsertion", "ThinkingTokenInsertionConfig"]
 
 NORMAL, EXTENDED, ANSWERING = 0, 1, 2
+
+#: The ways the word joins the output: forced tokens in one decode (the paper's rule, default),
+#: or the released code's three text-joined passes (:mod:`interventions.released_ttts`).
+JOINS = ("tokens", "released")
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,9 @@ class ThinkingTokenInsertionConfig:
     answer_prompt: str | None = field(default=None, metadata={"help": "forced when the budget runs out"})
     answer_tokens: int = field(default=16, metadata={"help": "tokens generated after the answer prompt"})
     first_budget: int | None = field(default=None, metadata={"help": "treat reaching this many tokens as a stop"})
+    joins: str = field(default="tokens", metadata={
+        "help": '"tokens": force the word where the row would stop, in one decode; "released": the authors\' '
+                "three text-joined passes (interventions.released_ttts; first_budget then defaults to max_new_tokens)"})
 
 
 def _tokens(model, text: str, what: str) -> list[int]:
@@ -75,7 +92,17 @@ class ThinkingTokenInsertion(Intervention):
         max_insertions: insertions per row (>= 0).
         answer_prompt: text forced when the budget runs out, or None.
         answer_tokens: tokens generated after the answer prompt before the row stops (> 0).
-        first_budget: if set, a row reaching this many generated tokens counts as stopping.
+        first_budget: if set, a row reaching this many generated tokens counts as stopping
+            (``joins="released"``: the first pass's budget, B₀; None uses the run's
+            ``max_new_tokens``).
+        joins: ``"tokens"`` (default): the rule above, in the decode loop. ``"released"``: the
+            released code's procedure, run by :func:`interventions.released_ttts.trace_generate`
+            (one word, written as in the released word list, e.g. ``"Wait"``: the join adds the
+            space; ``max_insertions`` 1; ``answer_prompt`` required; ``budget`` is the second
+            pass's budget B, 0 skipping it).
+
+    Raises:
+        ValueError: a setting out of range, or one ``joins="released"`` cannot honour.
     """
 
     graph_safe = True  # see surgery.blocks.Block.graph_safe
@@ -98,6 +125,7 @@ class ThinkingTokenInsertion(Intervention):
         answer_prompt: str | None = None,
         answer_tokens: int = 16,
         first_budget: int | None = None,
+        joins: str = "tokens",
     ):
         words = (words,) if isinstance(words, str) else tuple(words)
         if not words or any(not isinstance(w, str) or not w for w in words):
@@ -109,13 +137,41 @@ class ThinkingTokenInsertion(Intervention):
             raise ValueError(f"first_budget must be a positive integer or None, got {first_budget!r}")
         if answer_prompt is not None and (not isinstance(answer_prompt, str) or not answer_prompt):
             raise ValueError(f"answer_prompt must be a non-empty string or None, got {answer_prompt!r}")
-        self.config = ThinkingTokenInsertionConfig(words, budget, max_insertions, answer_prompt, answer_tokens, first_budget)
+        if joins not in JOINS:
+            raise ValueError(f"joins must be one of {JOINS}, got {joins!r}")
+        if joins == "released":
+            if len(words) != 1 or max_insertions != 1 or answer_prompt is None:
+                raise ValueError(
+                    "joins='released' runs the released code's procedure: one word per run (make one condition per "
+                    "word), max_insertions=1 and an answer_prompt (released: ' Final Answer within \\boxed{}:'); got "
+                    f"words={words!r}, max_insertions={max_insertions}, answer_prompt={answer_prompt!r}"
+                )
+        self.config = ThinkingTokenInsertionConfig(words, budget, max_insertions, answer_prompt, answer_tokens,
+                                                   first_budget, joins)
         self._records: list[tuple[int, Tensor]] = []
+        self._released_insertions: list[list[int]] = []
+        self._in_passes = False  # set by interventions.released_ttts while it runs the released passes
+
+    @classmethod
+    def released(cls, word: str = "Wait", first_budget: int | None = 4096, budget: int = 4096,
+                 answer_prompt: str = " Final Answer within \\boxed{}:",
+                 answer_tokens: int = 16) -> ThinkingTokenInsertion:
+        """The block with the released run's settings (run_TTTS.sh: B₀ = B = 4096; TTTS_evaluate.py:
+        the answer prompt and its 16 tokens), ``joins="released"``.
+
+        Example:
+            >>> ThinkingTokenInsertion.released("Hmm").config.words
+            ('Hmm',)
+        """
+        return cls(words=(word,), budget=budget, answer_prompt=answer_prompt, answer_tokens=answer_tokens,
+                   first_budget=first_budget, joins="released")
 
     def sites(self) -> tuple[str, ...]:
         return ()
 
     def bind(self, model) -> None:
+        if self.config.joins == "released":  # text joins: nothing to encode ahead
+            return
         encoded = [_tokens(model, w, "the word") for w in self.config.words]
         answer = _tokens(model, self.config.answer_prompt, "the answer prompt") if self.config.answer_prompt else []
         width = max(max(map(len, encoded)), len(answer), 1)
@@ -131,6 +187,8 @@ class ThinkingTokenInsertion(Intervention):
         self._width = width
 
     def reset(self, batch_size: int) -> None:
+        if self.config.joins == "released":
+            return
         device = self._words.device
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._queue = torch.zeros(batch_size, self._width, dtype=torch.long, device=device)
@@ -147,6 +205,13 @@ class ThinkingTokenInsertion(Intervention):
 
     def choose(self, choice) -> None:
         config = self.config
+        if config.joins == "released":
+            if self._in_passes:  # the released passes are plain generations: the block only records
+                return
+            raise ValueError(
+                "ThinkingTokenInsertion(joins='released') runs as three text-joined generate passes, not inside "
+                "tr.generate: call interventions.released_ttts.trace_generate(tr, prompts, max_new_tokens, ...) instead"
+            )
         active = ~choice.finished
         # 1. keep forcing the words or answer prompt already queued
         pending = active & (self._queue_position < self._queue_length)
@@ -188,5 +253,8 @@ class ThinkingTokenInsertion(Intervention):
             choice.forced_stop = choice.forced_stop | (active & (self._phase == EXTENDED) & (self._extra >= config.budget))
 
     def insertions(self) -> list[list[int]]:
-        """Per row of the last run, the generated-token indices where a thinking word starts."""
+        """Per row of the last run, the generated-token indices where a thinking word starts
+        (``joins="released"``: the first pass's token count, its stop token excluded)."""
+        if self.config.joins == "released":
+            return [list(row) for row in self._released_insertions]
         return per_row(self._records)

@@ -1,5 +1,7 @@
 """RepresentationRecycling: the cached re-run against a slow, obvious full-sequence reference."""
 
+import json
+
 import pytest
 import torch
 from conftest import PROMPTS, frequent_words
@@ -133,3 +135,216 @@ def test_probes_see_each_recycled_position_once(tiny):
     pairs = list(zip(found.rows.tolist(), found.positions.tolist()))
     assert len(pairs) == len(set(pairs))  # no position recorded twice
     assert len(pairs) == sum(out.prompt_lengths) + sum(n - 1 for n in out.lengths)
+
+
+# ---- the released coin and trigger ids (ChnQ/MI-Peaks RR_model.py, RR_evaluate.py) ---------------------------
+
+class CountingRandom:
+    """Python's ``random.Random`` that counts its draws."""
+
+    def __init__(self, seed):
+        import random
+
+        self.stream, self.draws = random.Random(seed), 0
+
+    def random(self):
+        self.draws += 1
+        return self.stream.random()
+
+
+def released_rr_reference(model, prompts, layer, trigger_ids, n, eos, rng, probability=0.5, lockstep=False):
+    """The released RR loop, transcribed in our words, one prompt at a time on the HF model.
+
+    Per step: a forward on the fed tokens with the cache, block ``layer``'s output kept; the
+    argmax is the candidate; an EOS candidate ends the row (no draw); a trigger candidate draws
+    ``rng.random() < probability`` (only then: the ``and`` short-circuits) and, when it wins,
+    the step is run again from the cache as it was before it, with block ``layer``'s input at
+    the last position replaced by the output kept, and the new argmax is emitted (the recycled
+    cache is kept). ``lockstep``: rows take turns step by step (the order our batch draws in)
+    instead of each row running to its end before the next starts (the released order).
+    Returns per row (tokens, the EOS left out; recycled position ids).
+    """
+    from transformers import DynamicCache
+
+    block = model.architecture.block_list(model.module)[layer]
+    state = {"keep": True, "swap": False, "kept": None}
+
+    def keep_output(module, args, output):
+        if state["keep"]:
+            state["kept"] = (output[0] if isinstance(output, tuple) else output).clone()
+
+    def swap_input(module, args, kwargs):
+        if not state["swap"]:
+            return None
+        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        hidden[:, -1:] = state["kept"][:, -1:]
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    rows = []
+    for prompt in prompts:
+        ids, _ = surgery.encode_prompts(model, [prompt], chat=True)
+        rows.append({"fed": ids, "cache": DynamicCache(), "tokens": [], "recycled": [], "done": False,
+                     "position": ids.shape[1] - 1})
+
+    def step(row):
+        before = row["cache"].get_seq_length()
+        logits = model.module(input_ids=row["fed"], past_key_values=row["cache"], use_cache=True).logits[0, -1]
+        token = int(logits.argmax())
+        if token in eos:
+            row["done"] = True
+            return
+        if token in trigger_ids and rng.random() < probability:
+            # the cache as it was before this step (transformers 4.46 handed the released code a copy)
+            row["cache"].crop(before - row["cache"].get_seq_length())
+            state["keep"], state["swap"] = False, True
+            try:
+                logits = model.module(input_ids=row["fed"], past_key_values=row["cache"], use_cache=True).logits[0, -1]
+            finally:
+                state["keep"], state["swap"] = True, False
+            token = int(logits.argmax())
+            row["recycled"].append(row["position"])
+        row["tokens"].append(token)
+        row["fed"] = torch.tensor([[token]])
+        row["position"] += 1
+        row["done"] = len(row["tokens"]) == n
+
+    handles = [block.register_forward_hook(keep_output), block.register_forward_pre_hook(swap_input, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            if lockstep:
+                for _ in range(n):
+                    for row in rows:
+                        if not row["done"]:
+                            step(row)
+            else:
+                for row in rows:
+                    while not row["done"]:
+                        step(row)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(row["tokens"], row["recycled"]) for row in rows]
+
+
+def assert_rows_equal(out, fired, expected, eos):
+    for i, (tokens, recycled) in enumerate(expected):
+        ours = out.token_ids[i]
+        assert ours == (tokens + [ours[-1]] if out.stop_reasons[i] == "eos" else tokens), i
+        assert out.stop_reasons[i] != "eos" or ours[-1] in eos
+        assert fired[i] == recycled, i
+
+
+def released_setup(model):
+    from interventions.recycling import trigger_ids_for_words
+
+    ids = trigger_ids_for_words(model, frequent_words(model, 6))
+    plain = surgery.generate(model, PROMPTS, 16, chat=True).token_ids
+    eos = [next(t for t in plain[1][2:] if t not in plain[0] and t not in ids)]  # ends some rows early, not all
+    return ids, eos
+
+
+def test_released_coin_one_prompt_at_a_time_equals_the_released_loop(tiny):
+    ids, eos = released_setup(tiny)
+    rr = RepresentationRecycling(layer=1, trigger_ids=ids, probability=0.5, coin="released", seed=0)
+    outs, fired = [], []
+    for prompt in PROMPTS:  # one block, the prompts in order: the stream goes on across runs
+        with surgery.trace(tiny, rr) as tr:
+            outs.append(tr.generate([prompt], 16, chat=True, eos_token_ids=eos))
+        fired.append(rr.fired()[0])
+    rng = CountingRandom(0)
+    expected = released_rr_reference(tiny, PROMPTS, 1, set(ids), 16, eos, rng)
+    for out, row_fired, row in zip(outs, fired, expected):
+        assert_rows_equal(out, [row_fired], [row], eos)
+    assert rr.coin_draws == rng.draws > sum(map(len, fired)) > 0  # some triggers drew and lost
+    assert any(o.stop_reasons[0] == "eos" for o in outs)
+    rr.restart_coin(3)  # going on from 3 draws: the stream a fresh process would have after them
+    twin = CountingRandom(0)
+    [twin.random() for _ in range(3)]
+    assert rr._stream.random() == twin.random() and rr.coin_draws == 3
+
+
+def test_released_coin_in_a_batch_draws_step_by_step_in_row_order(tiny):
+    ids, eos = released_setup(tiny)
+    prompts = [*PROMPTS, *PROMPTS]  # twins draw at the same steps, so the order within a step shows
+    rr = RepresentationRecycling(layer=-1, trigger_ids=ids, probability=0.5, coin="released", seed=1)
+    with surgery.trace(tiny, rr) as tr:
+        out = tr.generate(prompts, 16, chat=True, eos_token_ids=eos)
+    rng = CountingRandom(1)
+    expected = released_rr_reference(tiny, prompts, tiny.n_layers - 1, set(ids), 16, eos, rng, lockstep=True)
+    assert_rows_equal(out, rr.fired(), expected, eos)
+    assert rr.coin_draws == rng.draws > sum(map(len, rr.fired())) > 0
+    assert len(set(out.lengths)) > 1  # rows end at different steps: finished rows draw no more
+    assert any(rr.fired()[i] != rr.fired()[i + len(PROMPTS)] for i in range(len(PROMPTS)))  # twins drew apart
+
+
+def test_released_coin_that_always_wins_is_the_plain_rule(tiny_llama):
+    ids, eos = released_setup(tiny_llama)
+
+    def go(**options):
+        rr = RepresentationRecycling(layer=1, trigger_ids=ids, **options)
+        with surgery.trace(tiny_llama, rr) as tr:
+            return tr.generate(PROMPTS, 12, chat=True, eos_token_ids=eos).token_ids, rr.fired()
+
+    plain = go()
+    assert go(coin="released", probability=1.0) == plain and sum(map(len, plain[1])) > 0
+    words = RepresentationRecycling(layer=1, trigger_words=frequent_words(tiny_llama, 6))
+    with surgery.trace(tiny_llama, words) as tr:  # the ids of the words are the words' rule
+        assert tr.generate(PROMPTS, 12, chat=True, eos_token_ids=eos).token_ids == plain[0]
+
+
+def test_released_trigger_ids():
+    from interventions.recycling import RELEASED_LLAMA8B_TRIGGER_IDS, RELEASED_LLAMA8B_TRIGGERS, released_trigger_ids
+
+    records = [{"word": w, "token_ids": list(i)} for w, i in RELEASED_LLAMA8B_TRIGGERS]
+    # the released file interleaves non-words (" ", "\n\n", "\\"): skipped, not counted
+    records[3:3] = [{"word": " ", "token_ids": []}, {"word": "\n\n", "token_ids": [271, 4815]}]
+    records += [{"word": "\\", "token_ids": [59]}, {"word": "But", "token_ids": [2030, 4071]}]
+    assert released_trigger_ids(records) == RELEASED_LLAMA8B_TRIGGER_IDS
+    assert len(RELEASED_LLAMA8B_TRIGGER_IDS) == 23 and 2030 not in RELEASED_LLAMA8B_TRIGGER_IDS
+    assert released_trigger_ids(records, n_words=11) == tuple(sorted({*RELEASED_LLAMA8B_TRIGGER_IDS, 2030, 4071}))
+    with pytest.raises(ValueError, match="n_words"):
+        released_trigger_ids(records, n_words=0)
+
+
+def test_released_trigger_ids_from_a_word_file(tmp_path):
+    from interventions.recycling import RELEASED_LLAMA8B_TRIGGER_IDS, RELEASED_LLAMA8B_TRIGGERS, released_trigger_ids
+
+    path = tmp_path / "DeepSeek-R1-Distill-Llama-8B.jsonl"
+    path.write_text("".join(json.dumps({"word": w, "freq": 1, "token_ids": list(i)}) + "\n"
+                            for w, i in RELEASED_LLAMA8B_TRIGGERS))
+    assert released_trigger_ids(path) == released_trigger_ids(str(path)) == RELEASED_LLAMA8B_TRIGGER_IDS
+
+
+def test_trigger_ids_from_words_on_the_real_r1_tokenizer(tiny_r1_plain):
+    from interventions.recycling import RELEASED_LLAMA8B_TRIGGERS, RR_TRIGGER_WORDS, trigger_ids_for_words
+
+    model = tiny_r1_plain
+    per_word = [trigger_ids_for_words(model, [w]) for w in RR_TRIGGER_WORDS]
+    # as many ids per word as the released Llama-8B file lists (2-3: "So", " So", "\tSo")
+    assert [len(ids) for ids in per_word] == [len(ids) for _, ids in RELEASED_LLAMA8B_TRIGGERS]
+    assert per_word[0] == (2055, 4416, 76912) and per_word[-1] == (13824, 14190)
+    assert trigger_ids_for_words(model, RR_TRIGGER_WORDS) == tuple(sorted(i for ids in per_word for i in ids))
+
+
+def test_released_options_round_trip_and_refuse_bad_input(tiny_llama):
+    from surgery.blocks import Block
+    from surgery.triggers import Always
+
+    rr = RepresentationRecycling(layer=0, trigger_ids=[7, 3, 7], coin="released", probability=0.5)
+    assert rr.config.trigger_ids == (3, 7)
+    again = Block.from_dict(json.loads(json.dumps(rr.to_dict())))
+    assert again.config == rr.config
+    with pytest.raises(ValueError, match="coin must be one of"):
+        RepresentationRecycling(layer=0, coin="python")
+    for ids in ([], [-1], [1.5], [True]):
+        with pytest.raises(ValueError, match="trigger_ids must be"):
+            RepresentationRecycling(layer=0, trigger_ids=ids)
+    with pytest.raises(ValueError, match="not both"):
+        RepresentationRecycling(layer=0, trigger_ids=[3], when=Always())
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        RepresentationRecycling(layer=0, seed=True)
+    with pytest.raises(ValueError, match="draws must be"):
+        rr.restart_coin(-1)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        with surgery.trace(tiny_llama, RepresentationRecycling(layer=0, trigger_ids=[14144])):
+            pass
