@@ -191,17 +191,31 @@ def graph_metrics(labels, graph: nx.DiGraph) -> GraphMetrics:
     )
 
 
-def cycle_detection_ratio(metrics: Sequence[GraphMetrics]) -> float:
-    """Share of samples whose reasoning graph has a cycle (0.0 for no samples).
+def cycle_detection_ratio(metrics: Sequence[GraphMetrics], min_steps: int = 0) -> float:
+    """Share of samples whose reasoning graph has a cycle (0.0 when no sample counts).
+
+    Args:
+        metrics: one :class:`GraphMetrics` per sample.
+        min_steps: only samples with at least this many steps count, in the numerator and the
+            denominator. The default 0 counts every sample. The released code (METHODS.md §3
+            "What the released code does") skips samples with at most one kept line, so they are
+            not in its denominator: that is ``min_steps=1`` on
+            ``ReasoningGraph(steps="released")`` vectors (such rows have none) and
+            ``min_steps=2`` on streaming ones (one step per kept line). A sample with fewer
+            than 3 steps has no cycle, so only the denominator changes.
 
     Example:
         >>> import torch
         >>> one = graph_metrics([0, 1, 0], build_graph([0, 1, 0], torch.zeros(3, 1)))
         >>> two = graph_metrics([0, 1], build_graph([0, 1], torch.zeros(2, 1)))
-        >>> cycle_detection_ratio([one, two])
-        0.5
+        >>> empty = graph_metrics([], build_graph([], torch.zeros(0, 1)))
+        >>> cycle_detection_ratio([one, two, empty]), cycle_detection_ratio([one, two, empty], min_steps=1)
+        (0.3333333333333333, 0.5)
     """
-    return sum(m.has_cycle for m in metrics) / len(metrics) if metrics else 0.0
+    if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 0:
+        raise ValueError(f"min_steps must be an int >= 0 (samples with fewer steps are not counted), got {min_steps!r}")
+    counted = [m for m in metrics if m.n_steps >= min_steps]
+    return sum(m.has_cycle for m in counted) / len(counted) if counted else 0.0
 
 
 @dataclass
@@ -213,8 +227,10 @@ class GraphAnalysis(SavedResult):
         centers: ``[n_clusters, d]`` cluster centers (CPU float32; ``[0, d]`` when there were no steps).
         graphs: per sample, its :func:`build_graph`.
         metrics: per sample, its :class:`GraphMetrics`.
-        cycle_detection_ratio: share of samples with a cycle.
+        cycle_detection_ratio: share of samples with a cycle, among those with at least
+            ``min_steps`` steps.
         inertia: the K-means inertia (0.0 when there were no steps).
+        min_steps: the ratio's :func:`cycle_detection_ratio` ``min_steps`` (0: every sample).
     """
 
     labels: list[np.ndarray]
@@ -223,6 +239,7 @@ class GraphAnalysis(SavedResult):
     metrics: list[GraphMetrics]
     cycle_detection_ratio: float
     inertia: float
+    min_steps: int = 0
 
 
 def analyse(
@@ -231,6 +248,7 @@ def analyse(
     seed: int = 0,
     n_init: int = 10,
     kmeans: str = "sklearn",
+    min_steps: int = 0,
 ) -> GraphAnalysis:
     """Cluster the steps of all samples pooled, then build and measure each sample's graph.
 
@@ -241,6 +259,9 @@ def analyse(
         seed, n_init: K-means settings.
         kmeans: ``"sklearn"`` (:func:`probes.kmeans.fit_clusters`, the reference) or ``"torch"``
             (:func:`probes.kmeans.kmeans_torch` on the vectors' device).
+        min_steps: samples with fewer steps are left out of the cycle detection ratio (default
+            0: none; the released denominator: see :func:`cycle_detection_ratio`). They are
+            still clustered, and their graphs and metrics are still returned.
 
     Returns:
         :class:`GraphAnalysis`. When no sample has any step it is the documented empty result:
@@ -255,6 +276,7 @@ def analyse(
     """
     if kmeans not in ("sklearn", "torch"):
         raise ValueError(f"kmeans is 'sklearn' or 'torch', got {kmeans!r}")
+    cycle_detection_ratio([], min_steps)  # checks min_steps before any clustering
     X, sizes = _pooled(step_vectors)
     if X.shape[0] == 0:
         width = step_vectors[0].shape[1] if step_vectors else 0
@@ -270,4 +292,4 @@ def analyse(
         centers = centers.cpu()
     graphs = [build_graph(lab, v.detach().float().cpu()) for lab, v in zip(labels, step_vectors)]
     metrics = [graph_metrics(lab, g) for lab, g in zip(labels, graphs)]
-    return GraphAnalysis(labels, centers, graphs, metrics, cycle_detection_ratio(metrics), inertia)
+    return GraphAnalysis(labels, centers, graphs, metrics, cycle_detection_ratio(metrics, min_steps), inertia, min_steps)

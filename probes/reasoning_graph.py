@@ -1,19 +1,22 @@
-"""ReasoningGraph: the probe that streams one hidden-state vector per reasoning step.
+"""ReasoningGraph: the probe that gives one hidden-state vector per reasoning step.
 
 Topology of Reasoning (arXiv 2506.05744, §3 "Reasoning graph"; METHODS.md §3). The generated
 text is cut into steps at newlines; each step becomes the mean hidden state of its tokens at
 block ``int(0.9 * L)``. The probe :class:`ReasoningGraph` (registry name ``"reasoning_graph"``)
-streams those step vectors while decoding and keeps only one vector per step, never every
-hidden state; :meth:`ReasoningGraph.analyse` hands them to :func:`probes.graph_metrics.analyse`
-(pooled K-means in :mod:`probes.kmeans`, graphs and metrics in :mod:`probes.graph_metrics`);
-:func:`probes.plots.plot_trajectory` draws one sample.
+makes those step vectors in one of two ways: ``steps="streaming"`` (the default) streams them
+while decoding and keeps only one vector per step, never every hidden state;
+``steps="released"`` re-encodes the text after generation as the authors' released code does
+(:mod:`probes.released_steps`). :meth:`ReasoningGraph.analyse` hands them to
+:func:`probes.graph_metrics.analyse` (pooled K-means in :mod:`probes.kmeans`, graphs and
+metrics in :mod:`probes.graph_metrics`); :func:`probes.plots.plot_trajectory` draws one sample.
 
 Paper-compatible defaults: site ``resid_pre.{int(0.9 * n_layers)}`` (the residual stream
 entering that block, which is HF ``hidden_states[int(0.9 * L)]``, the index the released code
 uses), split on single newlines, drop steps whose stripped text has <= 5 characters, K=200,
 k-means++, ``n_init=10``, seed 0, K-means fitted on all samples pooled.
 
-Deviations and decisions:
+Deviations and decisions of ``steps="streaming"`` (``"released"``: see
+:mod:`probes.released_steps`):
 
 - Only reasoning steps are embedded: the prompt is not (the released code is off by one and
   embeds prompt lines too). Everything the model generates counts, also after ``</think>``.
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 
 from probes.graph_metrics import GraphAnalysis, analyse
+from probes.released_steps import TextRecorder, check_released_options, released_step_vectors
 from surgery.blocks import Probe, register_block
 from surgery.kernels import segment_mean_update
 from surgery.results import SavedResult
@@ -44,6 +48,8 @@ from surgery.step import Step
 __all__ = ["ReasoningGraph", "ReasoningGraphConfig", "StepVectors"]
 
 STEP_RULES = ("line",)
+STEP_SOURCES = ("streaming", "released")
+RELEASED_ONLY = ("prompt_line", "drop_last_step", "max_length", "template", "questions")
 _INITIAL_CAPACITY = 64
 
 
@@ -57,6 +63,13 @@ class ReasoningGraphConfig:
     min_chars: int = field(default=5, metadata={"help": "keep steps whose stripped text has more characters"})
     seed: int = field(default=0, metadata={"help": "K-means random_state"})
     n_init: int = field(default=10, metadata={"help": "K-means restarts (best inertia kept)"})
+    steps: str = field(default="streaming", metadata={"help": "'streaming' (pooled while decoding) or 'released' "
+                                                              "(the text re-encoded after generation, as released)"})
+    prompt_line: bool = field(default=True, metadata={"help": "released: a prompt line first, as released"})
+    drop_last_step: bool = field(default=True, metadata={"help": "released: never embed the last line, as released"})
+    max_length: int | None = field(default=8192, metadata={"help": "released: truncation in tokens (None: none)"})
+    template: str | None = field(default=None, metadata={"help": "released: '{question}' template; None = released"})
+    questions: tuple[str, ...] | None = field(default=None, metadata={"help": "released: per row; None = the prompts"})
 
 
 @dataclass
@@ -69,10 +82,12 @@ class StepVectors(SavedResult, Sequence):
     Attributes:
         rows: per row, its step vectors in order.
         site: the site pooled (resolved, e.g. ``"resid_pre.27"``).
+        steps: how they were made, ``"streaming"`` or ``"released"`` (the probe's ``steps``).
     """
 
     rows: list[Tensor]
     site: str
+    steps: str = "streaming"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -86,7 +101,7 @@ class StepVectors(SavedResult, Sequence):
 
 @register_block("reasoning_graph")
 class ReasoningGraph(Probe):
-    """Stream one mean hidden-state vector per reasoning step; analyse them as a graph.
+    """One mean hidden-state vector per reasoning step, streamed or as released; analysed as a graph.
 
     Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): the pooling is one device kernel,
     but the step buffer grows on a host-side bound counted per step (the memory stays ~1.5x the
@@ -95,18 +110,25 @@ class ReasoningGraph(Probe):
     Paper: Topology of Reasoning (arXiv 2506.05744), §3; METHODS.md §3. Deviations: see the
     module docstring (only generated tokens are embedded; steps cut at token granularity).
 
-    While decoding, each row keeps a running sum ``[d]``, a token count and the offsets needed
-    for ``len(text.strip())`` on the device. When a token ending with ``"\\n"`` is fed, the
-    row's mean is written into a per-row buffer ``[batch, capacity, d]`` at the row's step
-    counter (no host sync), and the counter advances only if the step is long enough; the
-    pooling itself is one fused op per token (:func:`surgery.kernels.segment_mean_update`, a
-    Triton kernel on CUDA). Memory therefore grows with the number of kept steps, not with
-    tokens x width. The one host sync is the capacity check: the host keeps an upper bound on
-    the largest step counter (it grows by one per decode step) and reads the true maximum ``m``
-    only when that bound reaches the capacity, then grows the buffer to ``m + max(64, m // 2)``
-    slots if it has less; so at most one sync per 64 decode steps (per ``m / 2`` once rows hold
-    ``m`` steps), and the buffer holds at most ``1.5 m + 64`` vectors per row. The prefill is
-    ignored, as are re-runs.
+    ``steps="released"`` keeps only token ids while decoding (a
+    :class:`~probes.released_steps.TextRecorder`); :meth:`result` then runs
+    :func:`~probes.released_steps.released_step_vectors` on each row's question and generated
+    text, one forward per row with the model bound. The question is ``questions[row]`` when
+    given, else the row's prompt: its user turn when it was chat-templated (``chat=True``), else
+    its text (:func:`~probes.released_steps.prompt_question`); :meth:`released_inputs` shows both.
+
+    ``steps="streaming"``: while decoding, each row keeps a running sum ``[d]``, a token count and
+    the offsets needed for ``len(text.strip())`` on the device. When a token ending with
+    ``"\\n"`` is fed, the row's mean is written into a per-row buffer ``[batch, capacity, d]`` at
+    the row's step counter (no host sync), and the counter advances only if the step is long
+    enough; the pooling itself is one fused op per token
+    (:func:`surgery.kernels.segment_mean_update`, a Triton kernel on CUDA). Memory therefore
+    grows with the number of kept steps, not with tokens x width. The one host sync is the
+    capacity check: the host keeps an upper bound on the largest step counter (it grows by one
+    per decode step) and reads the true maximum ``m`` only when that bound reaches the capacity,
+    then grows the buffer to ``m + max(64, m // 2)`` slots if it has less; so at most one sync
+    per 64 decode steps (per ``m / 2`` once rows hold ``m`` steps), and the buffer holds at most
+    ``1.5 m + 64`` vectors per row. The prefill is ignored, as are re-runs.
 
     Args:
         site: the site to pool. ``None`` (default) picks ``resid_pre.{int(0.9 * n_layers)}``
@@ -116,14 +138,30 @@ class ReasoningGraph(Probe):
         min_chars: a step is kept if ``len(text.strip()) > min_chars`` (released code: 5).
         seed: K-means ``random_state``.
         n_init: K-means restarts.
+        steps: ``"streaming"`` (default) or ``"released"``. The options below are released
+            only (a ValueError with ``"streaming"``); their defaults are the released choices.
+        prompt_line: True: the first vector is a prompt line, as released (the released start,
+            segment ``len(question.strip().split("\\n"))``); False: only reasoning tokens.
+        drop_last_step: True: the last kept line is never embedded, as released; False: it is.
+        max_length: truncation of the re-encoded text in tokens (released: 8192); None: none.
+        template: the question template with ``{question}``; None: the released GSM8K one
+            (:data:`~probes.released_steps.RELEASED_TEMPLATE`).
+        questions: one question per row of the next run; None: from the prompts (above).
 
-    Example::
+    Example:
+        >>> ReasoningGraph().config.steps
+        'streaming'
+        >>> released = ReasoningGraph(steps="released")
+        >>> released.config.prompt_line, released.config.drop_last_step, released.config.max_length
+        (True, True, 8192)
+
+    With a model::
 
         import surgery
         from probes import ReasoningGraph, plot_trajectory
 
         model = surgery.load()
-        graph = ReasoningGraph.for_model(model, n_clusters=20)
+        graph = ReasoningGraph.for_model(model, n_clusters=20)   # or steps="released"
         with surgery.trace(model, graph) as tr:
             out = tr.generate(prompts, max_new_tokens=512, chat=True)
         steps = graph.result()            # per row: [n_steps, d_model]
@@ -141,16 +179,31 @@ class ReasoningGraph(Probe):
         min_chars: int = 5,
         seed: int = 0,
         n_init: int = 10,
+        steps: str = "streaming",
+        prompt_line: bool = True,
+        drop_last_step: bool = True,
+        max_length: int | None = 8192,
+        template: str | None = None,
+        questions: Sequence[str] | None = None,
     ):
         if step not in STEP_RULES:
             raise ValueError(f"unknown step rule {step!r}: supported {', '.join(map(repr, STEP_RULES))}")
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
-            raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
-        if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
-            raise ValueError(f"n_init must be a positive int, got {n_init!r}")
-        if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0:
-            raise ValueError(f"min_chars must be a non-negative int, got {min_chars!r}")
-        self.config = ReasoningGraphConfig(site, n_clusters, step, min_chars, int(seed), n_init)
+        if steps not in STEP_SOURCES:
+            raise ValueError(f"unknown steps={steps!r}: 'streaming' (pooled while decoding, the default) or "
+                             "'released' (the text re-encoded after generation, as the released code does)")
+        check_released_options(prompt_line, drop_last_step, max_length, template, questions)
+        for name, value, kind in (("n_clusters", n_clusters, "positive"), ("n_init", n_init, "positive"),
+                                  ("min_chars", min_chars, "non-negative")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (kind == "positive"):
+                raise ValueError(f"{name} must be a {kind} int, got {value!r}")
+        questions = None if questions is None else tuple(questions)
+        self.config = ReasoningGraphConfig(site, n_clusters, step, min_chars, int(seed), n_init, steps, prompt_line,
+                                           drop_last_step, max_length, template, questions)
+        changed = [key for key in RELEASED_ONLY if getattr(self.config, key) != getattr(ReasoningGraphConfig(), key)]
+        if steps == "streaming" and changed:
+            raise ValueError(f"only steps='released' takes {', '.join(changed)}: add steps='released', or leave "
+                             "them at their defaults")
+        self._released = TextRecorder(questions) if steps == "released" else None
         self._site: str | None = None
         self._steps: list[Tensor] | None = None
 
@@ -182,6 +235,9 @@ class ReasoningGraph(Probe):
         self._site = str(resolved)
         self._width = model.site_width(resolved)
         self._device = model.device
+        if self._released is not None:
+            self._model = model  # result() re-encodes with it
+            return self.reset(0)
         texts = model.vocabulary_texts
         # Per vocabulary entry: does it end a line, its length, and the offsets of its first and
         # (one past) last non-whitespace character, so len(step.strip()) streams exactly.
@@ -193,6 +249,10 @@ class ReasoningGraph(Probe):
         self.reset(0)
 
     def reset(self, batch_size: int) -> None:
+        self._steps = None
+        if self._released is not None:
+            self._released.reset(batch_size)
+            return
         device, width = getattr(self, "_device", "cpu"), getattr(self, "_width", 0)
         zeros = lambda dtype: torch.zeros(batch_size, dtype=dtype, device=device)  # noqa: E731
         self._sum = torch.zeros(batch_size, width, dtype=torch.float32, device=device)
@@ -203,9 +263,12 @@ class ReasoningGraph(Probe):
         self._n_steps = zeros(torch.long)
         self._buffer = torch.zeros(batch_size, _INITIAL_CAPACITY, width, dtype=torch.float32, device=device)
         self._bound = 0  # host-side upper bound on max(self._n_steps)
-        self._steps = None
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
+        if self._released is not None:
+            self._steps = None
+            self._released.observe(step)
+            return
         if step.is_prefill:
             return
         self._steps = None
@@ -256,14 +319,22 @@ class ReasoningGraph(Probe):
 
     def held_bytes(self) -> int:
         """Bytes of device state the probe holds now (what the benchmark measures)."""
+        if self._released is not None:
+            return self._released.held_bytes()
         tensors = (self._sum, self._count, self._chars, self._start, self._end, self._n_steps, self._buffer)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def result(self) -> StepVectors:
         """Step vectors per row: ``[n_steps_i, d]`` float32 tensors on the model's device.
 
-        Includes each row's unfinished trailing step when it is long enough (see the class).
+        Streaming: includes each row's unfinished trailing step when it is long enough (see the
+        class). Released: one forward per row, on the first call after a run.
         """
+        if self._steps is None and self._released is not None:
+            inputs, c = self.released_inputs(), self.config  # first: it says when the probe has not run
+            self._steps = released_step_vectors(self._model, *inputs, site=self._site, min_chars=c.min_chars,
+                                                prompt_line=c.prompt_line, drop_last_step=c.drop_last_step,
+                                                max_length=c.max_length, template=c.template)
         if self._steps is None:
             if not hasattr(self, "_sum"):
                 raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
@@ -275,7 +346,19 @@ class ReasoningGraph(Probe):
                 torch.cat([self._buffer[row, :n], mean[row : row + 1]]) if tail else self._buffer[row, :n].clone()
                 for row, (n, tail) in enumerate(zip(counts, tails))
             ]
-        return StepVectors(list(self._steps), self._site)
+        return StepVectors(list(self._steps), self._site, self.config.steps)
+
+    def released_inputs(self) -> tuple[list[str], list[str]]:
+        """``steps="released"``: the questions and generated texts :meth:`result` re-encodes, per row.
+
+        The texts are ``out.texts`` without each row's last token (never fed back: an EOS, or
+        the token that hit ``max_new_tokens``; :class:`~probes.released_steps.TextRecorder`).
+        """
+        if self._released is None:
+            raise ValueError("released_inputs() belongs to ReasoningGraph(steps='released')")
+        if not hasattr(self, "_model"):
+            raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
+        return self._released.inputs(self._model.tokenizer)
 
     @classmethod
     def example(cls, model, prompts=(), identity: bool = False) -> ReasoningGraph:
@@ -284,7 +367,13 @@ class ReasoningGraph(Probe):
     def by_row(self) -> list[Tensor]:
         return list(self.result())
 
-    def analyse(self, n_clusters: int | None = None, kmeans: str = "sklearn") -> GraphAnalysis:
-        """:func:`probes.graph_metrics.analyse` on :meth:`result` with this probe's K, seed and ``n_init``."""
+    def analyse(self, n_clusters: int | None = None, kmeans: str = "sklearn", min_steps: int = 0) -> GraphAnalysis:
+        """:func:`probes.graph_metrics.analyse` on :meth:`result` with this probe's K, seed and ``n_init``.
+
+        ``min_steps``: samples with fewer steps are left out of the cycle detection ratio (0:
+        none). The released denominator is ``min_steps=1`` with ``steps="released"`` and
+        ``min_steps=2`` when streaming (:func:`~probes.graph_metrics.cycle_detection_ratio`).
+        """
         k = self.config.n_clusters if n_clusters is None else n_clusters
-        return analyse(self.result(), k, seed=self.config.seed, n_init=self.config.n_init, kmeans=kmeans)
+        return analyse(self.result(), k, seed=self.config.seed, n_init=self.config.n_init, kmeans=kmeans,
+                       min_steps=min_steps)

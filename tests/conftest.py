@@ -175,7 +175,7 @@ def tiny_r1_model(r1_tokenizer, seed: int = 0, focus: bool = True) -> surgery.Mo
     """
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=R1_VOCAB_SIZE, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
                          bos_token_id=r1_tokenizer.bos_token_id, eos_token_id=r1_tokenizer.eos_token_id,
                          pad_token_id=r1_tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2)
     module = Qwen2ForCausalLM(config)

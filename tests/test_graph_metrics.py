@@ -119,3 +119,28 @@ def test_bad_inputs_are_clear_errors():
         build_graph([0, 1], torch.zeros(3, 2))
     with pytest.raises(ValueError, match="kmeans"):
         analyse([torch.zeros(2, 2)], 1, kmeans="faiss")
+
+
+def test_min_steps_leaves_short_samples_out_of_the_ratio(tmp_path):
+    def metrics_of(labels):
+        return graph_metrics(labels, build_graph(labels, torch.zeros(len(labels), 2)))
+
+    # 0 steps, 1 step, 3 steps with a cycle, 4 steps without one
+    samples = [metrics_of([]), metrics_of([0]), metrics_of([0, 1, 0]), metrics_of([0, 1, 2, 3])]
+    assert cycle_detection_ratio(samples) == cycle_detection_ratio(samples, 0) == 1 / 4  # the default: all
+    assert cycle_detection_ratio(samples, min_steps=1) == 1 / 3  # the released denominator on released vectors
+    assert cycle_detection_ratio(samples, min_steps=2) == 1 / 2  # ... and on streaming ones
+    assert cycle_detection_ratio(samples, min_steps=4) == 0.0 and cycle_detection_ratio(samples, min_steps=5) == 0.0
+    steps = [torch.zeros(0, 2), torch.tensor([[0.0, 0.0], [9.0, 0.0], [0.1, 0.0]]), torch.tensor([[9.0, 0.1]])]
+    default, released = analyse(steps, n_clusters=2, n_init=2), analyse(steps, n_clusters=2, n_init=2, min_steps=1)
+    assert [m.has_cycle for m in default.metrics] == [False, True, False]
+    assert (default.cycle_detection_ratio, default.min_steps) == (1 / 3, 0)
+    assert (released.cycle_detection_ratio, released.min_steps) == (1 / 2, 1)
+    assert len(released.metrics) == len(released.graphs) == 3  # still measured, only not counted
+    loaded = type(released).load(released.save(tmp_path / "found.safetensors"))
+    assert (loaded.min_steps, loaded.cycle_detection_ratio) == (1, 1 / 2)
+    for bad in (-1, True, 1.5):
+        with pytest.raises((ValueError, TypeError)):  # jaxtyping's TypeError under pytest, ours otherwise
+            cycle_detection_ratio(samples, min_steps=bad)
+    with pytest.raises(ValueError, match="min_steps must be an int >= 0"):
+        analyse(steps, n_clusters=2, min_steps=-1)

@@ -1,5 +1,7 @@
-"""ReasoningGraph: streamed step vectors equal an uncached forward; buffer growth; SmolLM2."""
+"""ReasoningGraph: streamed step vectors equal an uncached forward; buffer growth; steps="released"
+equals the transcribed released rule (tests/test_released_steps.py); options, configs; SmolLM2."""
 
+import json
 import math
 
 import pytest
@@ -12,9 +14,17 @@ from probes.graph_metrics import GraphAnalysis
 from probes.kmeans import fit_clusters
 from probes.plots import plot_trajectory
 from probes.reasoning_graph import ReasoningGraph
-from surgery.blocks import block_class
+from surgery.blocks import Block, block_class
 from surgery.sites import Site
 from surgery.step import Step
+from test_released_steps import (  # noqa: F401 (r1 is a fixture)
+    GSM_QUESTION,
+    assert_rows_equal_rule,
+    kept_lines,
+    newline_token_ids,
+    r1,
+    released_rule,
+)
 
 
 # ---- references --------------------------------------------------------------------------------
@@ -175,3 +185,117 @@ def test_smollm2_steps_graph_and_plot(smollm2, tmp_path):
     row = max(range(len(steps)), key=lambda i: len(steps[i]))
     path = plot_trajectory(steps[row], found.labels[row], found.centers, tmp_path / "smollm2.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+# ---- steps="released" ----------------------------------------------------------------------------
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("min_chars", [5, 1])
+def test_released_mode_equals_the_released_rule(tiny, chat, min_chars):
+    probe = ReasoningGraph.for_model(tiny, steps="released", min_chars=min_chars)
+    with surgery.trace(tiny, probe) as tr:
+        out = tr.generate(PROMPTS, 40, chat=chat)
+    questions, texts = probe.released_inputs()
+    assert questions == PROMPTS  # the user turn (chat) or the prompt text (the tiny tokenizer adds no BOS)
+    fed = [ids[:-1] for ids in out.token_ids]  # the last generated token is never fed back
+    assert texts == tiny.tokenizer.batch_decode(fed, skip_special_tokens=True)
+    layer = int(0.9 * tiny.n_layers)
+    newlines = newline_token_ids(tiny.tokenizer)
+    expected = [released_rule(tiny, q, t, layer, newlines, min_chars) for q, t in zip(questions, texts)]
+    got = probe.result()
+    assert got.steps == "released" and got.site == f"resid_pre.{layer}"
+    assert_rows_equal_rule(got, expected, tiny.d_model)
+    assert sum(len(v) for v in got) >= len(PROMPTS)  # real vectors were compared
+    assert [v.shape for v in probe.result()] == [v.shape for v in got]  # repeatable, one forward per run
+
+
+def test_r1_chat_prompts_give_the_user_turn_as_question(r1):
+    model, _ = r1
+    prompts = [GSM_QUESTION, "What is 7 * 8?\nThink step by step."]
+    for chat in (True, False):
+        probe = ReasoningGraph.for_model(model, steps="released")
+        with surgery.trace(model, probe) as tr:
+            tr.generate(prompts, 3, chat=chat)
+        assert probe.released_inputs()[0] == prompts  # chat: the user turn; plain: the text, BOS skipped
+        assert [tuple(v.shape) for v in probe.result()] == [(0, model.d_model)] * 2  # two fed tokens: no lines
+    given = ReasoningGraph.for_model(model, steps="released", questions=["Q one", "Q two"])
+    with surgery.trace(model, given) as tr:
+        tr.generate(prompts, 3, chat=True)
+    assert given.released_inputs()[0] == ["Q one", "Q two"]
+    # a system prompt before the user turn: not one user turn, the questions must be given
+    system = model.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": GSM_QUESTION}],
+        tokenize=False, add_generation_prompt=True)
+    probe = ReasoningGraph.for_model(model, steps="released")
+    with surgery.trace(model, probe) as tr:
+        tr.generate([model.tokenizer(system, add_special_tokens=False)["input_ids"]], 3)
+    with pytest.raises(ValueError, match="questions="):
+        probe.result()
+
+
+# ---- options, configs, errors --------------------------------------------------------------------
+def test_the_default_is_unchanged_and_old_configs_load():
+    default = ReasoningGraph()
+    assert default.config.steps == "streaming" and default.config.step == "line"
+    old = {"block": "reasoning_graph",
+           "config": {"site": "resid_pre.3", "n_clusters": 7, "step": "line", "min_chars": 5, "seed": 0, "n_init": 10}}
+    loaded = Block.from_dict(old)
+    assert loaded.config == ReasoningGraph(site="resid_pre.3", n_clusters=7).config
+    released = ReasoningGraph(steps="released", prompt_line=False, drop_last_step=False, max_length=None,
+                              template="Q: {question}\n", questions=["a", "b"])
+    again = Block.from_dict(json.loads(json.dumps(released.to_dict())))
+    assert again.config == released.config and again.config.questions == ("a", "b")
+
+
+def test_bad_released_settings_are_clear_errors(tiny_llama):
+    with pytest.raises(ValueError, match="unknown steps='stream'"):
+        ReasoningGraph(steps="stream")
+    with pytest.raises(ValueError, match="'{question}' exactly once"):
+        ReasoningGraph(steps="released", template="Q: {Question}")
+    with pytest.raises(ValueError, match="max_length must be an int >= 1"):
+        ReasoningGraph(steps="released", max_length=0)
+    with pytest.raises((ValueError, TypeError)):  # jaxtyping's TypeError under pytest, ours otherwise
+        ReasoningGraph(steps="released", prompt_line="yes")
+    with pytest.raises(ValueError, match="only steps='released' takes drop_last_step"):
+        ReasoningGraph(drop_last_step=False)
+    with pytest.raises(ValueError, match="questions is a list of strings"):
+        ReasoningGraph(steps="released", questions="What is 2 + 2?")
+    with pytest.raises(ValueError, match="2 questions for a run of 4 rows"):
+        with surgery.trace(tiny_llama, ReasoningGraph(steps="released", questions=["a", "b"])) as tr:
+            tr.generate(PROMPTS, 2)
+    with pytest.raises(ValueError, match="belongs to ReasoningGraph"):
+        ReasoningGraph().released_inputs()
+    with pytest.raises(RuntimeError, match="has not run"):
+        ReasoningGraph(steps="released").result()
+
+
+def test_released_denominator_leaves_out_the_skipped_samples(tiny_llama):
+    probe = ReasoningGraph.for_model(tiny_llama, steps="released", min_chars=3, n_clusters=3, n_init=2)
+    prompts = PROMPTS
+    with surgery.trace(tiny_llama, probe) as tr:
+        tr.generate(prompts, 20)
+    _, texts = probe.released_inputs()
+    embedded = [len(kept_lines(t, 3)) >= 2 for t in texts]  # the samples the released code keeps
+    assert any(embedded) and not all(embedded)  # both kinds occur
+    assert [len(v) > 0 for v in probe.result()] == embedded
+    everyone, released = probe.analyse(), probe.analyse(min_steps=1)
+    cycles = [m.has_cycle for m in released.metrics]
+    assert released.min_steps == 1 and everyone.min_steps == 0
+    assert everyone.cycle_detection_ratio == sum(cycles) / len(prompts)
+    assert released.cycle_detection_ratio == sum(c for c, e in zip(cycles, embedded) if e) / sum(embedded)
+
+
+@pytest.mark.slow
+def test_smollm2_released_steps_equal_the_rule(smollm2):
+    prompts = ["What is 7 * 8? Explain step by step.",
+               "Tom has 3 apples and buys 5 more. How many apples? Think step by step."]
+    probe = ReasoningGraph.for_model(smollm2, steps="released")
+    with surgery.trace(smollm2, probe) as tr:
+        tr.generate(prompts, 64, chat=True)
+    questions, texts = probe.released_inputs()
+    assert questions == prompts  # the user turn of SmolLM2's chat template
+    layer = int(0.9 * smollm2.n_layers)
+    newlines = newline_token_ids(smollm2.tokenizer)
+    expected = [released_rule(smollm2, q, t, layer, newlines) for q, t in zip(questions, texts)]
+    got = probe.result()
+    assert_rows_equal_rule(got, expected, smollm2.d_model)
+    assert sum(len(v) for v in got) >= 2, texts
