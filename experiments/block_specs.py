@@ -15,7 +15,9 @@ Three keys are not config fields:
   holding one block of this type: its tensors (a steering vector) and its config, which the
   other keys override. A TOML file cannot hold tensors, so blocks with tensors need it.
 - ``answers_from = "dataset"``: for blocks with an ``answers`` field (the MI probe): the
-  problems' reference answers, one per row, filled in by :meth:`BlockSpec.build`.
+  problems' reference answers, one per row, filled in by :meth:`BlockSpec.build`;
+  ``answers_from = "solution"``: their reference solutions instead (the MI-peaks paper's ``h_y``
+  is the state at the end of the solution text, METHODS.md section 2).
 
 :func:`parse_block` checks everything it can before a model loads: the type, every key and its
 type (from the config's type hints), the sites (:meth:`surgery.sites.Site.parse`), the layer
@@ -50,6 +52,7 @@ from surgery.sites import Site
 __all__ = ["BlockSpec", "parse_block"]
 
 RESERVED_KEYS = ("answers_from", "from", "type")
+ANSWER_SOURCES = ("dataset", "solution")  # what answers_from may name: the final answers or the solutions
 _KINDS = {"intervention": (Intervention, "[conditions.NAME] blocks"), "probe": (Probe, "[probes]")}
 
 
@@ -63,7 +66,7 @@ class BlockSpec:
         config: every field of the block's config in JSON form (defaults written out).
         source: the ``from`` file, absolute, or None.
         source_sha256: that file's SHA-256 (a re-extracted vector is another study).
-        answers_from: ``"dataset"`` or None.
+        answers_from: ``"dataset"``, ``"solution"`` or None.
     """
 
     field: str
@@ -146,8 +149,9 @@ def parse_block(
     answers_from = table.get("answers_from")
     if answers_from is not None and "answers" in given:
         raise StudyConfigError(field_path(path, "answers"), 'give answers or answers_from = "dataset", not both')
-    if answers_from is not None and (answers_from != "dataset" or "answers" not in fields):
-        fix = 'write answers_from = "dataset"' if "answers" in fields else f"{name} has no answers field: remove it"
+    if answers_from is not None and (answers_from not in ANSWER_SOURCES or "answers" not in fields):
+        fix = ('write answers_from = "dataset" (final answers) or "solution" (reference solutions)'
+               if "answers" in fields else f"{name} has no answers field: remove it")
         raise StudyConfigError(field_path(path, "answers_from"), f"cannot take answers from {answers_from!r}: {fix}")
     source, digest, base_config, tensors = None, None, {}, {}
     if "from" in table:

@@ -8,8 +8,18 @@ and thought counts, then writes the study's report (``report.html`` in the outpu
 ``surgery report`` (re)writes the report of a study folder, finished or not. ``--workers N``
 shards the problems over N Ray actors (:mod:`experiments.workers`).
 
+``surgery run STUDY --check`` checks a study without loading any weights and prints what it
+checked (:mod:`experiments.study_check`; exit 1 with the errors). ``--random-weights`` runs it
+offline on a model built from its ``[model] config`` with random weights and its local tokenizer
+(a smoke run of the plumbing; its own output folder), and ``--limit``, ``--max-new-tokens``,
+``--dataset`` and ``--output`` shrink it to seconds (:class:`~experiments.run_overrides.RunOverrides`).
+Blocks whose vector a recipe makes (``extract = {...}``, :mod:`experiments.recipes`) get it first.
+
 Example:
     $ surgery run EXPERIMENT.toml
+    $ surgery run studies/replications/seal-math500.toml --check
+    $ surgery run studies/replications/seal-math500.toml --random-weights --limit 2 --max-new-tokens 8 \
+          --dataset ../shared/data/math500/test.jsonl
     $ surgery run EXPERIMENT.toml --workers 2          # two Ray actors on a local cluster
     $ surgery report runs/gsm8k-baselines
     $ surgery demo --problems 4 --max-new-tokens 96
@@ -41,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
                           "each where there are GPUs, else an equal share of the CPU cores), all writing into "
                           "the one resumable store; needs Ray (pip install -e '.[study]'). Default 1: this "
                           "process, no Ray")
+    run.add_argument("--check", action="store_true",
+                     help="check the study without loading any weights (fields, sites and layers against the model's "
+                          "config, vector widths, dataset, tokenizer, output folder); print what was checked; exit 1 "
+                          "on errors")
+    run.add_argument("--random-weights", action="store_true",
+                     help="offline smoke run: build the model from [model] config with seeded random weights and the "
+                          "local [model] tokenizer (widths divided by smoke_shrink, float32 on a CPU); writes to "
+                          "OUTPUT-random-weights. Its text is noise: it checks the plumbing, not the method")
+    run.add_argument("--limit", type=_positive, metavar="N", help="only the first N problems (also in recipes' studies)")
+    run.add_argument("--max-new-tokens", type=_positive, metavar="N", help="generate N tokens per row instead")
+    run.add_argument("--dataset", metavar="FILE",
+                     help="read this local file of problems instead of the study's dataset (also in recipes' studies)")
+    run.add_argument("--output", metavar="FOLDER", help="write the results here instead of the study's output folder")
     run.add_argument("--ray-address", metavar="ADDR", default=None,
                      help="run the workers on this existing Ray cluster ('auto', 'HOST:6379' or "
                           "'ray://HOST:10001') instead of a local one started for the run; every node must see "
@@ -75,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("output", help="the vector file to write (.safetensors)")
     extract.add_argument("--condition", help="whose rows (required when the study has several conditions)")
     extract.add_argument("--layer", type=int, help="block index (default: SEAL's depth, 20/28 of the model's blocks)")
+    extract.add_argument("--correct", type=int, metavar="N",
+                         help="only the first N rows graded correct (SEAL's release: 500), in dataset order")
+    extract.add_argument("--incorrect", type=int, metavar="N",
+                         help="only the first N rows graded incorrect (SEAL's release: 500), in dataset order")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     probe = commands.add_parser(
         "extract-thought-probe", help="write an online thought classifier (linear probe) from a study's traces",
@@ -108,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "bench":
         parser.error(f"arguments after -- are for `surgery bench` only, not `surgery {args.command}`")
     if args.command == "run":
-        return _run(args.study, progress=not args.no_progress, workers=args.workers, address=args.ray_address)
+        return _run(args)
     if args.command == "report":
         return _report(args.folder, progress=not args.no_progress)
     try:
@@ -149,7 +176,8 @@ def _extract_thought_probe(args) -> int:
 def _extract(args) -> int:
     from experiments.extraction import extract_vector
 
-    vector = extract_vector(args.folder, layer=args.layer, condition=args.condition, progress=not args.no_progress)
+    vector = extract_vector(args.folder, layer=args.layer, condition=args.condition, progress=not args.no_progress,
+                            correct=args.correct, incorrect=args.incorrect)
     path = vector.save(args.output)
     counts = ", ".join(f"{label} {count}" for label, count in vector.metadata["class_counts"].items())
     print(f"{path}: SEAL vector at {vector.config.site} of {vector.metadata['model']}, |S| = {vector.vector.norm():.3f}, "
@@ -177,21 +205,44 @@ def _positive(text: str) -> int:
     return value
 
 
-def _run(path: str, progress: bool, workers: int = 1, address: str | None = None) -> int:
+def _run(args) -> int:
+    import os
+
     from experiments.config_checks import StudyConfigError
+    from experiments.recipes import make_vectors
     from experiments.runner import run_study
+    from experiments.run_overrides import RunOverrides
     from experiments.store import ResultStore
     from experiments.study_config import load_study_config
     from experiments.summary import condition_summaries, format_table
 
+    absolute = {key: os.path.abspath(getattr(args, key)) if getattr(args, key) else None for key in ("dataset", "output")}
+    overrides = RunOverrides(random_weights=args.random_weights, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                             **absolute)
+    if args.check:
+        return _check(args.study, overrides)
+    progress, workers, address = not args.no_progress, args.workers, args.ray_address
     try:
-        config = load_study_config(path)
-        ResultStore(config.output, config.to_dict())  # another study's folder is refused here, before the model loads
+        config = load_study_config(args.study, overrides)
+        if all(recipe.made for recipe in config.recipes):  # else the vectors' checksums are not known yet
+            ResultStore(config.output, config.to_dict())  # another study's folder is refused here, before the model loads
     except (StudyConfigError, FileNotFoundError, ValueError) as error:
         print(f"surgery run: {error}", file=sys.stderr)
         return 2
+    if config.model.random_weights:
+        print(f"{config.name}: RANDOM WEIGHTS ({config.model.label}): its text is noise; this run checks the plumbing, "
+              f"not the method. Results in {config.output}")
+    model = None
+    if not all(recipe.made for recipe in config.recipes):
+        model = config.model.load()
+        try:
+            config = make_vectors(config, model=model, progress=progress)
+            ResultStore(config.output, config.to_dict())
+        except (StudyConfigError, FileNotFoundError, ValueError) as error:
+            print(f"surgery run: {error}", file=sys.stderr)
+            return 2
     if workers == 1 and address is None:
-        store = run_study(config, progress=progress)
+        store = run_study(config, model=model, progress=progress)
     else:
         from experiments.workers import run_study_on_ray
 
@@ -206,6 +257,20 @@ def _run(path: str, progress: bool, workers: int = 1, address: str | None = None
 
     print(f"\nreport: {write_report(store.folder, progress=progress)}")
     return 0
+
+
+def _check(study: str, overrides) -> int:
+    from experiments.study_check import check_study
+
+    report = check_study(study, overrides)
+    print("\n".join(report.lines))
+    for error in report.errors:
+        print(f"surgery run --check: {error}", file=sys.stderr)
+    if report.ok:
+        print(f"\nOK: {study} is ready: `surgery run {study}`" + (" --random-weights ..." if overrides.random_weights else ""))
+        return 0
+    print(f"\n{len(report.errors)} error(s): fix the field(s) named above", file=sys.stderr)
+    return 1
 
 
 def _report(folder: str, progress: bool) -> int:

@@ -6,8 +6,10 @@ r"""Problems from files: GSM8K- and MATH-style JSONL, local json/csv/parquet, th
 - a ``.json``, ``.csv`` or ``.parquet`` file, read through Hugging Face ``datasets``
   (``load_dataset("csv", data_files=...)``; install the ``study`` extra);
 - a hub name such as ``"openai/gsm8k"`` (with ``subset="main"``), tried only after
-  :func:`surgery.loading.hub_unreachable` says the hub answers: offline it fails at once and says
-  to pass a local file.
+  :func:`surgery.loading.hub_unreachable` says the hub answers: offline it reads ``fallback``, a
+  local copy (e.g. ``../shared/data/gsm8k/test.jsonl``), when one is given (with a warning), and
+  otherwise fails at once and says to pass a local file. Give ``name`` so that the ids are the
+  same whichever copy is read.
 
 Three record formats, inferred from the first record when ``format`` is not given:
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,6 +192,7 @@ def load_problems(
     name: str | None = None,
     split: str = "test",
     subset: str | None = None,
+    fallback: str | os.PathLike | None = None,
 ) -> list[Problem]:
     """Read problems from a file or a hub dataset.
 
@@ -202,6 +206,8 @@ def load_problems(
         name: the id prefix (default: the file's stem; for the hub, the dataset's name and split).
         split: the hub split (local files have one table and ignore it).
         subset: the hub configuration, e.g. ``"main"`` for ``openai/gsm8k``.
+        fallback: a local copy of the hub dataset ``source`` names, read instead when the hub
+            cannot be reached or ``datasets`` is not installed (a warning says which and why).
 
     Returns:
         The problems in source order, ids ``f"{name}-{index}"``.
@@ -216,6 +222,7 @@ def load_problems(
         raise ValueError(f"unknown format {format!r}: choose one of {', '.join(_FORMATS)} (or None to infer it)")
     if offset < 0 or (limit is not None and limit < 0):
         raise ValueError(f"offset and limit must not be negative, got offset={offset}, limit={limit}")
+    source = _reachable(source, fallback)
     records, default_name = _records(source, subset, split)
     problems: list[Problem] = []
     fields: tuple[str, str] | None = None
@@ -231,6 +238,27 @@ def load_problems(
         if limit is not None and len(problems) >= limit:
             break  # now, not after reading one more line: a bad line past the limit does not matter
     return problems
+
+
+def _reachable(source, fallback):
+    """``source``, or ``fallback`` when ``source`` is a hub name that cannot be read now."""
+    if fallback is None or not isinstance(source, str) or Path(source).exists() or not _HUB_NAME.fullmatch(source):
+        return source
+    from importlib.util import find_spec
+
+    from surgery.loading import hub_unreachable
+
+    reason = "Hugging Face datasets is not installed" if find_spec("datasets") is None else hub_unreachable()
+    if reason is None:
+        return source
+    if not Path(fallback).is_file():
+        raise FileNotFoundError(
+            f"could not load {source!r}: the hub cannot be reached ({reason}), and its local copy {str(fallback)!r} "
+            f"does not exist. Download it there (`hf download {source} --repo-type dataset`, then convert the split "
+            "to .jsonl), or pass another local file."
+        )
+    warnings.warn(f"{source}: {reason}; reading its local copy {fallback}", stacklevel=3)
+    return fallback
 
 
 def sample_problems(limit: int | None = None) -> list[Problem]:

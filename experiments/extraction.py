@@ -9,29 +9,36 @@ prompt + completion, and ``S = mean(execution) - mean(reflection ∪ transition)
 are read as the study rendered them (its chat setting included), and the completions as the
 model's own token ids, so each state is the one the model had while generating.
 
-Every row counts, correct or not (as in SEAL, which pools correct and incorrect traces). A
-study whose model never reflects gives no reflection thought: the error says so, with the counts.
+By default every row counts, correct or not (SEAL pools correct and incorrect traces); with
+``correct`` and ``incorrect`` the pool is SEAL's released selection: the first ``correct`` rows
+graded correct and the first ``incorrect`` graded incorrect, in dataset order (500 and 500 of
+MATH train in the release). A study whose model never reflects gives no reflection thought: the
+error says so, with the counts (a random-weights smoke run may pass ``allow_empty_classes``).
 
 Example::
 
     vector = extract_vector("runs/traces", layer=21)       # the folder's only condition
+    vector = extract_vector("runs/traces", layer=20, correct=500, incorrect=500)   # as released
     vector.metadata["class_counts"], vector.save("seal.safetensors")
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 
+import torch
+
 import surgery
 from experiments.store import ResultStore
-from experiments.study_sections import ModelSpec
-from interventions import SteeringVector
+from experiments.study_sections import ModelSpec, PromptSpec
+from interventions import SteeringVector, seal_trigger_for
 from probes import ThoughtClassifier, fit_linear_probe
 from surgery.thoughts import thought_states
 
-__all__ = ["extract_thought_probe", "extract_vector", "seal_layer", "study_traces"]
+__all__ = ["extract_thought_probe", "extract_vector", "seal_layer", "select_rows", "study_traces"]
 
 
 def seal_layer(n_layers: int) -> int:
@@ -43,17 +50,27 @@ def seal_layer(n_layers: int) -> int:
     return round(n_layers * 20 / 28)
 
 
-def study_traces(folder: str | os.PathLike, condition: str | None = None) -> tuple[dict, list[tuple[str, list[int]]]]:
-    """The study's config and the ``(prompt, generated token ids)`` of every row of ``condition``.
+def study_traces(
+    folder: str | os.PathLike, condition: str | None = None, *, correct: int | None = None,
+    incorrect: int | None = None,
+) -> tuple[dict, list[tuple[str, list[int]]]]:
+    """The study's config and the ``(prompt, generated token ids)`` of the rows of ``condition``.
 
     Args:
         folder: the study's output folder.
         condition: which condition's rows; may be left out when the study has one condition.
+        correct, incorrect: keep only the first this many rows graded correct (incorrect), in
+            dataset order (:func:`select_rows`); None for one of them: every such row.
 
     Raises:
         ValueError: no condition named where there are several, an unknown condition, or a
             condition without rows yet.
     """
+    config, _, records = _rows(folder, condition, correct, incorrect)
+    return config, [(record["payload"]["prompt"], record["payload"]["token_ids"]) for record in records]
+
+
+def _rows(folder, condition: str | None, correct: int | None, incorrect: int | None) -> tuple[dict, str, list[dict]]:
     store = ResultStore.of_folder(folder)
     conditions = list(store.config["conditions"])
     if condition is None:
@@ -63,11 +80,36 @@ def study_traces(folder: str | os.PathLike, condition: str | None = None) -> tup
         condition = conditions[0]
     if condition not in conditions:
         raise ValueError(f"{folder} has no condition {condition!r}; its conditions are {', '.join(conditions)}")
-    traces = [(record["payload"]["prompt"], record["payload"]["token_ids"])
-              for record in store.records() if record["condition"] == condition]
-    if not traces:
+    records = [record for record in store.records() if record["condition"] == condition]
+    if not records:
         raise ValueError(f"{folder} has no finished row of condition {condition!r} yet: run the study first")
-    return store.config, traces
+    if correct is not None or incorrect is not None:
+        records = select_rows(records, correct, incorrect)
+    return store.config, condition, records
+
+
+def select_rows(records: list[dict], correct: int | None, incorrect: int | None) -> list[dict]:
+    """The first ``correct`` records graded correct and the first ``incorrect`` graded incorrect,
+    in dataset order (ids ``<name>-<index>`` sort by index), kept in that order.
+
+    None means every record of that grade. Fewer than asked is not an error: the vector's
+    metadata says how many of each were used.
+
+    >>> rows = [{"problem": f"t-{i}", "payload": {"grade": {"correct": i % 3 == 0}}} for i in (4, 0, 3, 1, 2)]
+    >>> [r["problem"] for r in select_rows(rows, correct=1, incorrect=2)]
+    ['t-0', 't-1', 't-2']
+    """
+    def index(record: dict) -> tuple[int, str]:
+        number = record["problem"].rsplit("-", 1)[-1]
+        return (int(number), "") if number.isdigit() else (-1, record["problem"])
+
+    kept, left = [], {True: correct, False: incorrect}
+    for record in sorted(records, key=index):
+        grade = bool(record["payload"].get("grade", {}).get("correct"))
+        if left[grade] is None or left[grade] > 0:
+            kept.append(record)
+            left[grade] = None if left[grade] is None else left[grade] - 1
+    return kept
 
 
 def extract_vector(
@@ -78,6 +120,10 @@ def extract_vector(
     model: surgery.Model | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    correct: int | None = None,
+    incorrect: int | None = None,
+    allow_empty_classes: bool = False,
+    options: dict | None = None,
 ) -> SteeringVector:
     """SEAL's vector from the traces of one condition of a finished (or partly finished) study.
 
@@ -89,19 +135,54 @@ def extract_vector(
         model: the study's model, loaded; default: loaded from the study's ``[model]``.
         batch_size: traces per forward pass.
         progress: a progress bar over the batches.
+        correct, incorrect: SEAL's released selection (:func:`select_rows`); None: every row.
+        allow_empty_classes: for random-weights smoke runs, whose noise holds no reflection: a
+            class without thoughts has mean 0 (said in the metadata) instead of an error.
+        options: more keyword arguments of :meth:`SteeringVector.from_thoughts` (its released
+            modes, e.g. how empty thoughts count).
 
     Returns:
-        The vector; its ``metadata`` names the model, site, class counts and the source folder.
+        The vector; its ``metadata`` names the model, site, class counts and the source folder
+        (with the number of correct and incorrect traces used).
     """
-    config, traces = study_traces(folder, condition)
+    config, condition, records = _rows(folder, condition, correct, incorrect)
+    traces = [(record["payload"]["prompt"], record["payload"]["token_ids"]) for record in records]
     model = ModelSpec(**config["model"]).load() if model is None else model
     layer = seal_layer(model.n_layers) if layer is None else layer
-    vector = SteeringVector.from_thoughts(model, traces, layer, chat=config["prompt"]["chat"],
-                                          batch_size=batch_size, progress=progress)
-    source = {"study": config["name"], "folder": str(Path(folder).resolve()),
-              "condition": condition or next(iter(config["conditions"]))}
+    chat = PromptSpec(**config["prompt"]).engine_chat
+    options = dict(options or {})
+    # a smoke run reads the thoughts once; SEAL's own extraction wherever both classes have thoughts
+    vector = _vector_with_empty_classes(model, traces, layer, chat, batch_size, options) if allow_empty_classes else None
+    if vector is None:
+        vector = SteeringVector.from_thoughts(model, traces, layer, chat=chat, batch_size=batch_size, progress=progress,
+                                              **options)
+    right = sum(bool(record["payload"].get("grade", {}).get("correct")) for record in records)
+    source = {"study": config["name"], "folder": str(Path(folder).resolve()), "condition": condition,
+              "correct": correct, "incorrect": incorrect, "used": {"correct": right, "incorrect": len(records) - right}}
     return SteeringVector.from_config(dataclasses.replace(vector.config, metadata={**vector.metadata, "source": source}),
                                       vector.tensors())
+
+
+def _vector_with_empty_classes(model, traces, layer: int, chat: bool, batch_size: int, options: dict):
+    """SEAL's difference of means where an empty class counts as mean 0 (random-weights smoke runs);
+    None when both classes have thoughts (then :meth:`SteeringVector.from_thoughts` makes it)."""
+    site = model.resolve_site(f"resid_pre.{layer}")
+    when = options.get("when") or seal_trigger_for(model)
+    accepted = inspect.signature(thought_states).parameters
+    extra = {key: value for key, value in {**options, "when": when}.items() if key in accepted}
+    states, labels = thought_states(model, traces, site, chat=chat, batch_size=batch_size, progress=False, **extra)
+    groups = {"execution": ("execution",), "other": ("reflection", "transition")}
+    rows = {name: [i for i, label in enumerate(labels) if label in classes] for name, classes in groups.items()}
+    if all(rows.values()):
+        return None
+    zero = torch.zeros(model.d_model, dtype=torch.float64, device=states.device)
+    means = {name: states[found].double().mean(dim=0) if found else zero for name, found in rows.items()}
+    counts = {label: labels.count(label) for label in ("execution", "reflection", "transition")}
+    metadata = {"model": model.name, "architecture": model.architecture.name, "d_model": model.d_model,
+                "site": str(site), "class_counts": counts, "n_traces": len(traces),
+                "empty_classes_as_zero": "random-weights smoke run: a class without thoughts has mean 0"}
+    vector = (means["execution"] - means["other"]).to(device=model.device, dtype=model.dtype)
+    return SteeringVector(vector, layer=site.layer, metadata=metadata, when=when)
 
 
 def extract_thought_probe(
@@ -142,6 +223,6 @@ def extract_thought_probe(
     config, traces = study_traces(folder, condition)
     model = ModelSpec(**config["model"]).load() if model is None else model
     site = f"resid_pre.{seal_layer(model.n_layers) - 1}" if site is None else site
-    states, labels = thought_states(model, traces, site, chat=config["prompt"]["chat"], batch_size=batch_size,
-                                    progress=progress)
+    states, labels = thought_states(model, traces, site, chat=PromptSpec(**config["prompt"]).engine_chat,
+                                    batch_size=batch_size, progress=progress)
     return ThoughtClassifier(site, linear_probe=fit_linear_probe(states, labels, test_size=test_size))

@@ -37,6 +37,7 @@ from experiments.problems import Problem
 from experiments.row_summaries import summarise_rows
 from experiments.store import ResultStore
 from experiments.study_config import StudyConfig
+from interventions.released_ttts import ReleasedTTTSOutput, trace_generate
 from surgery.storage import atomic_path
 
 __all__ = ["block_names", "run_batch", "run_study", "study_problems", "tensor_path"]
@@ -45,7 +46,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def study_problems(config: StudyConfig) -> list[Problem]:
-    """The study's problems: its ``[dataset]`` file or shipped sample, offset and limit applied."""
+    """The study's problems: its ``[dataset]`` file, hub dataset (its local copy when the hub
+    cannot be reached) or shipped sample, offset and limit applied."""
     from experiments.datasets import load_problems, sample_problems
 
     spec = config.dataset
@@ -54,7 +56,9 @@ def study_problems(config: StudyConfig) -> list[Problem]:
         end = None if spec.limit is None else spec.offset + spec.limit
         return problems[spec.offset : end]
     fmt = spec.format if spec.format in ("gsm8k", "math") else None  # json/csv/parquet: read by suffix
-    return load_problems(spec.path, format=fmt, limit=spec.limit, offset=spec.offset)
+    return load_problems(spec.hub or spec.path, format=fmt, limit=spec.limit, offset=spec.offset, split=spec.split,
+                         subset=spec.subset, fallback=spec.path if spec.hub else None, name=spec.id_prefix,
+                         question_field=spec.question_field, answer_field=spec.answer_field)
 
 
 def block_names(config: StudyConfig, condition: str) -> list[str]:
@@ -77,16 +81,20 @@ def run_batch(config: StudyConfig, condition: str, problems: Sequence[Problem], 
     interventions = dict(zip(block_names(config, condition), config.build_blocks(condition, model), strict=True))
     probes = config.build_probes(model, problems)
     gen = config.generation
-    prompts = [config.prompt.render(problem) for problem in problems]
+    prompts = [config.prompt.render(problem, model.tokenizer) for problem in problems]
     start = time.perf_counter()
     with surgery.trace(model, *interventions.values(), *probes.values()) as tr:
-        out = tr.generate(prompts, gen.max_new_tokens, chat=config.prompt.chat, do_sample=gen.do_sample,
-                          temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
-                          stop_strings=gen.stop_strings, row_keys=[problem.id for problem in problems],
-                          progress=False)
+        # tr.generate, or the released TTTS passes when a ThinkingTokenInsertion(joins="released") is attached
+        out = trace_generate(tr, prompts, config.max_new_tokens(condition), chat=config.prompt.engine_chat,
+                             do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
+                             stop_strings=gen.stop_strings, row_keys=[problem.id for problem in problems],
+                             progress=False)
     seconds = time.perf_counter() - start
     rows = summarise_rows(out, interventions, probes, model.tokenizer, prompts=prompts, seconds=seconds)
-    for problem, row in zip(problems, rows, strict=True):
+    released = out.records() if isinstance(out, ReleasedTTTSOutput) else None
+    for i, (problem, row) in enumerate(zip(problems, rows, strict=True)):
+        if released is not None:  # the three passes; "text" is the answer pass, the one the release grades
+            row.record["released_ttts"] = released[i]
         row.record["grade"] = grade(row.record["text"], problem.answer).to_dict()
     return rows
 

@@ -2,7 +2,8 @@
 
 Each section is a frozen dataclass whose fields are the section's keys (with their defaults);
 :func:`parse_section` checks a table's keys and value types against it, then the section's own
-rules apply (a dtype that exists, a dataset file that exists, a template with ``{question}``).
+rules apply (a dtype that exists, a model config that reads, a shrink factor that divides its
+widths, a dataset file that exists or a well-formed hub name, a template with ``{question}``).
 Errors are :class:`~experiments.config_checks.StudyConfigError` naming the field and the fix.
 :mod:`experiments.study_config` documents the whole file.
 
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import string
 import typing
@@ -37,6 +39,7 @@ __all__ = [
     "GenerationSpec",
     "ModelSpec",
     "PromptSpec",
+    "local_tokenizer",
     "parse_section",
 ]
 
@@ -45,45 +48,113 @@ DATASET_FORMATS = ("gsm8k", "math", "json", "csv", "parquet")
 DATASET_SAMPLES = ("gsm8k",)
 _FORMAT_OF_SUFFIX = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``[model]``: which model, in which dtype, on which device (``name`` resolved: a folder is absolute)."""
+    """``[model]``: which model, in which dtype, on which device (paths resolved: absolute).
+
+    A replication study names the hub id a GPU user loads (``name``), the model's shipped
+    ``config`` (its depth and widths for the checks, and the architecture of the offline random
+    model) and a local ``tokenizer`` folder (for the offline runs). ``random_weights`` (set by
+    ``surgery run --random-weights``) builds the model from ``config`` with seeded random
+    weights and that tokenizer, its widths divided by ``smoke_shrink``, in float32 on a CPU.
+    """
 
     name: str = EMBEDDED
     dtype: str = "float32"
     device: str = "auto"
+    config: str | None = None
+    tokenizer: str | None = None
+    smoke_shrink: int = 1
+    random_weights: bool = False
 
     def load(self) -> surgery.Model:
-        """Load the model (:func:`surgery.load`); ``"auto"`` picks CUDA when there is one."""
+        """Load the model (:func:`surgery.load`), or build its random stand-in
+        (:func:`surgery.loading.load_from_config`); ``"auto"`` picks CUDA when there is one."""
         import torch
 
-        return surgery.load(None if self.name == EMBEDDED else self.name,
-                            device=None if self.device == "auto" else self.device, dtype=getattr(torch, self.dtype))
+        device = None if self.device == "auto" else self.device
+        if self.random_weights:
+            from surgery.loading import load_from_config
+
+            device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = torch.float32 if device.type == "cpu" else getattr(torch, self.dtype)
+            return load_from_config(self.config, local_tokenizer(self.tokenizer), shrink=self.smoke_shrink, device=device,
+                                    dtype=dtype, name=self.label)
+        return surgery.load(None if self.name == EMBEDDED else self.name, device=device, dtype=getattr(torch, self.dtype))
+
+    @property
+    def label(self) -> str:
+        """How reports name the model: the name, and for random weights what they stand in for."""
+        if not self.random_weights:
+            return self.name
+        widths = f", widths divided by {self.smoke_shrink}" if self.smoke_shrink > 1 else ""
+        return f"{self.name} (random weights{widths})"
+
+
+@functools.lru_cache(maxsize=4)
+def local_tokenizer(folder: str):
+    """The tokenizer saved in ``folder``, read once per process (the toolkit never changes a tokenizer).
+
+    Raises:
+        OSError, ValueError: no tokenizer there (transformers' error).
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """``[dataset]``: a file (``path``, absolute) or a shipped ``sample``, its format, which problems."""
+    """``[dataset]``: a file (``path``, absolute), a hub dataset (``hub``, with ``path`` its local
+    copy, read when the hub cannot be reached) or a shipped ``sample``; its format, which problems."""
 
     path: str | None = None
     sample: str | None = None
     format: str | None = None
     limit: int | None = None
     offset: int = 0
+    hub: str | None = None
+    split: str = "test"
+    subset: str | None = None
+    question_field: str | None = None
+    answer_field: str | None = None
+
+    @property
+    def id_prefix(self) -> str | None:
+        """Problem ids start with this (``MATH-500-test-17``), whichever copy is read; None: the file's stem."""
+        return None if self.hub is None else f"{self.hub.rsplit('/', 1)[-1]}-{self.split}"
 
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """``[prompt]``: the text the model gets for a problem, and whether it goes in the chat template."""
+    """``[prompt]``: the text the model gets for a problem, whether it goes in the chat template,
+    and the chat's system message (``system``; with it the study renders the template itself)."""
 
     template: str = "{question}"
     chat: bool = True
+    system: str | None = None
 
-    def render(self, problem: Problem) -> str:
-        """The prompt for ``problem``."""
-        return self.template.format(question=problem.question)
+    def render(self, problem: Problem, tokenizer=None) -> str:
+        """The prompt for ``problem``: the template filled in; with a ``system`` message, the whole
+        chat (system and user turns, generation prompt) as the tokenizer's template writes it, its
+        leading BOS text removed (tokenizing adds the BOS once, as SEAL's released code does)."""
+        text = self.template.format(question=problem.question)
+        if not (self.chat and self.system is not None):
+            return text
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt.system needs the model's tokenizer, with a chat template, to render the chat")
+        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = tokenizer.bos_token
+        return rendered[len(bos):] if bos and rendered.startswith(bos) else rendered
+
+    @property
+    def engine_chat(self) -> bool:
+        """The ``chat`` flag the engine gets: False when :meth:`render` already wrote the chat."""
+        return self.chat and self.system is None
 
 
 @dataclass(frozen=True)
@@ -123,6 +194,7 @@ def _model(spec: ModelSpec, base: Path) -> ModelSpec:
         raise StudyConfigError("model.dtype", f"{spec.dtype!r} is not one of {', '.join(DTYPES)}")
     if not _DEVICE.fullmatch(spec.device):
         raise StudyConfigError("model.device", f"{spec.device!r} is not a device: write auto, cpu, mps, cuda or cuda:N")
+    spec = _model_files(spec, base)
     if spec.name == EMBEDDED:
         return spec
     local = (base / Path(spec.name).expanduser()).resolve()
@@ -136,27 +208,64 @@ def _model(spec: ModelSpec, base: Path) -> ModelSpec:
     return spec
 
 
+def _model_files(spec: ModelSpec, base: Path) -> ModelSpec:
+    """``config`` and ``tokenizer`` made absolute and checked; ``smoke_shrink`` against the config."""
+    from surgery.loading import read_config, shrink_config
+
+    changes = {}
+    if spec.config is not None:
+        changes["config"] = str((base / Path(spec.config).expanduser()).resolve())
+        try:
+            read_config(changes["config"])
+        except (OSError, ValueError) as error:
+            raise StudyConfigError("model.config", f"{error}. Give the model's config.json (relative to this file)") from None
+    if spec.tokenizer is not None:
+        changes["tokenizer"] = str((base / Path(spec.tokenizer).expanduser()).resolve())
+        if not Path(changes["tokenizer"]).is_dir():
+            raise StudyConfigError("model.tokenizer", f"no folder at {changes['tokenizer']}: give the folder of a saved "
+                                                      "tokenizer (tokenizer.json, tokenizer_config.json)")
+    if spec.smoke_shrink < 1:
+        raise StudyConfigError("model.smoke_shrink", f"must be at least 1 (1: the exact widths), got {spec.smoke_shrink}")
+    if spec.config is not None:
+        try:
+            shrink_config(changes["config"], spec.smoke_shrink)
+        except ValueError as error:
+            raise StudyConfigError("model.smoke_shrink", str(error)) from None
+    if spec.random_weights and (spec.config is None or spec.tokenizer is None):
+        missing = " and ".join(key for key in ("config", "tokenizer") if getattr(spec, key) is None)
+        raise StudyConfigError("model", f"random weights need the model's config and a local tokenizer: add {missing} "
+                                        'to [model] (config = "config.json", tokenizer = "tokenizer folder")')
+    return dataclasses.replace(spec, **changes)
+
+
 def _dataset(spec: DatasetSpec, base: Path) -> DatasetSpec:
-    if (spec.path is None) == (spec.sample is None):
-        raise StudyConfigError("dataset", f'give either path = "file" or sample = one of {", ".join(DATASET_SAMPLES)}')
+    if spec.sample is not None and (spec.path is not None or spec.hub is not None):
+        raise StudyConfigError("dataset", "give either sample = ... or a path (and/or a hub dataset), not both")
+    if spec.sample is None and spec.path is None and spec.hub is None:
+        raise StudyConfigError("dataset", f'give path = "file", hub = "owner/name" (with path = its local copy) or '
+                                          f'sample = one of {", ".join(DATASET_SAMPLES)}')
+    if spec.hub is not None and not _HUB_NAME.fullmatch(spec.hub):
+        raise StudyConfigError("dataset.hub", f'{spec.hub!r} is not a hub dataset name: write owner/name, e.g. '
+                                              '"HuggingFaceH4/MATH-500" (a local file goes in path = "...")')
     if spec.sample is not None:
         if spec.sample not in DATASET_SAMPLES:
             samples = ", ".join(DATASET_SAMPLES)
             raise StudyConfigError("dataset.sample", f"{spec.sample!r} is not a shipped sample: use one of {samples}")
         spec = dataclasses.replace(spec, format=spec.format or spec.sample)
-    else:
+    elif spec.path is not None:
         file = (base / Path(spec.path).expanduser()).resolve()
-        if not file.is_file():
+        if spec.hub is None and not file.is_file():
             raise StudyConfigError(
-                "dataset.path", f'no file at {file} (paths start from the TOML file\'s folder). Fix the path, or use '
-                f'sample = "{DATASET_SAMPLES[0]}" for the sample shipped with experiments'
+                "dataset.path", f'no file at {file} (paths start from the TOML file\'s folder). Fix the path, name the '
+                f'hub dataset it copies (hub = "owner/name"), or use sample = "{DATASET_SAMPLES[0]}" for the sample '
+                "shipped with experiments"
             )
         inferred = _FORMAT_OF_SUFFIX.get(file.suffix)
         if spec.format is None and inferred is None:
             formats = ", ".join(DATASET_FORMATS)
             raise StudyConfigError("dataset.format", f"cannot tell the format of {file.name}: write format = one of {formats}")
         spec = dataclasses.replace(spec, path=str(file), format=spec.format or inferred)
-    if spec.format not in DATASET_FORMATS:
+    if spec.format is not None and spec.format not in DATASET_FORMATS:
         raise StudyConfigError("dataset.format", f"{spec.format!r} is not one of {', '.join(DATASET_FORMATS)}")
     if spec.limit is not None and spec.limit < 1:
         raise StudyConfigError("dataset.limit", f"must be at least 1, got {spec.limit} (leave it out for every problem)")
@@ -175,6 +284,8 @@ def _prompt(spec: PromptSpec) -> PromptSpec:
         problem = f"unknown field(s) {', '.join('{' + n + '}' for n in extra)}" if extra else "no {question} field"
         raise StudyConfigError("prompt.template", f"{problem}: the template must hold {{question}} and no other "
                                                   "field (write {{ and }} for literal braces)")
+    if spec.system is not None and not spec.chat:
+        raise StudyConfigError("prompt.system", "a system message needs the chat template: set chat = true, or remove it")
     return spec
 
 

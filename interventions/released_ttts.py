@@ -310,7 +310,8 @@ def trace_generate(tr: Trace, prompts, max_new_tokens: int = 64, **options) -> G
     whose ``texts`` are what the release grades; ``records()`` gives each row's three texts,
     token counts and stop reasons) from :func:`released_ttts` with the block's settings: its
     word, ``first_budget`` (None: ``max_new_tokens``), ``budget``, ``answer_prompt`` and
-    ``answer_tokens``; ``options`` go to every pass, and ``stop_strings``, when not given, are
+    ``answer_tokens``, no pass longer than ``max_new_tokens`` (a run's cap, e.g. a smoke run's);
+    ``options`` go to every pass, and ``stop_strings``, when not given, are
     :data:`RELEASED_STOP_STRINGS`. The block's ``by_row()`` then gives each row's insertion
     index. For the released run, render each problem with :func:`released_prompt` and
     ``chat=False``.
@@ -326,5 +327,7 @@ def trace_generate(tr: Trace, prompts, max_new_tokens: int = 64, **options) -> G
                          "word, so one such block per trace")
     config = found[0].config
     stop_strings = options.pop("stop_strings", RELEASED_STOP_STRINGS)
-    return released_ttts(tr, prompts, config.words[0], config.first_budget or max_new_tokens, config.budget,
-                         config.answer_prompt, config.answer_tokens, stop_strings=stop_strings, **options)
+    first_budget = min(config.first_budget or max_new_tokens, max_new_tokens)  # no pass exceeds max_new_tokens
+    return released_ttts(tr, prompts, config.words[0], first_budget, min(config.budget, max_new_tokens),
+                         config.answer_prompt, min(config.answer_tokens, max_new_tokens), stop_strings=stop_strings,
+                         **options)

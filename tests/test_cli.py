@@ -1,6 +1,7 @@
 """The `surgery` command: `run` checks the study before any model loads, runs it, resumes it, and
 ends with the per-condition table; `--help` reads well."""
 
+import json
 import subprocess
 import sys
 
@@ -39,3 +40,30 @@ def test_help_names_the_commands():
     printed = subprocess.run([sys.executable, "-m", "experiments.cli", "run", "--help"], capture_output=True,
                              text=True, check=True).stdout
     assert "TOML" in printed and "--no-progress" in printed
+    assert all(option in printed for option in ("--check", "--random-weights", "--limit", "--max-new-tokens", "--dataset",
+                                                "--output"))
+
+
+def test_check_loads_no_model_and_says_what_it_checked(tmp_path, capsys, monkeypatch):
+    study = write_study(tmp_path, conditions=["plain", "seal"])
+    monkeypatch.setattr("surgery.load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    assert main(["run", str(study), "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "every field, block, site and layer checked" in printed and "5 problems read" in printed
+    assert "condition  seal: steering_vector (site 'resid_pre.1', alpha 1.0); 12 new tokens at most" in printed
+    assert f"OK: {study} is ready" in printed and not (tmp_path / "out").exists()  # nothing written
+    study.write_text(study.read_text().replace("batch_size = 2", "batch_size = 0"))
+    assert main(["run", str(study), "--check"]) == 1
+    error = capsys.readouterr().err
+    assert "surgery run --check: generation.batch_size: must be at least 1, got 0" in error and "1 error(s)" in error
+
+
+def test_limit_tokens_and_output_shrink_a_run(tmp_path, capsys):
+    study = write_study(tmp_path, conditions=["plain"])
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["run", str(study), "--no-progress", "--limit", "2", "--max-new-tokens", "3", "--output", str(elsewhere)]) == 0
+    records = [json.loads(line) for line in (elsewhere / "results.jsonl").read_text().splitlines()]
+    assert [r["problem"] for r in records] == ["problems-0", "problems-1"]
+    assert all(len(r["payload"]["token_ids"]) <= 3 for r in records) and not (tmp_path / "out").exists()
+    assert main(["run", str(study), "--check", "--random-weights"]) == 1  # the tiny study has no [model] config
+    assert "model: random weights need the model's config and a local tokenizer" in capsys.readouterr().err

@@ -168,3 +168,47 @@ def test_unsupported_files_and_folders(tmp_path):
         load_problems(tmp_path / "notes.txt")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         load_problems(tmp_path)
+
+
+MATH500_TEST = GSM8K_TEST.parents[1] / "math500" / "test.jsonl"
+
+
+def test_the_real_math500_reads_with_its_own_answers():
+    problems = load_problems(MATH500_TEST)
+    assert len(problems) == 500 and [p.id for p in problems[:2]] == ["test-0", "test-1"]
+    raw = [json.loads(line) for line in MATH500_TEST.read_text(encoding="utf-8").splitlines()]
+    # the last box of every solution is the record's own final answer, so the MATH format reads it
+    assert [p.answer for p in problems] == [record["answer"] for record in raw]
+    first = problems[0]
+    assert first.question.startswith("Convert the point $(0,3)$") and first.answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert first.meta == {"answer": first.answer, "subject": "Precalculus", "level": 2}
+    assert sorted({p.meta["level"] for p in problems}) == [1, 2, 3, 4, 5]
+
+
+def test_a_hub_dataset_offline_reads_its_local_copy_with_the_same_ids(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="HuggingFaceH4/MATH-500: offline mode is on.*reading its local copy"):
+        problems = load_problems("HuggingFaceH4/MATH-500", split="test", fallback=MATH500_TEST, name="MATH-500-test",
+                                 limit=3)
+    assert [p.id for p in problems] == ["MATH-500-test-0", "MATH-500-test-1", "MATH-500-test-2"]
+    assert problems == load_problems(MATH500_TEST, limit=3, name="MATH-500-test")
+    with pytest.warns(UserWarning, match="openai/gsm8k"):
+        gsm8k = load_problems("openai/gsm8k", subset="main", fallback=GSM8K_TEST, name="gsm8k-test", limit=60)
+    assert gsm8k == sample_problems()  # the shipped sample's ids, whichever copy is read
+
+
+def test_a_hub_dataset_offline_without_its_local_copy_says_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"(?s)the hub cannot be reached.*math-train.jsonl' does not exist.*hf download"):
+        load_problems("DigitalLearningGmbH/MATH-lighteval", split="train", fallback=tmp_path / "math-train.jsonl")
+
+
+def test_a_reachable_hub_is_read_even_with_a_local_copy(monkeypatch):
+    import datasets
+
+    import surgery.loading
+
+    monkeypatch.setattr(surgery.loading, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, subset, split: [{"question": "Q?", "answer": "#### 5"}])
+    (problem,) = load_problems("openai/gsm8k", subset="main", fallback=GSM8K_TEST, name="gsm8k-test")
+    assert (problem.id, problem.answer) == ("gsm8k-test-0", "5")

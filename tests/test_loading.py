@@ -180,3 +180,77 @@ def test_the_cache_is_written_whole_and_then_read(monkeypatch, tmp_path, tokeniz
     monkeypatch.setattr(loading, "_load_gguf", lambda path: pytest.fail("the cache should be used"))
     again, _ = loading._cached_gguf(gguf)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.module.state_dict().values()))
+
+
+# ---- models from a config, with random weights (offline smoke runs of a paper's model) ------------------------
+
+def _qwen_config(tmp_path, **changes):
+    """A small Qwen2 config written as a config.json (the shape of R1-Distill-Qwen-1.5B's, narrower)."""
+    from transformers import Qwen2Config
+
+    values = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=500, max_position_embeddings=256, tie_word_embeddings=False)
+    Qwen2Config(**{**values, **changes}).save_pretrained(tmp_path / "cfg")
+    return tmp_path / "cfg" / "config.json"
+
+
+def test_read_config_takes_a_file_a_folder_or_a_config(tmp_path):
+    path = _qwen_config(tmp_path)
+    assert loading.read_config(path).hidden_size == loading.read_config(path.parent).hidden_size == 96
+    assert loading.read_config(loading.read_config(path)).model_type == "qwen2"
+    with pytest.raises(FileNotFoundError, match="no model config at"):
+        loading.read_config(tmp_path / "nothing.json")
+    (tmp_path / "bad.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ValueError, match="not a model config transformers can read"):
+        loading.read_config(tmp_path / "bad.json")
+
+
+def test_shrink_divides_the_widths_and_keeps_the_rest(tmp_path):
+    path = _qwen_config(tmp_path)
+    small = loading.shrink_config(path, 3)
+    assert (small.hidden_size, small.intermediate_size, small.num_attention_heads, small.num_key_value_heads,
+            small.head_dim) == (32, 66, 2, 1, 16)  # kv heads 2 // 3 -> 1; the head width kept
+    assert (small.num_hidden_layers, small.vocab_size, small.max_position_embeddings) == (3, 500, 256)
+    assert loading.read_config(path).hidden_size == 96  # the original is not changed
+    assert loading.shrink_config(path, 1).to_dict() | {"head_dim": None} == loading.read_config(path).to_dict() | {"head_dim": None}
+    with pytest.raises(ValueError, match="hidden_size 96 and num_attention_heads 6 divide by 1, 2, 3, 6"):
+        loading.shrink_config(path, 4)
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        loading.shrink_config(path, 0)
+
+
+def test_kv_heads_stay_a_divisor_of_the_heads(tmp_path):
+    path = _qwen_config(tmp_path, num_attention_heads=6, num_key_value_heads=6)
+    assert loading.shrink_config(path, 2).num_key_value_heads == 3
+    path = _qwen_config(tmp_path, hidden_size=120, num_attention_heads=12, num_key_value_heads=8)
+    small = loading.shrink_config(path, 4)  # 3 heads; 8 // 4 = 2 kv heads do not divide 3
+    assert (small.num_attention_heads, small.num_key_value_heads) == (3, 1)
+
+
+def test_a_random_model_from_a_config_is_seeded_and_leaves_the_global_stream_alone(tmp_path, tokenizer):
+    path = _qwen_config(tmp_path)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    model = loading.load_from_config(path, tokenizer, seed=1, device="cpu")
+    assert torch.equal(torch.rand(1), expected_next)  # the global random state is as it was
+    again = loading.load_from_config(path, tokenizer, seed=1, device="cpu")
+    other = loading.load_from_config(path, tokenizer, seed=2, device="cpu")
+    weights = lambda m: m.module.get_input_embeddings().weight  # noqa: E731
+    assert torch.equal(weights(model), weights(again)) and not torch.equal(weights(model), weights(other))
+    assert (model.n_layers, model.d_model, model.vocab_size, model.dtype) == (3, 96, 500, torch.float32)
+    assert not model.module.training and model.name == f"random qwen2 ({path})"
+    out = surgery.generate(model, ["Tom has 3 apples."], 3)
+    assert len(out.token_ids[0]) == 3
+
+
+def test_a_shrunk_random_model_and_a_tokenizer_wider_than_the_config(tmp_path, tokenizer):
+    path = _qwen_config(tmp_path, vocab_size=100)  # fewer entries than the tokenizer's ~400
+    with pytest.warns(UserWarning, match="it is not this model's tokenizer; the random model's vocabulary is widened"):
+        model = loading.load_from_config(path, tokenizer, shrink=3, device="cpu", name="stand-in")
+    assert (model.n_layers, model.d_model, model.vocab_size, model.name) == (3, 32, len(tokenizer), "stand-in")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with pytest.warns(UserWarning, match="widened"):
+        assert loading.load_from_config(path.parent, tmp_path / "tok", shrink=3, device="cpu").vocab_size == len(tokenizer)
+    with pytest.raises(FileNotFoundError, match="no tokenizer folder"):
+        loading.load_from_config(path, tmp_path / "no-tokenizer")

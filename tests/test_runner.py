@@ -208,3 +208,18 @@ def test_kill_9_in_the_middle_then_the_same_command_finishes_the_study(reference
     assert finished.returncode == 0, finished.stderr[-2000:]
     config = load_study_config(study)
     assert_same_results(by_key(ResultStore(config.output, config.to_dict())), want)
+
+
+def test_a_hub_dataset_reads_its_local_copy_offline_and_a_condition_keeps_its_own_token_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    study = write_study(tmp_path, conditions=["plain", "mask"], max_new_tokens=6)
+    text = study.read_text().replace('path = "problems.jsonl"', 'hub = "openai/gsm8k"\nsubset = "main"\npath = "problems.jsonl"')
+    study.write_text(text.replace("[conditions.mask]\n", "[conditions.mask]\nmax_new_tokens = 2\n"))
+    config = load_study_config(study)
+    with pytest.warns(UserWarning, match="reading its local copy"):
+        problems = study_problems(config)
+    assert [p.id for p in problems] == [f"gsm8k-test-{i}" for i in range(len(QUESTIONS))]  # the hub's ids
+    store = run_study(config, problems=problems[:2], progress=False)
+    lengths = {(r["problem"], r["condition"]): r["payload"]["n_tokens"] for r in store.records()}
+    assert all(n <= 2 for (_, condition), n in lengths.items() if condition == "mask")
+    assert any(n > 2 for (_, condition), n in lengths.items() if condition == "plain")

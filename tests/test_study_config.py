@@ -1,5 +1,6 @@
 """A study's EXPERIMENT.toml: parsed into frozen dataclasses, refused before any model loads."""
 
+import dataclasses
 import json
 import re
 import textwrap
@@ -14,6 +15,7 @@ import surgery.loading
 from experiments import Problem
 from experiments.config_checks import StudyConfigError
 import experiments.study_config
+from experiments.run_overrides import RunOverrides
 from experiments.study_config import load_study_config
 from experiments.study_sections import DatasetSpec, GenerationSpec, ModelSpec, PromptSpec
 from interventions import RepresentationRecycling, SteeringVector, TokenMask
@@ -124,7 +126,9 @@ def test_a_full_file_parses_to_the_expected_dataclasses(study_folder, model_load
     assert seal.config["metadata"] == {"note": "hand-made"} and len(seal.source_sha256) == 64
     mask, rr = study.conditions["mask"]
     assert mask.config["words"] == ["Wait", "Alternatively"] and mask.config["match"] == "auto"  # defaults written out
-    assert rr.config == {"layer": -1, "trigger_words": ["Wait"], "probability": 0.5, "seed": 0, "when": None}
+    # every field written out (the block's own defaults, whatever fields it gains)
+    assert rr.config == RepresentationRecycling(layer=-1, trigger_words=("Wait",), probability=0.5).to_dict()["config"]
+    assert {"layer": -1, "trigger_words": ["Wait"], "probability": 0.5, "seed": 0, "when": None}.items() <= rr.config.items()
     assert {name: spec.type for name, spec in study.probes.items()} == {
         "mi": "mi_estimator", "thoughts": "thought_classifier", "graph": "reasoning_graph"}
     assert study.probes["mi"].answers_from == "dataset" and study.probes["mi"].config["answers"] is None
@@ -227,7 +231,7 @@ BAD = {
     "answers twice": (('answers_from = "dataset"', 'answers_from = "dataset", answers = ["8"]'), "probes.mi.answers",
                       'give answers or answers_from = "dataset", not both'),
     "answers from elsewhere": (('answers_from = "dataset"', 'answers_from = "file"'), "probes.mi.answers_from",
-                               'write answers_from = "dataset"'),
+                               'write answers_from = "dataset" (final answers) or "solution"'),
     "missing dataset file": (('path = "data/test.jsonl"', 'path = "data/train.jsonl"'), "dataset.path",
                              'use sample = "gsm8k"'),
     "dtype out of range": (('dtype = "float32"', 'dtype = "fp16"'), "model.dtype",
@@ -282,3 +286,101 @@ def test_the_format_in_the_module_docstring_is_a_valid_study(tmp_path, model_loa
     assert list(study.conditions) == ["plain", "seal", "mask", "late_mask"] and list(study.probes) == ["mi", "thoughts", "graph"]
     assert study.model == ModelSpec() and study.dataset.format == "gsm8k"
     assert model_loads == []
+
+
+# ---- replication studies: the model's config, run overrides, per-condition token limits, system prompts --------
+
+def test_keys_added_later_leave_old_fingerprints_alone(study_folder, model_loads):
+    study = load_study_config(write(study_folder, STUDY))
+    written = study.to_dict()
+    assert "config" not in written["model"] and "random_weights" not in written["model"]
+    assert "hub" not in written["dataset"] and "system" not in written["prompt"] and "token_limits" not in written
+    spelled_out = STUDY.replace('device = "cpu"', 'device = "cpu"\nsmoke_shrink = 1\nrandom_weights = false')
+    assert fingerprint(study_folder, spelled_out) == study.fingerprint()  # defaults are the old study
+
+
+def test_the_model_config_gives_the_shape_and_random_weights_its_shrunk_one(study_folder, model_loads):
+    text = STUDY.replace('name = "tiny-llama"', 'name = "some-org/a-model"\nconfig = "tiny-llama/config.json"\n'
+                                                  'tokenizer = "tok"\nsmoke_shrink = 2')
+    (study_folder / "tok").mkdir()
+    study = load_study_config(write(study_folder, text))  # no warning: the shape is known from the config
+    assert study.model.config == str(study_folder / "tiny-llama" / "config.json") and study.model.smoke_shrink == 2
+    assert study.model.tokenizer == str(study_folder / "tok") and not study.model.random_weights
+    # with random weights the vector of the 64-wide exact model is refused: the random model is 32 wide
+    with pytest.raises(StudyConfigError, match=r"conditions\.seal\.blocks\[0\]\.from: .*d_model=64.*d_model=32"):
+        load_study_config(write(study_folder, text), RunOverrides(random_weights=True))
+    with pytest.raises(StudyConfigError, match=r"^model\.smoke_shrink: widths / 3 are not whole"):
+        load_study_config(write(study_folder, text.replace("smoke_shrink = 2", "smoke_shrink = 3")))
+    with pytest.raises(StudyConfigError, match=r"^model\.config: no model config at"):
+        load_study_config(write(study_folder, text.replace("tiny-llama/config.json", "nothing/config.json")))
+    with pytest.raises(StudyConfigError, match=r"^model\.tokenizer: no folder at"):
+        load_study_config(write(study_folder, text.replace('tokenizer = "tok"', 'tokenizer = "no-tok"')))
+    with pytest.raises(StudyConfigError, match=r"^model: random weights need the model's config and a local tokenizer: "
+                                               "add tokenizer"):
+        load_study_config(write(study_folder, text.replace('tokenizer = "tok"\n', "")), RunOverrides(random_weights=True))
+    assert model_loads == []
+
+
+def test_run_overrides_are_written_in_before_the_checks(study_folder, model_loads):
+    text = STUDY.replace("[conditions.plain]\nblocks = []", "[conditions.plain]\nblocks = []\nmax_new_tokens = 3")
+    plain = load_study_config(write(study_folder, text))
+    assert plain.max_new_tokens("plain") == 3 and plain.max_new_tokens("mask") == 6
+    assert plain.to_dict()["token_limits"] == {"plain": 3}
+    other = study_folder / "other.jsonl"
+    other.write_text('{"question": "2 + 2?", "answer": "#### 4"}\n')
+    study = load_study_config(write(study_folder, text), RunOverrides(limit=1, max_new_tokens=2, dataset=str(other),
+                                                                       output=str(study_folder / "elsewhere")))
+    assert study.dataset.path == str(other) and study.dataset.limit == 1 and study.dataset.offset == 1  # offset kept
+    assert study.generation.max_new_tokens == 2 and study.max_new_tokens("plain") == 2
+    assert study.output == str(study_folder / "elsewhere") and study.fingerprint() != plain.fingerprint()
+    assert study.overrides.limit == 1
+    with pytest.raises(StudyConfigError, match=r"^dataset\.path: no file at"):
+        load_study_config(write(study_folder, text), RunOverrides(dataset=str(study_folder / "none.jsonl")))
+    with pytest.raises(StudyConfigError, match=r"^conditions\.plain\.max_new_tokens: must be at least 1"):
+        load_study_config(write(study_folder, text.replace("max_new_tokens = 3", "max_new_tokens = 0")))
+    assert model_loads == []
+
+
+def test_random_weights_write_beside_the_real_output(study_folder, model_loads):
+    text = STUDY.replace('name = "tiny-llama"', 'name = "tiny-llama"\nconfig = "tiny-llama"\ntokenizer = "tok"')
+    (study_folder / "tok").mkdir()
+    text = text.replace('{ type = "steering_vector", from = "vec.safetensors", alpha = 2.0 },', "")
+    study = load_study_config(write(study_folder, text), RunOverrides(random_weights=True))
+    assert study.output == str(study_folder / "runs" / "seal-tiny-random-weights") and study.model.random_weights
+    assert study.to_dict()["model"]["random_weights"] is True
+
+
+def test_a_system_prompt_is_rendered_by_the_study(study_folder, tokenizer, model_loads):
+    text = STUDY.replace("chat = true", 'chat = true\nsystem = "You are a helpful assistant."')
+    study = load_study_config(write(study_folder, text))
+    assert study.prompt.system == "You are a helpful assistant." and not study.prompt.engine_chat
+    rendered = study.prompt.render(PROBLEMS[0], tokenizer)
+    assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nTom has 3 apples "
+                        "and buys 5. How many?\nPut the final answer after ####.<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    assert load_study_config(write(study_folder, STUDY)).prompt.engine_chat
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        study.prompt.render(PROBLEMS[0])
+    with pytest.raises(StudyConfigError, match=r"^prompt\.system: a system message needs the chat template"):
+        load_study_config(write(study_folder, text.replace("chat = true", "chat = false")))
+
+
+def test_a_hub_dataset_with_a_local_copy(study_folder, model_loads):
+    text = STUDY.replace('path = "data/test.jsonl"', 'hub = "openai/gsm8k"\nsubset = "main"\npath = "data/test.jsonl"')
+    study = load_study_config(write(study_folder, text))
+    assert (study.dataset.hub, study.dataset.subset, study.dataset.split) == ("openai/gsm8k", "main", "test")
+    assert study.dataset.id_prefix == "gsm8k-test"
+    missing_copy = text.replace('path = "data/test.jsonl"', 'path = "data/absent.jsonl"')
+    assert load_study_config(write(study_folder, missing_copy)).dataset.path == str(study_folder / "data" / "absent.jsonl")
+    with pytest.raises(StudyConfigError, match=r"^dataset\.hub: 'gsm8k' is not a hub dataset name"):
+        load_study_config(write(study_folder, text.replace('hub = "openai/gsm8k"', 'hub = "gsm8k"')))
+    with pytest.raises(StudyConfigError, match=r"^dataset: give either sample"):
+        load_study_config(write(study_folder, text.replace('subset = "main"', 'subset = "main"\nsample = "gsm8k"')))
+
+
+def test_answers_from_the_solution_give_the_probe_each_problem_s_reference_solution(study_folder, tiny_llama):
+    study = load_study_config(write(study_folder, STUDY.replace('answers_from = "dataset"', 'answers_from = "solution"')))
+    assert study.probes["mi"].answers_from == "solution"
+    solved = [dataclasses.replace(p, solution=f"Worked out: {p.answer}.") for p in PROBLEMS]
+    assert study.build_probes(tiny_llama, solved)["mi"].config.answers == ("Worked out: 8.", "Worked out: 56.")
+    with pytest.raises(ValueError, match=r'probes\.mi: answers_from = "solution", but problem p0 has no reference'):
+        study.build_probes(tiny_llama, PROBLEMS)
