@@ -53,3 +53,19 @@ def test_check_context_counts_the_new_tokens(tiny_llama):
     with pytest.raises(ValueError, match="prompt 1 has 129 tokens, more than the model's context of 128") as info:
         check_context(tiny_llama, long)
     assert "max_new_tokens" not in str(info.value)
+
+
+def test_r1_chat_prompts_are_the_real_template_and_open_no_think_span(tiny_r1, r1_tokenizer):
+    """The real R1-Distill-Qwen template: one BOS, <｜User｜> ... <｜Assistant｜>, no <think> (the
+    model writes it), left-padded with its EOS id."""
+    prompts = ["What is 2 + 3?", "Tom has 3 apples.\n\nHe buys 2 more. How many?"]
+    ids, mask = encode_prompts(tiny_r1, prompts, chat=True)
+    for row, prompt in enumerate(prompts):
+        expected = r1_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                    add_generation_prompt=True, return_dict=False)
+        assert ids[row][mask[row].bool()].tolist() == list(expected)
+        assert expected[:2] == [151646, 151644] and expected[-1] == 151645 and 151648 not in expected
+    assert ids[0, 0].item() == r1_tokenizer.pad_token_id == 151643 and not mask[0, 0]
+    text = r1_tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=False,
+                                            add_generation_prompt=True)
+    assert apply_chat_template(tiny_r1, prompts[:1]) == [text] and text.endswith("<｜Assistant｜>")

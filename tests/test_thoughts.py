@@ -14,6 +14,7 @@ from surgery.thoughts import (
     Thought,
     classify_thought,
     split_thoughts,
+    thought_positions,
 )
 
 
@@ -297,3 +298,20 @@ def test_separator_start_is_where_the_opening_run_begins():
     assert [t.start for t in found] == [4, 9]
     assert [t.end for t in found] == [6, len(text)]
     assert [t.text for t in found] == ["y.", "z."]
+
+
+def test_r1_tokens_thoughts_open_at_the_one_token_separators(tiny_r1, r1_tokenizer):
+    """On the real R1 tokenizer ".\\n\\n" (382) and "\\n\\n" (271) are single tokens: a thought's
+    position is that token, inside <think> only, and the text rule and the SEAL trigger's replay
+    agree on this trace."""
+    from interventions import seal_trigger
+
+    prompt = r1_tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=False)
+    completion = r1_tokenizer("<think>\nOkay.\n\nFirst, 2 + 3 = 5.\n\nWait, let me check.\n\nAlternatively, count."
+                              "</think>\n\nThe answer is 5.\n\nDone.", add_special_tokens=False)["input_ids"]
+    found = thought_positions(tiny_r1, list(prompt), completion)
+    row = list(prompt) + completion
+    assert [label for _, label in found] == ["execution", "reflection", "transition"]
+    assert [row[p] for p, _ in found] == [382, 382, 382]  # "Okay." / "5." / "check." end with ".\n\n"
+    assert found == thought_positions(tiny_r1, list(prompt), completion, seal_trigger())
