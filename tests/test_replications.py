@@ -199,3 +199,11 @@ def test_the_llama_studies_build_a_random_model_on_a_substitute_tokenizer():
     assert (model.n_layers, model.d_model, model.vocab_size) == (32, 128, 151665)
     assert model.architecture.name == "llama" and model.dtype == torch.float32 and "random weights" in model.name
     assert model.module.config.eos_token_id == model.tokenizer.eos_token_id == 151643  # the substitute's ids
+
+
+def test_the_readme_names_every_replication_study_and_how_to_check_it():
+    readme = (STUDIES.parents[1] / "README.md").read_text()
+    section = readme.split("## Reproducing the papers")[1].split("\n## ")[0]
+    for path in ALL:
+        assert Path(path).stem.removesuffix("-base").removesuffix("-qwen-7b").removesuffix("-qwen-14b") in section, path
+    assert "--check" in section and "--random-weights --limit 2 --max-new-tokens 8" in section
