@@ -25,16 +25,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from pathlib import Path
-
-import torch
 
 import surgery
 from experiments.store import ResultStore
 from experiments.study_sections import ModelSpec, PromptSpec
-from interventions import SteeringVector, seal_trigger_for
+from interventions import SteeringVector
 from probes import ThoughtClassifier, fit_linear_probe
 from surgery.thoughts import thought_states
 
@@ -150,39 +147,13 @@ def extract_vector(
     model = ModelSpec(**config["model"]).load() if model is None else model
     layer = seal_layer(model.n_layers) if layer is None else layer
     chat = PromptSpec(**config["prompt"]).engine_chat
-    options = dict(options or {})
-    # a smoke run reads the thoughts once; SEAL's own extraction wherever both classes have thoughts
-    vector = _vector_with_empty_classes(model, traces, layer, chat, batch_size, options) if allow_empty_classes else None
-    if vector is None:
-        vector = SteeringVector.from_thoughts(model, traces, layer, chat=chat, batch_size=batch_size, progress=progress,
-                                              **options)
+    vector = SteeringVector.from_thoughts(model, traces, layer, chat=chat, batch_size=batch_size, progress=progress,
+                                          allow_empty_classes=allow_empty_classes, **(options or {}))
     right = sum(bool(record["payload"].get("grade", {}).get("correct")) for record in records)
     source = {"study": config["name"], "folder": str(Path(folder).resolve()), "condition": condition,
               "correct": correct, "incorrect": incorrect, "used": {"correct": right, "incorrect": len(records) - right}}
     return SteeringVector.from_config(dataclasses.replace(vector.config, metadata={**vector.metadata, "source": source}),
                                       vector.tensors())
-
-
-def _vector_with_empty_classes(model, traces, layer: int, chat: bool, batch_size: int, options: dict):
-    """SEAL's difference of means where an empty class counts as mean 0 (random-weights smoke runs);
-    None when both classes have thoughts (then :meth:`SteeringVector.from_thoughts` makes it)."""
-    site = model.resolve_site(f"resid_pre.{layer}")
-    when = options.get("when") or seal_trigger_for(model)
-    accepted = inspect.signature(thought_states).parameters
-    extra = {key: value for key, value in {**options, "when": when}.items() if key in accepted}
-    states, labels = thought_states(model, traces, site, chat=chat, batch_size=batch_size, progress=False, **extra)
-    groups = {"execution": ("execution",), "other": ("reflection", "transition")}
-    rows = {name: [i for i, label in enumerate(labels) if label in classes] for name, classes in groups.items()}
-    if all(rows.values()):
-        return None
-    zero = torch.zeros(model.d_model, dtype=torch.float64, device=states.device)
-    means = {name: states[found].double().mean(dim=0) if found else zero for name, found in rows.items()}
-    counts = {label: labels.count(label) for label in ("execution", "reflection", "transition")}
-    metadata = {"model": model.name, "architecture": model.architecture.name, "d_model": model.d_model,
-                "site": str(site), "class_counts": counts, "n_traces": len(traces),
-                "empty_classes_as_zero": "random-weights smoke run: a class without thoughts has mean 0"}
-    vector = (means["execution"] - means["other"]).to(device=model.device, dtype=model.dtype)
-    return SteeringVector(vector, layer=site.layer, metadata=metadata, when=when)
 
 
 def extract_thought_probe(

@@ -183,6 +183,7 @@ class SteeringVector(ResidualAdd):
         batch_size: int = 8,
         progress: bool | None = None,
         empty_thoughts: str = "skip",
+        allow_empty_classes: bool = False,
         **options,
     ) -> SteeringVector:
         """Build SEAL's vector from reasoning traces: mean(execution) - mean(reflection ∪ transition).
@@ -206,6 +207,9 @@ class SteeringVector(ResidualAdd):
             empty_thoughts: an empty thought (a separator right after a separator): ``"skip"``
                 (the paper: no thought is empty) or ``"execution"`` (the released code counts it as
                 an execution thought).
+            allow_empty_classes: a class group without thoughts counts as mean 0 (said in the
+                metadata) instead of an error: for random-weights smoke runs, whose noise holds no
+                reflection; never for a real vector.
             **options: passed to the constructor (``alpha``, ``when``; ``when`` defaults to
                 :func:`seal_trigger_for` the model).
 
@@ -225,13 +229,15 @@ class SteeringVector(ResidualAdd):
         counts = {label: labels.count(label) for label in THOUGHT_CLASSES}
         sums = {label: states[[i for i, seen in enumerate(labels) if seen == label]].double().sum(dim=0)
                 for label in THOUGHT_CLASSES}
-        if counts["execution"] == 0 or counts["reflection"] + counts["transition"] == 0:
+        empty = counts["execution"] == 0 or counts["reflection"] + counts["transition"] == 0
+        if empty and not allow_empty_classes:
             raise ValueError(
                 f"SEAL needs both execution and reflection/transition thoughts; the traces gave {counts}. "
                 "Pass more traces, or traces whose reasoning has blank-line separated steps."
             )
-        execution = sums["execution"] / counts["execution"]
-        other = (sums["reflection"] + sums["transition"]) / (counts["reflection"] + counts["transition"])
+        # an empty group's sum is 0, so with allow_empty_classes its mean is 0
+        execution = sums["execution"] / max(counts["execution"], 1)
+        other = (sums["reflection"] + sums["transition"]) / max(counts["reflection"] + counts["transition"], 1)
         vector = (execution - other).to(model.dtype)
         metadata = {
             "model": model.name,
@@ -241,6 +247,8 @@ class SteeringVector(ResidualAdd):
             "class_counts": counts,
             "n_traces": len(traces),
         }
+        if empty:
+            metadata["empty_classes_as_zero"] = "random-weights smoke run: a class without thoughts has mean 0"
         return cls(vector, layer=resolved.layer, site=resolved.kind, metadata=metadata, **options)
 
     # ---- saving ----------------------------------------------------------------------------
