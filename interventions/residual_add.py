@@ -109,6 +109,12 @@ class ResidualAdd(Intervention):
     def reset(self, batch_size: int) -> None:
         self._fired.clear()
 
+    def admit(self, rows: Tensor) -> None:
+        self._fired.admit(rows)
+
+    def retire(self, slot: int, row: int) -> None:
+        self._fired.retire(slot, row)
+
     def edit(self, site: str, value: Tensor, step: Step) -> Tensor:
         fire = self.config.when(step)
         if not step.is_rerun:  # a recomputed position was already recorded

@@ -148,7 +148,8 @@ class ThinkingTokenInsertion(Intervention):
                 )
         self.config = ThinkingTokenInsertionConfig(words, budget, max_insertions, answer_prompt, answer_tokens,
                                                    first_budget, joins)
-        self._records: list[tuple[int, Tensor]] = []
+        self._records: list[tuple[Tensor, Tensor]] = []
+        self._retired: dict[int, list[int]] = {}
         self._released_insertions: list[list[int]] = []
         self._in_passes = False  # set by interventions.released_ttts while it runs the released passes
 
@@ -195,6 +196,23 @@ class ThinkingTokenInsertion(Intervention):
         self._queue_length, self._queue_position = zeros.clone(), zeros.clone()
         self._inserted, self._extra, self._answer_left, self._phase = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
         self._records = []
+        self._retired: dict[int, list[int]] = {}
+
+    def admit(self, rows: Tensor) -> None:
+        if self.config.joins == "released":
+            return
+        for name in ("_queue_length", "_queue_position", "_inserted", "_extra", "_answer_left", "_phase"):
+            setattr(self, name, getattr(self, name).masked_fill(rows, 0))
+        self._queue = self._queue.masked_fill(rows[:, None], 0)
+        # forget the slots' records; drop steps that no longer record anything (a host check,
+        # at admissions only)
+        self._records = [(index, mask & ~rows) for index, mask in self._records]
+        self._records = [(index, mask) for index, mask in self._records if bool(mask.any())]
+
+    def retire(self, slot: int, row: int) -> None:
+        if self.config.joins != "released":
+            records = [(index[slot : slot + 1], mask[slot : slot + 1]) for index, mask in self._records]
+            self._retired[row] = per_row(records)[0] if records else []
 
     def _force(self, choice, rows: Tensor, tokens: Tensor, lengths) -> None:
         """Emit ``tokens[:, 0]`` now for ``rows`` and queue the rest."""
@@ -223,8 +241,8 @@ class ThinkingTokenInsertion(Intervention):
         stop_point = choice.stops.clone()
         if self._close is not None:
             stop_point |= choice.chosen == self._close
-        if config.first_budget is not None and choice.index >= config.first_budget:
-            stop_point |= self._phase == NORMAL
+        if config.first_budget is not None:  # each row's own token count (continuous batching)
+            stop_point |= (self._phase == NORMAL) & (choice.indices >= config.first_budget)
         stop_point &= free
         over = free & (self._phase == EXTENDED) & (self._extra >= config.budget)
         insert = stop_point & ~over & (self._phase <= EXTENDED) & (self._inserted < config.max_insertions)
@@ -232,7 +250,7 @@ class ThinkingTokenInsertion(Intervention):
             insert = torch.zeros_like(insert)
         word = self._inserted % len(config.words)
         self._force(choice, insert, self._words[word], self._word_lengths[word])
-        self._records.append((choice.index, insert))
+        self._records.append((choice.indices, insert))
         self._extra = torch.where(insert & (self._phase == NORMAL), 0, self._extra)
         self._inserted = self._inserted + insert.long()
         self._phase = torch.where(insert, EXTENDED, self._phase)
@@ -257,4 +275,6 @@ class ThinkingTokenInsertion(Intervention):
         (``joins="released"``: the first pass's token count, its stop token excluded)."""
         if self.config.joins == "released":
             return [list(row) for row in self._released_insertions]
+        if self._retired:
+            return [self._retired[row] for row in range(len(self._retired))]
         return per_row(self._records)

@@ -122,6 +122,12 @@ class TokenMask(Intervention):
     def reset(self, batch_size: int) -> None:
         self._fired.clear()
 
+    def admit(self, rows: Tensor) -> None:
+        self._fired.admit(rows)
+
+    def retire(self, slot: int, row: int) -> None:
+        self._fired.retire(slot, row)
+
     def fired(self) -> list[list[int]]:
         """Per row of the last run, the position ids whose top token the mask penalised or forbade
         (the logits there are those of the next token: position ``p`` chooses token ``p + 1``)."""

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -55,6 +54,7 @@ from torch import Tensor
 
 from surgery.config_json import config_from_json, config_to_json
 from surgery.step import Step
+from surgery.token_choice import TokenChoice
 
 __all__ = [
     "Block",
@@ -138,7 +138,34 @@ class Block:
         """Validate against ``model`` and precompute (raise ValueError with a fix on mismatch)."""
 
     def reset(self, batch_size: int) -> None:
-        """Start of a ``generate``/``run`` over ``batch_size`` rows: clear per-run state."""
+        """Start of a ``generate``/``run`` over ``batch_size`` rows: clear per-run state.
+
+        Under continuous batching ``batch_size`` is the number of slots, and rows come and go
+        through :meth:`admit` and :meth:`retire`.
+        """
+
+    # ---- the row lifecycle under continuous batching (``generate(..., batch_size=N)``) ---------
+    #: Whether the class implements :meth:`admit` and :meth:`retire` (checked on entry to a
+    #: continuous run, so a block that would leak one row's state into the next is refused).
+    @property
+    def follows_rows(self) -> bool:
+        return type(self).admit is not Block.admit and type(self).retire is not Block.retire
+
+    def admit(self, rows: Tensor) -> None:
+        """New rows take the slots where ``rows`` (bool ``[batch]``) holds, before their prefill:
+        forget every per-row thing those slots held (counters, queues, records, accumulators),
+        so that a row behaves as if its run started now. Other slots are left as they are.
+        Called with every slot True before the first prefill of a continuous run.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement the row lifecycle (admit/retire)")
+
+    def retire(self, slot: int, row: int) -> None:
+        """The row ``row`` (its index among the run's prompts) has finished in ``slot``: keep what
+        the block did or saw for it under ``row``, so that after the run :meth:`by_row` and the
+        block's results list every prompt in prompt order, each entry equal to that prompt's run
+        alone. The slot's state may then be overwritten (the next :meth:`admit` clears it).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement the row lifecycle (admit/retire)")
 
     def text_patterns(self) -> tuple[tuple[str, bool], ...]:
         """``(string, case_sensitive)`` keys the engine must follow for this block (by default,
@@ -233,60 +260,6 @@ def per_row(records: list[tuple[Tensor | int, Tensor]]) -> list[list[int]]:
             else:
                 rows[row].append(int(values))
     return rows
-
-
-@dataclass
-class TokenChoice:
-    """The tokens one decode step is about to emit; interventions may change them.
-
-    The engine builds one per generated token and hands it to each intervention's ``choose``
-    in the order they were added (the protocol is in :meth:`Intervention.choose`). Everything is
-    a ``[batch]`` tensor on the model's device.
-
-    Attributes:
-        index: which generated token this is (0 = the first).
-        step: the :class:`Step` whose forward pass produced ``logits``.
-        logits: the last position's logits, float32, ``[batch, vocab]``.
-        chosen: the tokens about to be emitted.
-        stops: rows that would stop on their token (EOS or a stop string).
-        finished: rows that had stopped before (they emit padding whatever happens here).
-        forced_stop: set by blocks to end rows on this token (stop reason ``"block"``, unless
-            the row's own token stops it too: then ``"eos"`` or ``"stop_string"``).
-    """
-
-    index: int
-    step: Step
-    logits: Tensor
-    chosen: Tensor
-    stops: Tensor
-    finished: Tensor
-    forced_stop: Tensor
-    _eos: Tensor = field(repr=False, default=None)
-    _recompute: Callable | None = field(repr=False, default=None)
-
-    def replace(self, rows: Tensor, tokens: Tensor, stop: bool | None = None) -> None:
-        """Emit ``tokens`` instead for ``rows`` (bool ``[batch]``).
-
-        ``stop=None`` re-derives whether those rows stop (the new token is an EOS);
-        ``stop=False``/``True`` says it outright (forced tokens never stop a row).
-        """
-        rows = rows & ~self.finished
-        self.chosen = torch.where(rows, tokens, self.chosen)
-        new_stop = torch.isin(tokens, self._eos) if stop is None else torch.full_like(rows, stop)
-        self.stops = torch.where(rows, new_stop, self.stops)
-
-    def recompute(self, install: Callable[[], list], from_layer: int | None = None) -> Tensor:
-        """Re-run this step's last position with extra hooks; return its new logits ``[batch, vocab]``.
-
-        The KV cache is rolled back by one position first, so the recomputed keys and values
-        replace the old ones. ``install`` registers the extra hooks and returns their handles;
-        they are removed afterwards. Blocks see the re-run with ``step.is_rerun`` set.
-        ``from_layer``: the lowest block whose output can change (blocks below it are not
-        touched by the extra hooks); when the block declared it as its
-        :attr:`~Intervention.rerun_layer`, only blocks from there up run again, on their
-        inputs recorded in the step's forward. Otherwise the whole model re-runs.
-        """
-        return self._recompute(install, from_layer)
 
 
 class Intervention(Block):

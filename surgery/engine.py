@@ -28,7 +28,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,47 +35,17 @@ from tqdm.auto import tqdm
 
 from surgery.blocks import TokenChoice
 from surgery.forward import Forward, compile_options
+from surgery.generation_output import GenerationOutput, offer_choice
 from surgery.kv_cache import check_kind
 from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.sampling import RowKey, RowSampler, row_keys_for
+from surgery.slots import generate_continuous
 from surgery.step import Step
 from surgery.stopping import StopTracker
 from surgery.text_match import text_matchers
 
 __all__ = ["GenerationOutput", "generate", "run"]
-
-
-@dataclass
-class GenerationOutput:
-    """What ``generate`` returns, one entry per prompt row (prompt tokens excluded).
-
-    Attributes:
-        texts: the generated text, special tokens skipped.
-        token_ids: the generated token ids, including the token that stopped the row (EOS, or
-            the one that completed a stop string), as ``model.generate`` returns them.
-        lengths: ``len(token_ids[i])``.
-        prompt_lengths: number of prompt tokens per row (padding excluded).
-        stop_reasons: ``"eos"``, ``"stop_string"``, ``"length"``, or ``"block"`` (a block
-            ended the row, e.g. thinking-token insertion after its answer budget, on a token
-            that would not have stopped it; see :mod:`surgery.stopping`).
-        timings: seconds for ``prefill_s``, ``decode_s``, ``total_s``, plus ``new_tokens`` and
-            ``tokens_per_s`` (new tokens over total time).
-    """
-
-    texts: list[str]
-    token_ids: list[list[int]]
-    lengths: list[int]
-    prompt_lengths: list[int]
-    stop_reasons: list[str]
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def _offer(on_choose: Callable[[TokenChoice], None], choice: TokenChoice, pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Hand ``choice`` to the blocks; return what they left: tokens, own stops, forced stops."""
-    on_choose(choice)
-    finished = choice.finished
-    return torch.where(finished, pad, choice.chosen), choice.stops & ~finished, choice.forced_stop & ~finished
 
 
 def _output(tokenizer, generated: Tensor, stops: StopTracker, attention_mask: Tensor, start: float, prefill_s: float) -> GenerationOutput:
@@ -117,7 +86,7 @@ def _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings, cache
 def generate(
     model: Model,
     prompts: Prompts,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | Sequence[int] = 64,
     *,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -134,6 +103,9 @@ def generate(
     cache: str = "dynamic",
     rerun_from: int | None = None,
     compile: bool | dict = False,
+    batch_size: int | None = None,
+    on_admit: Callable | None = None,
+    on_retire: Callable | None = None,
 ) -> GenerationOutput:
     """Generate from a batch of prompts with the toolkit's decode loop.
 
@@ -141,7 +113,8 @@ def generate(
         model: the wrapped model.
         prompts: a string, a list of strings, or a list of token-id lists; rows may differ in
             length (they are left-padded).
-        max_new_tokens: most tokens to generate per row (> 0).
+        max_new_tokens: most tokens to generate per row (> 0); with ``batch_size``, also one
+            budget per prompt (a list).
         do_sample: sample instead of taking the argmax (greedy, the default).
         temperature: softmax temperature when sampling.
         top_p: nucleus sampling mass (1.0 keeps every token).
@@ -180,10 +153,26 @@ def generate(
             eager. Only blocks that are :attr:`~surgery.blocks.Block.graph_safe` may be
             attached (:meth:`surgery.Trace.generate` decodes eagerly, with a warning, when one
             is not); greedy tokens equal the eager path's (tested on CPU).
+        batch_size: continuous batching (:mod:`surgery.slots`): run the prompts through this
+            many slots, each finished row's slot taken by the next waiting prompt; every
+            prompt's tokens and records equal its run alone. None (the default): one batch of
+            every prompt, as before.
+        on_admit, on_retire: with ``batch_size``, the row lifecycle the trace passes to its
+            blocks (:meth:`~surgery.blocks.Block.admit`, :meth:`~surgery.blocks.Block.retire`).
 
     Returns:
         A :class:`GenerationOutput`.
     """
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer (the number of slots), got {batch_size!r}")
+        _validate(1, do_sample, temperature, top_p, stop_strings, cache)
+        return generate_continuous(
+            model, prompts, max_new_tokens, batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            seed=seed, row_keys=row_keys, stop_strings=stop_strings, eos_token_ids=eos_token_ids, chat=chat,
+            progress=progress, on_step=on_step, on_choose=on_choose, text_patterns=text_patterns, cache=cache,
+            rerun_from=rerun_from, compile=compile, on_admit=on_admit, on_retire=on_retire,
+        )
     _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings, cache)
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     check_context(model, attention_mask, max_new_tokens)
@@ -221,8 +210,9 @@ def generate(
                 chosen = torch.where(finished, pad, chosen)
                 own, forced = stops.own(chosen, finished), torch.zeros_like(finished)
                 if on_choose is not None:
-                    choice = TokenChoice(k, forward.step, logits, chosen, own, finished, forced, eos, forward.recompute)
-                    chosen, own, forced = _offer(on_choose, choice, pad)
+                    choice = TokenChoice(k, forward.step, logits, chosen, own, finished, forced,
+                                         _eos=eos, _recompute=forward.recompute)
+                    chosen, own, forced = offer_choice(on_choose, choice, pad)
                 generated[:, k] = chosen
                 steps_run = k + 1
                 finished = finished | stops.record(k, chosen, own, forced)

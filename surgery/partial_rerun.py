@@ -106,6 +106,11 @@ class LayerInputs:
             self._recording[0] = True
         return logits[:, -1].float()
 
+    def forget(self) -> None:
+        """Drop the recorded inputs (a forward over other rows ran since: continuous batching's
+        admission prefill), so the next re-run is a full one until a decode step records again."""
+        self._inputs[:] = [None] * len(self._inputs)
+
     def remove(self) -> None:
         """Remove the recording hooks and drop the recorded tensors."""
         for handle in self._handles:

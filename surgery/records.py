@@ -14,6 +14,11 @@ The capacity is the run's number of decode steps, carried by every :class:`~surg
 (``step.capacity``); records of a forward outside the engine's loop (``surgery.run``: capacity
 0) are kept like the prefill's.
 
+Under continuous batching (:mod:`surgery.slots`) each row writes at its own column (its own
+step index, ``step.index_on_device`` ``[batch, 1]``); :meth:`admit` forgets the records of the
+slots that new rows take, and :meth:`retire` moves a finished row's record, read back on the
+host, to the rows kept for :meth:`per_row`, which then lists the run's prompts in order.
+
 Example:
     >>> import torch
     >>> from surgery.step import Step
@@ -49,6 +54,7 @@ class StepRecords:
         self._values: Tensor | None = None
         self._mask: Tensor | None = None
         self._count: Tensor | None = None
+        self._retired: dict[int, list[int]] = {}
 
     def _allocate(self, values: Tensor, capacity: int) -> None:
         batch, device = values.shape[0], values.device
@@ -68,14 +74,38 @@ class StepRecords:
             return
         if self._values is None:  # no prefill record (the block was attached after it)
             self._allocate(values, step.capacity)
+        if step.index_on_device is not None and step.index_on_device.ndim == 2:  # each row its own column
+            column = (step.index_on_device - 1).clamp(0, step.capacity - 1)
+            self._values.scatter_(1, column, values[:, -1:].to(self._values.dtype))
+            self._mask.scatter_(1, column, mask[:, -1:])
+            self._count.copy_(torch.full_like(self._count, step.capacity))  # read every column back
+            return
         self._values.index_copy_(1, self._count, values[:, -1:].to(self._values.dtype))
         self._mask.index_copy_(1, self._count, mask[:, -1:])
         self._count.add_(1)
 
-    def per_row(self) -> list[list[int]]:
-        """Per batch row, the values where the mask was True, in step order."""
+    def admit(self, rows: Tensor) -> None:
+        """Forget the records of the slots where ``rows`` (bool ``[batch]``) holds."""
+        keep = ~rows
+        self._eager = [(values, mask & (keep[:, None] if mask.ndim == 2 else keep)) for values, mask in self._eager]
+        self._eager = [(values, mask) for values, mask in self._eager if bool(mask.any())]
+        if self._mask is not None:
+            self._mask &= keep[:, None]
+
+    def retire(self, slot: int, row: int) -> None:
+        """Keep ``slot``'s records as prompt ``row``'s entry of :meth:`per_row`."""
+        self._retired[row] = self._read()[slot]
+
+    def _read(self) -> list[list[int]]:
         records = list(self._eager)
         if self._values is not None:
             n = int(self._count)
             records.append((self._values[:, :n], self._mask[:, :n]))
         return per_row(records)
+
+    def per_row(self) -> list[list[int]]:
+        """Per batch row, the values where the mask was True, in step order (after a continuous
+        run: per prompt, in prompt order)."""
+        if self._retired:
+            return [self._retired[row] for row in range(len(self._retired))]
+        return self._read()

@@ -149,6 +149,14 @@ class RowSampler:
         self.temperature, self.top_p = temperature, top_p
         self._generators: list[torch.Generator] | None = None
 
+    def admit(self, slot: int, key: RowKey) -> None:
+        """A new row, named ``key``, takes row ``slot`` (continuous batching): a fresh stream,
+        seeded from (seed, key), so it draws what it would alone."""
+        self.row_seeds[slot] = row_seed(self.seed, key)
+        if self._generators is not None:
+            device = self._generators[slot].device
+            self._generators[slot] = torch.Generator(device=device).manual_seed(self.row_seeds[slot])
+
     def sample(self, logits: Tensor) -> Tensor:
         """The next token of every row, ``[batch]``, from ``logits`` ``[batch, vocab]``.
 

@@ -107,6 +107,14 @@ class Step:
         capacity: how many decode steps the run may take (``max_new_tokens``; 0 for a single
             forward): what a block sizes its per-step records by
             (:class:`~surgery.records.StepRecords`).
+        slots: under continuous batching (:mod:`surgery.slots`), the prefill of rows admitted
+            into a running pool: the slots they take. The step's tensors cover every slot of the
+            pool (the other slots are padding, not valid), while the model runs on the admitted
+            rows only; the trace hands blocks the pool-wide tensor. None otherwise.
+
+    Under continuous batching each row counts its own steps: ``index_on_device`` is then
+    ``[batch, 1]``, each row's own index (0 at its prefill), and ``index`` counts the pool's
+    forwards.
     """
 
     index: int
@@ -122,6 +130,7 @@ class Step:
     is_prefill: bool = False
     index_on_device: Tensor | None = None
     capacity: int = 0
+    slots: tuple[int, ...] | None = None
     _tails: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -155,6 +164,7 @@ class Step:
                 is_prefill=self.is_prefill,
                 index_on_device=self.index_on_device,
                 capacity=self.capacity,
+                slots=self.slots,
             )
         return self._tails[length]
 
@@ -237,6 +247,35 @@ class Step:
             text_states=text_states,
             index_on_device=index[None],
             capacity=completion.shape[1],
+        )
+
+    def splice(self, rows: Bool[Tensor, " batch"], admitted: Step) -> Step:
+        """This step's last position, with the rows where ``rows`` holds taken from ``admitted``'s
+        last position (the prefill of rows admitted into those slots; :mod:`surgery.slots`).
+
+        Every per-row field (tokens, positions, think flags, text matcher states, the row's own
+        step index) then continues, in :meth:`next`, from where the admitted row's prefill
+        ended, as it would alone.
+        """
+        own, new = self.tail(1), admitted.tail(1)
+        pick = rows[:, None]
+
+        def merge(a: Tensor, b: Tensor) -> Tensor:
+            return torch.where(pick if a.ndim == 2 else rows, b, a)
+
+        index = own.index_on_device.reshape(-1, 1).expand(self.batch_size, 1)
+        return Step(
+            index=self.index,
+            token_ids=merge(own.token_ids, new.token_ids),
+            positions=merge(own.positions, new.positions),
+            valid=merge(own.valid, new.valid),
+            in_think=merge(own.in_think, new.in_think),
+            seal_think=merge(own.seal_think, new.seal_think),
+            finished=torch.where(rows, new.finished, own.finished),
+            text_hits={text: merge(hits, new.text_hits[text]) for text, hits in own.text_hits.items()},
+            text_states={text: merge(states, new.text_states[text]) for text, states in own.text_states.items()},
+            index_on_device=merge(index, new.index_on_device.reshape(-1, 1).expand(self.batch_size, 1)),
+            capacity=self.capacity,
         )
 
     def next(

@@ -67,11 +67,12 @@ class StopTracker:
             stops = stops | torch.tensor(hits, device=chosen.device)
         return stops
 
-    def record(self, index: int, chosen: Tensor, own: Tensor, forced: Tensor) -> Tensor:
+    def record(self, index: int | Tensor, chosen: Tensor, own: Tensor, forced: Tensor) -> Tensor:
         """Log the final tokens of generated token ``index``; return the rows that stop on it.
 
         Args:
-            index: which generated token this is (0 = the first).
+            index: which generated token this is (0 = the first): an int, or one per row
+                (``[batch]``) under continuous batching.
             chosen: the tokens emitted, ``[batch]``.
             own: rows whose own token stops them (from :meth:`own`, as the blocks left it).
             forced: rows a block stopped (``TokenChoice.forced_stop``).
@@ -85,6 +86,15 @@ class StopTracker:
         self.reason = torch.where(stops, cause, self.reason)
         self.kept = torch.where(stops, index + 1, self.kept)
         return stops
+
+    def admit(self, slots: list[int], budgets: list[int]) -> None:
+        """New rows take ``slots`` (continuous batching): no reason yet, ``budgets`` tokens kept
+        unless they stop, an empty history."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.reason.device)
+        self.reason.index_fill_(0, index, 0)
+        self.kept.index_copy_(0, index, torch.tensor(budgets, dtype=torch.long, device=self.kept.device))
+        for slot in slots:
+            self._history[slot] = []
 
     def reasons(self) -> list[str]:
         """The stop reason of every row, as strings."""

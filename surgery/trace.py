@@ -25,7 +25,9 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from surgery import engine
@@ -35,7 +37,7 @@ from surgery.signals import check_signal_reads
 from surgery.sites import Site, hook_site
 from surgery.step import Step
 
-__all__ = ["Trace", "add_routes", "apply_blocks", "check_blocks", "refuse_token_choice", "trace"]
+__all__ = ["Trace", "add_routes", "apply_blocks", "apply_to_slots", "check_blocks", "refuse_token_choice", "trace"]
 
 
 class Trace:
@@ -108,18 +110,31 @@ class Trace:
 
     def _router(self, site: str):
         def route(value: Tensor) -> Tensor:
-            if self._step is None:
+            step = self._step
+            if step is None:
                 return value
-            return apply_blocks(site, value, self._step, *self._routes[site])
+            if step.slots is not None:  # rows admitted into a slot pool: blocks see every slot
+                return apply_to_slots(site, value, step, *self._routes[site])
+            return apply_blocks(site, value, step, *self._routes[site])
 
         return route
 
     def _on_step(self, step: Step | None) -> None:
         self._step = step
 
-    def _begin(self, prompts) -> None:
-        """Clear every block's per-run state before a run over ``prompts``."""
+    def _begin(self, prompts, batch_size: int | None = None) -> None:
+        """Clear every block's per-run state before a run over ``prompts`` (through
+        ``batch_size`` slots under continuous batching)."""
         batch = 1 if isinstance(prompts, str) else len(prompts)
+        if batch_size is not None:
+            batch = min(batch, batch_size)
+            lost = [type(block).__name__ for block in self.blocks if not block.follows_rows]
+            if lost:
+                raise ValueError(
+                    f"batch_size (continuous batching) needs blocks that follow rows through their slots, and "
+                    f"{', '.join(lost)} do(es) not implement admit/retire (surgery.blocks.Block.admit): run without "
+                    "batch_size, or implement them"
+                )
         for block in self.blocks:
             block.reset(batch)
 
@@ -128,10 +143,10 @@ class Trace:
         if not self._active:
             raise RuntimeError("use tr.generate / tr.run inside the `with surgery.trace(...) as tr:` block")
 
-    def generate(self, prompts, max_new_tokens: int = 64, **options) -> engine.GenerationOutput:
+    def generate(self, prompts, max_new_tokens: int | Sequence[int] = 64, **options) -> engine.GenerationOutput:
         """Generate with every attached block active; options as :func:`surgery.generate`."""
         self._require_active()
-        self._begin(prompts)
+        self._begin(prompts, options.get("batch_size"))
         choosers = [b for b in self.blocks if isinstance(b, Intervention) and b.edits_tokens]
 
         def on_choose(choice) -> None:
@@ -156,8 +171,18 @@ class Trace:
             on_choose=on_choose if choosers else None,
             text_patterns=self._text_patterns(),
             rerun_from=min(rerun_layers, default=None),
+            on_admit=self._admit,
+            on_retire=self._retire,
             **options,
         )
+
+    def _admit(self, rows: Tensor) -> None:
+        for block in self.blocks:
+            block.admit(rows)
+
+    def _retire(self, slot: int, row: int) -> None:
+        for block in self.blocks:
+            block.retire(slot, row)
 
     def run(self, prompts, *, chat: bool = False) -> Tensor:
         """One forward pass with every attached block active: logits ``[batch, pos, vocab]``."""
@@ -221,6 +246,15 @@ def apply_blocks(site: str, value: Tensor, step: Step, interventions, probes) ->
         for probe in probes:
             probe.observe(site, value, step)
     return value
+
+
+def apply_to_slots(site: str, value: Tensor, step: Step, interventions, probes) -> Tensor:
+    """:func:`apply_blocks` for the prefill of rows admitted into a slot pool: ``value`` holds
+    the admitted rows (in ``step.slots`` order), the blocks see a pool-wide tensor (the other
+    slots zeros, not valid in ``step``) and the admitted rows' part comes back."""
+    index = torch.tensor(step.slots, device=value.device)
+    pooled = value.new_zeros((step.batch_size, *value.shape[1:])).index_copy(0, index, value)
+    return apply_blocks(site, pooled, step, interventions, probes).index_select(0, index)
 
 
 def trace(model, *blocks) -> Trace:

@@ -1,0 +1,203 @@
+"""Continuous batching: more prompts than slots, each finished row's slot taken by the next prompt.
+
+``surgery.generate(model, prompts, max_new_tokens, batch_size=N)`` (and ``tr.generate``) with
+more prompts than ``N`` runs them through ``N`` slots: the first ``N`` are prefilled together;
+whenever rows stop, their results are kept and the next waiting prompts are prefilled (on a cache
+of their own) and take the free slots, with their own positions, think flags, text matcher
+states, stop tracking, random stream and step counter (:class:`~surgery.slot_forward.SlotForward`
+keeps the KV cache at ``N`` slots of bounded length). Results come back per prompt, in prompt
+order. ``max_new_tokens`` may be one budget per prompt.
+
+Exact per row: a prompt gets the tokens, stop reason and block records it gets alone (up to the
+float noise of a padded batch, as in a fixed batch). The blocks follow rows through the row
+lifecycle of the block protocol (:meth:`~surgery.blocks.Block.admit` before a row's prefill,
+:meth:`~surgery.blocks.Block.retire` when it finishes); the trace passes them in ``on_admit`` and
+``on_retire``. Under continuous batching each row counts its own steps (``Step.index_on_device``
+is ``[batch, 1]``, :attr:`TokenChoice.indices <surgery.blocks.TokenChoice.indices>` per row).
+
+Example:
+    >>> import surgery
+    >>> model = surgery.load()                                                     # doctest: +SKIP
+    >>> out = surgery.generate(model, ["2+2=", "Name a colour.", "Hi"], [8, 32, 16], batch_size=2)  # doctest: +SKIP
+    >>> out.lengths, out.stop_reasons                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from surgery.forward import compile_options
+from surgery.generation_output import GenerationOutput, offer_choice
+from surgery.model import Model
+from surgery.prompts import encode_prompts
+from surgery.sampling import RowSampler, row_keys_for
+from surgery.slot_forward import SlotForward, pool_step
+from surgery.step import Step
+from surgery.stopping import STOP_REASONS, StopTracker
+from surgery.text_match import text_matchers
+from surgery.token_choice import TokenChoice
+
+__all__ = ["budgets_for", "generate_continuous"]
+
+
+def budgets_for(max_new_tokens, n_prompts: int) -> list[int]:
+    """One budget per prompt from an int or a list (checked: positive integers, one per prompt)."""
+    budgets = [max_new_tokens] * n_prompts if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != n_prompts:
+        raise ValueError(f"max_new_tokens needs one budget per prompt ({n_prompts}), got {len(budgets)}")
+    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, int) or b <= 0]
+    if bad:
+        raise ValueError(f"max_new_tokens must be positive integers, got {bad[:3]}")
+    return budgets
+
+
+def _check_fits(model: Model, lengths: list[int], budgets: list[int]) -> None:
+    context = model.max_context
+    worst = max(range(len(lengths)), key=lambda i: lengths[i] + budgets[i])
+    if context is not None and lengths[worst] + budgets[worst] > context:
+        raise ValueError(
+            f"prompt {worst} has {lengths[worst]} tokens; with max_new_tokens={budgets[worst]} that needs "
+            f"{lengths[worst] + budgets[worst]}, more than the model's context of {context} positions"
+        )
+
+
+def generate_continuous(
+    model: Model,
+    prompts,
+    max_new_tokens,
+    batch_size: int,
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    row_keys: Sequence | None,
+    stop_strings: Sequence[str],
+    eos_token_ids: Sequence[int] | None,
+    chat: bool,
+    progress: bool | None,
+    on_step: Callable[[Step | None], None] | None,
+    on_choose: Callable[[TokenChoice], None] | None,
+    text_patterns: Sequence,
+    cache: str,
+    rerun_from: int | None,
+    compile: bool | dict,
+    on_admit: Callable[[torch.Tensor], None] | None = None,
+    on_retire: Callable[[int, int], None] | None = None,
+):
+    """The continuous-batching loop; arguments as :func:`surgery.engine.generate` (which calls it
+    when ``batch_size`` is given), plus ``on_admit(rows)`` / ``on_retire(slot, row)``."""
+    input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
+    keys = row_keys_for(input_ids, attention_mask, row_keys)
+    lengths = attention_mask.sum(dim=1).tolist()
+    rows = [ids[len(ids) - n :] for ids, n in zip(input_ids.tolist(), lengths)]
+    budgets = budgets_for(max_new_tokens, len(rows))
+    _check_fits(model, lengths, budgets)
+    device, n_slots, capacity = model.device, min(batch_size, len(rows)), max(budgets)
+    bound = max(n + b for n, b in zip(lengths, budgets))
+    eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else list(eos_token_ids), dtype=torch.long, device=device)
+    pad = torch.tensor(model.pad_token_id, device=device)
+    think_ids, matchers = model.think_token_ids, text_matchers(model, text_patterns)
+    if progress is None:
+        progress = sys.stderr.isatty() and sum(budgets) >= 512
+
+    first = encode_prompts(model, [rows[r] for r in range(n_slots)])
+    first_ids, first_mask = first[0].to(device), first[1].to(device)
+    step = pool_step(Step.prefill(first_ids, first_mask, think_ids, matchers, capacity=capacity))
+    forward = SlotForward(model, step, first_mask, on_step, cache, bound, rerun_from, compile_options(compile, cache, device))
+    stops = StopTracker(model.tokenizer, eos, stop_strings, n_slots, capacity)
+    stops.admit(list(range(n_slots)), budgets[:n_slots])
+    sampler = RowSampler(seed, keys[:n_slots], temperature, top_p) if do_sample else None
+    slot_row: list[int | None] = list(range(n_slots))
+    waiting = deque(range(n_slots, len(rows)))
+    budget = torch.tensor(budgets[:n_slots], dtype=torch.long, device=device)
+    row_index = torch.zeros(n_slots, dtype=torch.long, device=device)
+    finished = torch.zeros(n_slots, dtype=torch.bool, device=device)
+    generated = torch.full((n_slots, capacity), model.pad_token_id, dtype=torch.long, device=device)
+    results: dict[int, tuple[list[int], str]] = {}
+    bar = tqdm(total=len(rows), desc=f"generating ({n_slots} slots)", unit="row", disable=not progress, leave=False)
+    start, prefill_s, step_count = time.perf_counter(), 0.0, 0
+    try:
+        with torch.inference_mode():
+            if on_admit is not None:
+                on_admit(torch.ones(n_slots, dtype=torch.bool, device=device))
+            logits = forward.prefill(first_ids)
+            prefill_s = time.perf_counter() - start
+            while True:
+                chosen = sampler.sample(logits) if sampler is not None else logits.argmax(dim=-1)
+                chosen = torch.where(finished, pad, chosen)
+                own, forced = stops.own(chosen, finished), torch.zeros_like(finished)
+                if on_choose is not None:
+                    choice = TokenChoice(step_count, forward.step, logits, chosen, own, finished, forced, row_index,
+                                         _eos=eos, _recompute=forward.recompute)
+                    chosen, own, forced = offer_choice(on_choose, choice, pad)
+                generated.scatter_(1, row_index.clamp(max=capacity - 1)[:, None], chosen[:, None])
+                finished = finished | stops.record(row_index, chosen, own, forced)
+                row_index = row_index + 1
+                finished = finished | (row_index >= budget)  # the budget's last token: "length"
+                step_count += 1
+                done = [s for s, f in enumerate(finished.tolist()) if f and slot_row[s] is not None]
+                if done:
+                    kept, reasons = stops.kept[done].tolist(), stops.reason[done].tolist()
+                    tokens = generated[done].tolist()
+                    for s, n, reason, row_tokens in zip(done, kept, reasons, tokens):
+                        results[slot_row[s]] = (row_tokens[:n], STOP_REASONS[reason])
+                        if on_retire is not None:
+                            on_retire(s, slot_row[s])
+                        forward.retire(s)
+                        slot_row[s] = None
+                    bar.update(len(done))
+                if all(r is None for r in slot_row) and not waiting:
+                    break
+                if any(r is not None for r in slot_row):
+                    forward.make_room()
+                    logits = forward.feed(chosen, finished, think_ids, matchers)
+                free = [s for s, r in enumerate(slot_row) if r is None][: len(waiting)]
+                if free:
+                    admitted = [waiting.popleft() for _ in free]
+                    began = time.perf_counter()
+                    index = torch.tensor(free, device=device)
+                    admit_rows = torch.zeros(n_slots, dtype=torch.bool, device=device)
+                    admit_rows[index] = True
+                    if on_admit is not None:
+                        on_admit(admit_rows)
+                    new_logits = forward.admit(free, [rows[r] for r in admitted], think_ids, matchers, model.pad_token_id)
+                    logits = logits.index_copy(0, index, new_logits)
+                    for s, r in zip(free, admitted):
+                        slot_row[s] = r
+                        if sampler is not None:
+                            sampler.admit(s, keys[r])
+                    stops.admit(free, [budgets[r] for r in admitted])
+                    budget = budget.index_copy(0, index, torch.tensor([budgets[r] for r in admitted], device=device))
+                    row_index = row_index.masked_fill(admit_rows, 0)
+                    finished = finished & ~admit_rows
+                    prefill_s += time.perf_counter() - began
+    finally:
+        bar.close()
+        forward.close()
+        if on_step is not None:
+            on_step(None)
+    token_ids = [results[r][0] for r in range(len(rows))]
+    total_s = time.perf_counter() - start
+    new_tokens = sum(map(len, token_ids))
+    return GenerationOutput(
+        texts=model.tokenizer.batch_decode(token_ids, skip_special_tokens=True),
+        token_ids=token_ids,
+        lengths=[len(t) for t in token_ids],
+        prompt_lengths=lengths,
+        stop_reasons=[results[r][1] for r in range(len(rows))],
+        timings={
+            "prefill_s": prefill_s,
+            "decode_s": total_s - prefill_s,
+            "total_s": total_s,
+            "new_tokens": float(new_tokens),
+            "tokens_per_s": new_tokens / total_s if total_s > 0 else float("nan"),
+            "steps": float(step_count),
+        },
+    )
