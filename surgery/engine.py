@@ -113,8 +113,8 @@ def generate(
         model: the wrapped model.
         prompts: a string, a list of strings, or a list of token-id lists; rows may differ in
             length (they are left-padded).
-        max_new_tokens: most tokens to generate per row (> 0); with ``batch_size``, also one
-            budget per prompt (a list).
+        max_new_tokens: most tokens to generate per row (> 0), or one budget per prompt (a
+            list: the prompts then run as one pool of slots, :mod:`surgery.slots`).
         do_sample: sample instead of taking the argmax (greedy, the default).
         temperature: softmax temperature when sampling.
         top_p: nucleus sampling mass (1.0 keeps every token).
@@ -163,6 +163,8 @@ def generate(
     Returns:
         A :class:`GenerationOutput`.
     """
+    if batch_size is None and not isinstance(max_new_tokens, int):
+        batch_size = 1 if isinstance(prompts, str) else len(prompts)  # one budget per prompt: one pool
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer (the number of slots), got {batch_size!r}")

@@ -120,3 +120,31 @@ def test_compile_needs_the_static_cache_and_valid_options(tiny_llama):
         warnings.simplefilter("error")  # nothing attached: no warning, the plain step compiles
         plain = surgery.generate(tiny_llama, PROMPTS, 8, cache="static", compile=ON_CPU)
     assert plain.token_ids == surgery.generate(tiny_llama, PROMPTS, 8).token_ids
+
+
+# ---- continuous batching: one compiled step for the whole pool, admissions never recompile ----
+POOL_PROMPTS = [*PROMPTS, "x", PROMPTS[0], "Another question here"]
+POOL_BUDGETS = [5, 20, 9, 14, 3, 7, 11]
+
+
+def pool_stack(model):
+    vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)) * 5
+    return [SteeringVector(vector, layer=1, when=surgery.OnText("\n\n")), TokenMask(["Hmm"], penalty=-4.0),
+            ThinkingTokenInsertion(words=(" Wait",), budget=4, answer_prompt=" So", answer_tokens=2, first_budget=6)]
+
+
+@pytest.mark.parametrize("compile", [ON_CPU, True], ids=["eager-backend", "inductor"])
+def test_a_compiled_pool_gives_each_prompt_its_alone_tokens_in_one_graph(tiny_llama, compile):
+    """``compile=True`` on a CPU is inductor (the real compiler): rows admitted into freed slots
+    mid-run reuse the one compiled step (the static cache and mask are edited in place)."""
+    counters.clear()
+    blocks = pool_stack(tiny_llama)
+    with surgery.trace(tiny_llama, *blocks) as tr:
+        pooled = tr.generate(POOL_PROMPTS, POOL_BUDGETS, chat=True, cache="static", compile=compile, batch_size=3)
+    assert counters["stats"]["unique_graphs"] <= 1 and sum(counters["graph_break"].values()) == 0
+    for i, prompt in enumerate(POOL_PROMPTS):
+        alone = pool_stack(tiny_llama)
+        with surgery.trace(tiny_llama, *alone) as tr:
+            single = tr.generate([prompt], POOL_BUDGETS[i], chat=True)
+        assert pooled.token_ids[i] == single.token_ids[0] and pooled.stop_reasons[i] == single.stop_reasons[0]
+        assert [b.by_row()[i] for b in blocks] == [b.by_row()[0] for b in alone]
