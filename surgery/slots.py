@@ -88,11 +88,12 @@ def generate_continuous(
     cache: str,
     rerun_from: int | None,
     compile: bool | dict,
-    on_admit: Callable[[torch.Tensor], None] | None = None,
+    on_admit: Callable[[list[int], list[int]], None] | None = None,
     on_retire: Callable[[int, int], None] | None = None,
 ):
     """The continuous-batching loop; arguments as :func:`surgery.engine.generate` (which calls it
-    when ``batch_size`` is given), plus ``on_admit(rows)`` / ``on_retire(slot, row)``."""
+    when ``batch_size`` is given), plus ``on_admit(slots, rows)`` (prompts ``rows`` are about to take ``slots``) and
+    ``on_retire(slot, row)``."""
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     keys = row_keys_for(input_ids, attention_mask, row_keys)
     lengths = attention_mask.sum(dim=1).tolist()
@@ -126,7 +127,7 @@ def generate_continuous(
     try:
         with torch.inference_mode():
             if on_admit is not None:
-                on_admit(torch.ones(n_slots, dtype=torch.bool, device=device))
+                on_admit(list(range(n_slots)), list(range(n_slots)))
             logits = forward.prefill(first_ids)
             prefill_s = time.perf_counter() - start
             while True:
@@ -166,7 +167,7 @@ def generate_continuous(
                     admit_rows = torch.zeros(n_slots, dtype=torch.bool, device=device)
                     admit_rows[index] = True
                     if on_admit is not None:
-                        on_admit(admit_rows)
+                        on_admit(free, admitted)
                     new_logits = forward.admit(free, [rows[r] for r in admitted], think_ids, matchers, model.pad_token_id)
                     logits = logits.index_copy(0, index, new_logits)
                     for s, r in zip(free, admitted):

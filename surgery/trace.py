@@ -33,6 +33,7 @@ from torch import Tensor
 from surgery import engine
 from surgery.blocks import Block, Intervention, Probe
 from surgery.model import Model
+from surgery.row_stacks import RowStacks
 from surgery.signals import check_signal_reads
 from surgery.sites import Site, hook_site
 from surgery.step import Step
@@ -56,6 +57,7 @@ class Trace:
         self._handles = []
         self._sites: dict[int, list[str]] = {}  # block id -> its canonical sites
         self._step: Step | None = None
+        self._stacks: RowStacks | None = None  # a stack per row (tr.generate(..., stacks=...))
         self._active = False
 
     # ---- context -----------------------------------------------------------------------------
@@ -114,8 +116,8 @@ class Trace:
             if step is None:
                 return value
             if step.slots is not None:  # rows admitted into a slot pool: blocks see every slot
-                return apply_to_slots(site, value, step, *self._routes[site])
-            return apply_blocks(site, value, step, *self._routes[site])
+                return apply_to_slots(site, value, step, *self._routes[site], self._stacks)
+            return apply_blocks(site, value, step, *self._routes[site], self._stacks)
 
         return route
 
@@ -135,6 +137,7 @@ class Trace:
                     f"{', '.join(lost)} do(es) not implement admit/retire (surgery.blocks.Block.admit): run without "
                     "batch_size, or implement them"
                 )
+        self._slot_count = batch
         for block in self.blocks:
             block.reset(batch)
 
@@ -143,15 +146,37 @@ class Trace:
         if not self._active:
             raise RuntimeError("use tr.generate / tr.run inside the `with surgery.trace(...) as tr:` block")
 
-    def generate(self, prompts, max_new_tokens: int | Sequence[int] = 64, **options) -> engine.GenerationOutput:
-        """Generate with every attached block active; options as :func:`surgery.generate`."""
+    def generate(
+        self, prompts, max_new_tokens: int | Sequence[int] = 64, *, stacks: Sequence[Sequence[Block]] | None = None,
+        **options,
+    ) -> engine.GenerationOutput:
+        """Generate with every attached block active; options as :func:`surgery.generate`.
+
+        ``stacks``: one list per prompt of the attached blocks that prompt carries (a stack per
+        row, :mod:`surgery.row_stacks`): a block acts on, and records, only the rows that carry
+        it, and each prompt gets what it gets alone under its own stack. A block's
+        :meth:`~surgery.blocks.Block.by_row` then has an entry for every prompt (empty where
+        the prompt does not carry it). None: every prompt carries every block.
+        """
         self._require_active()
+        n_prompts = 1 if isinstance(prompts, str) else len(prompts)
         self._begin(prompts, options.get("batch_size"))
+        self._stacks = None
+        if stacks is not None:
+            if isinstance(stacks, (str, bytes)) or len(stacks) != n_prompts:
+                raise ValueError(f"stacks needs one list of blocks per prompt ({n_prompts})")
+            slots = n_prompts if options.get("batch_size") is None else min(n_prompts, options["batch_size"])
+            self._stacks = RowStacks(self.blocks, stacks, slots, self.model.device)
+            if options.get("batch_size") is None and isinstance(max_new_tokens, int):
+                self._stacks.admit(list(range(n_prompts)), list(range(n_prompts)))
         choosers = [b for b in self.blocks if isinstance(b, Intervention) and b.edits_tokens]
 
         def on_choose(choice) -> None:
             for block in choosers:
-                block.choose(choice)
+                if self._stacks is None:
+                    block.choose(choice)
+                else:
+                    self._stacks.choose(block, choice)
 
         rerun_layers = [block.rerun_layer for block in choosers if block.rerun_layer is not None]
         if options.get("compile"):
@@ -176,9 +201,14 @@ class Trace:
             **options,
         )
 
-    def _admit(self, rows: Tensor) -> None:
+    def _admit(self, slots: list[int], rows: list[int]) -> None:
+        """Prompts ``rows`` take ``slots`` (continuous batching): every block forgets those slots."""
+        if self._stacks is not None:
+            self._stacks.admit(slots, rows)
+        admitted = torch.zeros(self._slot_count, dtype=torch.bool, device=self.model.device)
+        admitted[slots] = True
         for block in self.blocks:
-            block.admit(rows)
+            block.admit(admitted)
 
     def _retire(self, slot: int, row: int) -> None:
         for block in self.blocks:
@@ -235,26 +265,31 @@ def add_routes(routes: dict[str, tuple[list, list]], plans) -> list[str]:
     return new
 
 
-def apply_blocks(site: str, value: Tensor, step: Step, interventions, probes) -> Tensor:
+def apply_blocks(site: str, value: Tensor, step: Step, interventions, probes, stacks: RowStacks | None = None) -> Tensor:
     """Pass one site's value through its blocks for one forward: the interventions edit it in
     order, then the probes see the result (not on a re-run). ``step`` is aligned to the value's
-    positions first (:meth:`~surgery.step.Step.tail`)."""
+    positions first (:meth:`~surgery.step.Step.tail`). With ``stacks`` (a stack per row) each
+    block sees its own rows only and edits only those (:mod:`surgery.row_stacks`)."""
     step = step.tail(value.shape[1])
     for block in interventions:
-        value = block.edit(site, value, step)
+        if stacks is None:
+            value = block.edit(site, value, step)
+        else:
+            edited = block.edit(site, value, stacks.step_for(block, step))
+            value = torch.where(stacks.mask(block).view(-1, *([1] * (value.ndim - 1))), edited, value)
     if not step.is_rerun:  # probes see a recomputed position's first pass only
         for probe in probes:
-            probe.observe(site, value, step)
+            probe.observe(site, value, step if stacks is None else stacks.step_for(probe, step))
     return value
 
 
-def apply_to_slots(site: str, value: Tensor, step: Step, interventions, probes) -> Tensor:
+def apply_to_slots(site: str, value: Tensor, step: Step, interventions, probes, stacks: RowStacks | None = None) -> Tensor:
     """:func:`apply_blocks` for the prefill of rows admitted into a slot pool: ``value`` holds
     the admitted rows (in ``step.slots`` order), the blocks see a pool-wide tensor (the other
     slots zeros, not valid in ``step``) and the admitted rows' part comes back."""
     index = torch.tensor(step.slots, device=value.device)
     pooled = value.new_zeros((step.batch_size, *value.shape[1:])).index_copy(0, index, value)
-    return apply_blocks(site, pooled, step, interventions, probes).index_select(0, index)
+    return apply_blocks(site, pooled, step, interventions, probes, stacks).index_select(0, index)
 
 
 def trace(model, *blocks) -> Trace:

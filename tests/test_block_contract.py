@@ -8,6 +8,11 @@ registered anywhere is checked as soon as its module is imported; each offers
    give an equal block.
 2. Identity settings give tokens identical to no block; a probe never changes tokens.
 3. Every row of a batch behaves as it would alone: same tokens and same ``by_row()`` entry.
+   Also under continuous batching (``batch_size=2`` over prompts of different lengths and
+   budgets, so rows are admitted into freed slots mid-run): the row lifecycle
+   (``admit``/``retire``) leaks nothing from one row into the next in its slot; and with rows
+   that carry the block sharing slots with rows that do not (a stack per row), each row gets
+   what it gets alone under its own stack.
 4. Hooks are gone, and the model computes exactly what it did, after an exception in the body.
 
 The last tests plant a bug of each kind in a throwaway block and show the check catches it.
@@ -93,6 +98,50 @@ def check_rows_alone(model, cls) -> None:
             assert_close(alone.by_row()[0], rows[i], precision=torch.float32, path=f"{cls.name}.by_row()[{i}]")
 
 
+#: Budgets that end rows at different steps, so later prompts take freed slots mid-run.
+BUDGETS = [6, 20, 9, 14]
+
+
+def check_rows_alone_in_slots(model, cls) -> None:
+    eos = stop_token(model)
+    prompts = [*PROMPTS, PROMPTS[1]]  # a repeated prompt, too
+    budgets = [*BUDGETS, 11]
+    pooled = cls.example(model, prompts)
+    with surgery.trace(model, pooled) as tr:
+        out = tr.generate(prompts, budgets, chat=True, eos_token_ids=[eos], batch_size=2)
+    rows = pooled.by_row()
+    assert out.timings["steps"] < sum(budgets)  # slots really were shared
+    for i, prompt in enumerate(prompts):
+        alone = cls.example(model, [prompt])
+        with surgery.trace(model, alone) as tr:
+            alone_out = tr.generate([prompt], budgets[i], chat=True, eos_token_ids=[eos])
+        assert alone_out.token_ids[0] == out.token_ids[i], f"row {i}: tokens differ alone and in slots"
+        assert alone_out.stop_reasons[0] == out.stop_reasons[i]
+        if rows is not None:
+            assert len(rows) == len(prompts)
+            assert_close(alone.by_row()[0], rows[i], precision=torch.float32, path=f"{cls.name}.by_row()[{i}] in slots")
+
+
+def check_mixed_stacks(model, cls) -> None:
+    """Rows with and without the block share the slots: each row as alone under its own stack."""
+    eos = stop_token(model)
+    prompts, budgets = [*PROMPTS, PROMPTS[1]], [*BUDGETS, 11]
+    block = cls.example(model, prompts)
+    carries = [True, False, True, False, False]
+    with surgery.trace(model, block) as tr:
+        out = tr.generate(prompts, budgets, chat=True, eos_token_ids=[eos], batch_size=2,
+                          stacks=[[block] if c else [] for c in carries])
+    rows = block.by_row()
+    for i, prompt in enumerate(prompts):
+        alone = cls.example(model, [prompt])
+        with surgery.trace(model, *([alone] if carries[i] else [])) as tr:
+            single = tr.generate([prompt], budgets[i], chat=True, eos_token_ids=[eos])
+        assert single.token_ids[0] == out.token_ids[i], f"row {i} (carries: {carries[i]}): tokens differ"
+        assert single.stop_reasons[0] == out.stop_reasons[i]
+        if rows is not None and carries[i]:
+            assert_close(alone.by_row()[0], rows[i], precision=torch.float32, path=f"{cls.name}.by_row()[{i}] mixed")
+
+
 def check_hooks_gone_after_an_exception(model, cls) -> None:
     before, hooks = logits_of(model), all_hooks(model.module)
     with pytest.raises(KeyboardInterrupt):
@@ -103,7 +152,8 @@ def check_hooks_gone_after_an_exception(model, cls) -> None:
     assert torch.equal(logits_of(model), before)
 
 
-CHECKS = [check_round_trip, check_identity, check_rows_alone, check_hooks_gone_after_an_exception]
+CHECKS = [check_round_trip, check_identity, check_rows_alone, check_rows_alone_in_slots, check_mixed_stacks,
+          check_hooks_gone_after_an_exception]
 
 
 @pytest.mark.parametrize("name", contract_blocks())
@@ -112,6 +162,8 @@ def test_contract(tiny, name, tmp_path):
     check_round_trip(tiny, cls, tmp_path)
     check_identity(tiny, cls)
     check_rows_alone(tiny, cls)
+    check_rows_alone_in_slots(tiny, cls)
+    check_mixed_stacks(tiny, cls)
     check_hooks_gone_after_an_exception(tiny, cls)
 
 

@@ -1,0 +1,94 @@
+"""A stack of blocks per row: one run mixing rows under different stacks (a study's conditions).
+
+``tr.generate(prompts, ..., stacks=[...])`` gives each prompt the list of attached blocks it
+carries; the trace then keeps, per block, which rows carry it (:class:`RowStacks`: a bool
+``[batch]`` on the device, set as rows are admitted into slots), and a block acts only on those:
+
+- it is called with the step restricted to its rows (:meth:`RowStacks.step_for`: ``valid`` False
+  and ``finished`` True elsewhere), so its triggers fire and its records grow only there;
+- what an intervention returns replaces the value only on its rows (``torch.where`` on the
+  device), so a row that does not carry it keeps its value bit for bit;
+- in :meth:`~surgery.blocks.Intervention.choose` the rows it does not carry look finished, so
+  it neither replaces their tokens nor stops them (:meth:`RowStacks.choose`).
+
+A row therefore gets exactly what it gets alone under its own stack, whatever the other rows
+carry. The masks are edited in place, so a compiled step keeps them as device buffers.
+
+Example:
+    >>> import torch
+    >>> steer, mask = object(), object()
+    >>> stacks = RowStacks([steer, mask], [[steer], [], [steer, mask]], batch=2, device="cpu")
+    >>> stacks.admit([0, 1], [0, 2])
+    >>> stacks.mask(steer).tolist(), stacks.mask(mask).tolist()
+    ([True, True], [False, True])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+from surgery.step import Step
+
+__all__ = ["RowStacks"]
+
+
+class RowStacks:
+    """Which rows carry which block, for a run where rows carry different stacks.
+
+    Args:
+        blocks: every attached block (any hashable handle; the trace uses the blocks).
+        stacks: one list per prompt, of the blocks that prompt carries.
+        batch: the number of slots.
+        device: where the masks live (the model's device).
+
+    Raises:
+        ValueError: ``stacks`` does not have one entry per prompt, or names an unattached block.
+    """
+
+    def __init__(self, blocks: Sequence[Hashable], stacks: Sequence[Sequence[Hashable]], batch: int, device):
+        known = {id(block) for block in blocks}
+        for i, stack in enumerate(stacks):
+            stray = [block for block in stack if id(block) not in known]
+            if stray:
+                raise ValueError(f"stacks[{i}] holds {stray[0]!r}, which is not attached to this trace: add it first")
+        self.stacks = [{id(block) for block in stack} for stack in stacks]
+        self.blocks = list(blocks)
+        self.carriers = {id(block): torch.zeros(batch, dtype=torch.bool, device=device) for block in self.blocks}
+        self._restricted: dict[int, tuple[Step, Step]] = {}  # id(block) -> (step, as it sees it)
+
+    def admit(self, slots: list[int], rows: list[int]) -> None:
+        """Prompts ``rows`` take ``slots``: each block's mask says whether they carry it."""
+        for block in self.blocks:
+            carrier = self.carriers[id(block)]  # edited in place: a compiled step holds it
+            for slot, row in zip(slots, rows):
+                carrier[slot] = id(block) in self.stacks[row]
+
+    def mask(self, block) -> Tensor:
+        """The rows that carry ``block``, bool ``[batch]``."""
+        return self.carriers[id(block)]
+
+    def step_for(self, block, step: Step) -> Step:
+        """``step`` as ``block`` sees it: its rows only (valid False, finished True elsewhere)."""
+        seen = self._restricted.get(id(block))
+        if seen is None or seen[0] is not step:  # one restriction per block and step
+            seen = self._restricted[id(block)] = (step, _restrict(step, self.mask(block)))
+        return seen[1]
+
+    def choose(self, block, choice) -> None:
+        """Hand ``choice`` to ``block`` with the rows it does not carry looking finished."""
+        carrier = self.mask(block)
+        finished, forced = choice.finished, choice.forced_stop
+        choice.finished = finished | ~carrier
+        try:
+            block.choose(choice)
+        finally:
+            choice.finished = finished
+            choice.forced_stop = torch.where(carrier, choice.forced_stop, forced)
+
+
+def _restrict(step: Step, rows: Tensor) -> Step:
+    return dataclasses.replace(step, valid=step.valid & rows[:, None], finished=step.finished | ~rows)
