@@ -33,23 +33,40 @@ The released code (ChnQ/MI-Peaks bcee82c, ``src/applications/RR_model.py``,
   one draw per row whose token is a trigger and does not stop it; rows of one step draw in batch
   order; the stream goes on across runs (:meth:`~RepresentationRecycling.restart_coin` restarts
   it). The released order is therefore reproduced by running the prompts one at a time, in
-  order, through one block (a batch draws step by step, rows in order: what the released loop
-  would do in lockstep). One host sync per token (RR has one anyway); the decode step's forward
-  is untouched, so the block stays graph-safe.
-- ``trigger_ids``: the released triggers are token ids, the union of the ids listed for the
-  first 10 letters-only words of ``data/<model>.jsonl`` (RR_evaluate.py L465-493):
-  :func:`released_trigger_ids`; for R1-Distill-Llama-8B, :data:`RELEASED_LLAMA8B_TRIGGER_IDS`
-  (2-3 ids per word; :func:`trigger_ids_for_words` builds the same kind of list, the tokens
-  whose stripped text is the word, for any vocabulary).
+  order, through one block, or in one call with ``batch_size=1`` (a batch draws step by step,
+  rows in order: what the released loop would do in lockstep). One host sync per token (RR has
+  one anyway); the decode step's forward is untouched, so the block stays graph-safe.
+- ``trigger_ids``: the released triggers are token ids (:mod:`interventions.recycling_triggers`:
+  :func:`~interventions.recycling_triggers.released_trigger_ids`, and for R1-Distill-Llama-8B
+  :data:`~interventions.recycling_triggers.RELEASED_LLAMA8B_TRIGGER_IDS`).
 - ``layer=23`` (run_RR.sh L21, the same layer extracted and injected). The released loop
   re-runs the whole model with block 23's input at the last position replaced by its first
   output (RR_model.py L68-78, L160-178): the block applied twice, as here. Not reproduced: the
   released loop never checks a recycled token for EOS (L164-188) and decodes on; here it ends the row.
 
+Under continuous batching (``tr.generate(prompts, n, batch_size=N)``, :mod:`surgery.slots`),
+what "alone" means for each coin:
+
+- ``coin="hash"``: exact. A row's coins come from its own prompt (its key, read at the row's
+  own prefill, also when it is admitted into a freed slot mid-run) and its own positions, so
+  each prompt recycles the positions, and emits the tokens, that it does alone.
+- ``coin="released"``: not per prompt. The stream belongs to the run (to the block), as in a
+  fixed batch: each pool step draws for its candidate rows in slot order, so which numbers a
+  prompt gets depends on which prompts share the pool with it and on when it was admitted. The
+  draws are reproducible (the same prompts, budgets and ``batch_size`` draw the same), and
+  ``batch_size=1`` is the released order; a prompt's result equals its run alone only where
+  the coin cannot matter (``probability`` 0 or 1).
+
+A row's lifecycle: :meth:`~RepresentationRecycling.admit` forgets the recycled positions of
+the slots that new rows take, :meth:`~RepresentationRecycling.retire` keeps a finished row's
+under its prompt's index. The engine re-runs the first recompute after an admission in full
+(the recorded block inputs were the admitted rows' prefill: ``LayerInputs.forget``).
+
 Example:
     >>> rr = RepresentationRecycling(layer=23, probability=0.5, seed=0)
     >>> rr.config.trigger_words[:3]
     ('So', 'Let', 'Hmm')
+    >>> from interventions.recycling_triggers import RELEASED_LLAMA8B_TRIGGER_IDS
     >>> released = RepresentationRecycling(23, probability=0.5, coin="released",   # the released run
     ...                                    trigger_ids=RELEASED_LLAMA8B_TRIGGER_IDS)
     >>> len(released.config.trigger_ids)
@@ -61,42 +78,28 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from interventions.recycling_triggers import (  # noqa: F401  (all still importable from here)
+    RELEASED_LLAMA8B_TRIGGER_IDS,
+    RELEASED_LLAMA8B_TRIGGERS,
+    RR_TRIGGER_WORDS,
+    released_trigger_ids,
+    trigger_ids_for_words,
+)
 from surgery.blocks import Intervention, per_row, register_block
 from surgery.kv_cache import last_entry, restore_last_entry, rollback
+from surgery.step import Step
 from surgery.triggers import Trigger
 
-__all__ = [
-    "COINS",
-    "RELEASED_LLAMA8B_TRIGGERS",
-    "RELEASED_LLAMA8B_TRIGGER_IDS",
-    "RR_TRIGGER_WORDS",
-    "RepresentationRecycling",
-    "RepresentationRecyclingConfig",
-    "released_trigger_ids",
-    "trigger_ids_for_words",
-]
+__all__ = ["COINS", "RepresentationRecycling", "RepresentationRecyclingConfig"]
 
-RR_TRIGGER_WORDS = ("So", "Let", "Hmm", "I", "The", "Okay", "That", "First", "Now", "Wait")
 COINS = ("hash", "released")
 _MASK32 = 0xFFFFFFFF
-
-RELEASED_LLAMA8B_TRIGGERS = (
-    ("So", (2100, 4516, 78012)), ("Let", (6914, 10267)), ("Hmm", (81122, 89290)), ("I", (40, 358, 25494)),
-    ("The", (578, 791, 33026)), ("Okay", (33413, 36539)), ("That", (3011, 4897)), ("First", (5451, 5629)),
-    ("Now", (4800, 7184)), ("Wait", (14144, 14524)),
-)
-"""The released word records RR reads for R1-Distill-Llama-8B: the first 10 letters-only entries
-of ``src/applications/data/DeepSeek-R1-Distill-Llama-8B.jsonl`` (Llama-3 token ids)."""
 
 
 @dataclass(frozen=True)
@@ -116,67 +119,6 @@ class RepresentationRecyclingConfig:
     )
 
 
-def released_trigger_ids(records, n_words: int = 10) -> tuple[int, ...]:
-    """The released trigger ids: the union of the ids of the first ``n_words`` letters-only words.
-
-    RR_evaluate.py L465-493, in our words: read the records in order, keep those whose word
-    matches ``^[a-zA-Z]+$`` (``re.match``), stop after ``n_words`` of them, gather their ids.
-
-    Args:
-        records: a path to the released ``data/<model>.jsonl`` (one ``{"word", "token_ids"}`` per
-            line), or the records themselves: dicts with those keys, or ``(word, ids)`` pairs.
-        n_words: how many words (released: 10).
-
-    Returns:
-        The ids, sorted.
-
-    Example:
-        >>> released_trigger_ids([{"word": "So", "token_ids": [5, 3]}, {"word": "\\n", "token_ids": [9]},
-        ...                       ("Let", [7]), ("Hmm", [8])], n_words=2)
-        (3, 5, 7)
-    """
-    if isinstance(n_words, bool) or not isinstance(n_words, int) or n_words < 1:
-        raise ValueError(f"n_words must be a positive integer, got {n_words!r}")
-    if isinstance(records, (str, Path)):
-        records = [json.loads(line) for line in Path(records).read_text(encoding="utf-8").splitlines() if line.strip()]
-    english, ids, taken = re.compile(r"^[a-zA-Z]+$"), set(), 0
-    for record in records:
-        if taken >= n_words:
-            break
-        word, token_ids = (record.get("word", ""), record.get("token_ids", [])) if isinstance(record, dict) else record
-        if english.match(word):
-            taken += 1
-            ids.update(int(i) for i in token_ids)
-    if not ids:
-        raise ValueError("no letters-only word with token ids among the records: is this the released word file?")
-    return tuple(sorted(ids))
-
-
-RELEASED_LLAMA8B_TRIGGER_IDS = released_trigger_ids(RELEASED_LLAMA8B_TRIGGERS)
-"""The 23 token ids the released RR triggers on for R1-Distill-Llama-8B (Llama-3 vocabulary)."""
-
-
-def trigger_ids_for_words(model, words: Iterable[str]) -> tuple[int, ...]:
-    """Token ids of ``model``'s vocabulary whose text, stripped, is one of ``words`` (sorted).
-
-    The rule ``trigger_words`` uses; on R1-Distill-Qwen it gives 2-3 ids per released word
-    ("So": " So", "So", "\\tSo"), as many as the released Llama-8B file lists per word.
-
-    Raises:
-        ValueError: a word is no single token of the vocabulary.
-    """
-    words = [words] if isinstance(words, str) else list(words)
-    stripped = [text.strip() for text in model.vocabulary_texts]
-    missing = [w for w in words if w.strip() not in stripped]
-    if missing or not words:
-        raise ValueError(
-            f"RepresentationRecycling cannot encode the trigger words {missing or words} as single tokens "
-            f"of {model.name}'s vocabulary; drop them from trigger_words"
-        )
-    wanted = {w.strip() for w in words}
-    return tuple(i for i, text in enumerate(stripped) if text in wanted)
-
-
 def _mix(x: Tensor) -> Tensor:
     """A 32-bit integer hash (lowbias32), elementwise on int64 tensors."""
     x = x & _MASK32
@@ -191,6 +133,13 @@ def coin(seed: int, row_keys: Tensor, positions: Tensor) -> Tensor:
     """Uniform numbers in [0, 1) from (seed, row key, position): the same for a row alone or batched."""
     x = _mix(row_keys + _mix(positions + _mix(torch.full_like(positions, seed))))
     return x.double() / 2**32
+
+
+def prompt_keys(step: Step) -> Tensor:
+    """Each row's key from its prompt: a hash of the valid tokens of a prefill ``step`` and their
+    positions, ``[batch]`` (the hash coin's row key)."""
+    weights = _mix(step.positions + 1)
+    return _mix(((step.token_ids * weights) & _MASK32).where(step.valid, 0).sum(dim=1))
 
 
 @register_block("representation_recycling")
@@ -213,12 +162,15 @@ class RepresentationRecycling(Intervention):
             MI of the emitting state crosses the row's running Tukey fence
             (:class:`probes.MIEstimator`), measured in the same forward, instead of on words
             that tend to sit at peaks. The coin still applies.
-        coin: ``"hash"`` (default): a per-row hash, the same alone or batched. ``"released"``:
-            the released code's draws from ``random.Random(seed)`` (module docstring): a row's
-            coins then depend on the rows drawn before it.
+        coin: ``"hash"`` (default): a per-row hash, the same alone, batched or admitted into a
+            slot mid-run (it then reads each row's prompt at its prefill, through a hook at
+            ``resid_pre.<layer>`` that changes nothing). ``"released"``: the released code's
+            draws from ``random.Random(seed)`` (module docstring): a row's coins then depend on
+            the rows drawn before it, in a fixed batch as under continuous batching.
         trigger_ids: token ids that trigger instead of ``trigger_words`` (released:
-            :data:`RELEASED_LLAMA8B_TRIGGER_IDS` for R1-Distill-Llama-8B, or
-            :func:`released_trigger_ids` of the word file).
+            :data:`~interventions.recycling_triggers.RELEASED_LLAMA8B_TRIGGER_IDS` for
+            R1-Distill-Llama-8B, or :func:`~interventions.recycling_triggers.released_trigger_ids`
+            of the word file).
 
     Raises:
         ValueError: a bad layer, word list, id list, probability, seed or coin (at
@@ -265,7 +217,7 @@ class RepresentationRecycling(Intervention):
             trigger_ids = tuple(sorted(set(trigger_ids)))
         self.config = RepresentationRecyclingConfig(layer, trigger_words, float(probability), seed, when, coin,
                                                     trigger_ids)
-        self._records: list[tuple[Tensor, Tensor]] = []
+        self.reset(0)
         self.restart_coin()
 
     def restart_coin(self, draws: int = 0) -> None:
@@ -279,7 +231,16 @@ class RepresentationRecycling(Intervention):
         self.coin_draws = draws  # numbers drawn from the released stream so far
 
     def sites(self) -> tuple[str, ...]:
-        return ()
+        hashed = self.config.coin == "hash" and self.config.probability < 1  # reads each prompt (edit)
+        return (f"resid_pre.{self.config.layer}",) if hashed else ()
+
+    def edit(self, site: str, value: Tensor, step: Step) -> Tensor:
+        """Changes nothing; at a prefill, reads the prompt key of each row it prefills (all rows,
+        or the rows admitted into slots, the others not valid there) for the hash coin."""
+        if step.is_prefill and not step.is_rerun:
+            keys = prompt_keys(step)
+            self._row_keys = keys if self._row_keys is None else torch.where(step.valid.any(dim=1), keys, self._row_keys)
+        return value
 
     def bind(self, model) -> None:
         if not -model.n_layers <= self.config.layer < model.n_layers:
@@ -302,16 +263,19 @@ class RepresentationRecycling(Intervention):
         self._triggers[list(ids)] = True
 
     def reset(self, batch_size: int) -> None:
-        self._records = []
-        self._row_keys = None
+        self._records: list[tuple[Tensor, Tensor]] = []  # per token choice: (positions, fired), [batch] each
+        self._retired: dict[int, list[int]] = {}  # prompt -> its recycled positions (continuous batching)
+        self._row_keys: Tensor | None = None  # the hash coin's per-row prompt keys (edit)
+        self._reruns = 0
 
-    def _keys(self, choice) -> Tensor:
-        """A per-row key from the row's prompt tokens (computed at the first token)."""
-        if self._row_keys is None:
-            step = choice.step
-            weights = _mix(step.positions + 1)
-            self._row_keys = _mix(((step.token_ids * weights) & _MASK32).where(step.valid, 0).sum(dim=1))
-        return self._row_keys
+    def admit(self, rows: Tensor, prompts: list[int]) -> None:
+        # the slots' prompt keys are read at the admitted rows' prefill (edit); the released stream is the run's
+        self._records = [(positions, fire & ~rows) for positions, fire in self._records]
+        self._records = [(positions, fire) for positions, fire in self._records if bool(fire.any())]
+
+    def retire(self, slot: int, row: int) -> None:
+        records = [(positions[slot : slot + 1], fire[slot : slot + 1]) for positions, fire in self._records]
+        self._retired[row] = per_row(records)[0] if records else []
 
     def choose(self, choice) -> None:
         if self.config.when is None:
@@ -322,10 +286,11 @@ class RepresentationRecycling(Intervention):
         if self.config.coin == "released":
             fire = self._released_coin(fire & ~choice.stops)
         elif self.config.probability < 1:
-            fire &= coin(self.config.seed, self._keys(choice), positions) < self.config.probability
+            fire &= coin(self.config.seed, self._row_keys, positions) < self.config.probability
         self._records.append((positions, fire))
         if not bool(fire.any()):  # one host sync per token while attached: the re-run is the cost
             return
+        self._reruns += 1
         logits = choice.recompute(
             lambda: [self._block.register_forward_hook(self._doubler(fire), with_kwargs=True, prepend=True)],
             from_layer=self._layer,
@@ -333,7 +298,7 @@ class RepresentationRecycling(Intervention):
         choice.replace(fire, logits.argmax(dim=-1))
 
     def _released_coin(self, candidates: Tensor) -> Tensor:
-        """One draw per candidate row, in batch order (a host sync: the draws are Python's)."""
+        """One draw per candidate row, in batch (slot) order (a host sync: the draws are Python's)."""
         rows = candidates.nonzero().flatten().tolist()
         kept = [row for row in rows if self._stream.random() < self.config.probability]
         self.coin_draws += len(rows)
@@ -361,9 +326,13 @@ class RepresentationRecycling(Intervention):
         return hook
 
     def reruns(self) -> int:
-        """How many decode steps of the last run were re-run (rows firing together share one)."""
-        return sum(bool(fire.any()) for _, fire in self._records)
+        """How many decode steps of the last run were re-run (rows firing together share one;
+        under continuous batching, rows of different prompts in one pool step too)."""
+        return self._reruns
 
     def fired(self) -> list[list[int]]:
-        """Per row of the last run, the position ids that were recycled."""
+        """Per row of the last run, the position ids that were recycled (after a continuous run:
+        per prompt, in prompt order)."""
+        if self._retired:
+            return [self._retired[row] for row in range(len(self._retired))]
         return per_row(self._records)

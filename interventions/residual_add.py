@@ -109,7 +109,7 @@ class ResidualAdd(Intervention):
     def reset(self, batch_size: int) -> None:
         self._fired.clear()
 
-    def admit(self, rows: Tensor) -> None:
+    def admit(self, rows: Tensor, prompts: list[int]) -> None:
         self._fired.admit(rows)
 
     def retire(self, slot: int, row: int) -> None:

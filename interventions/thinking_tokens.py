@@ -198,7 +198,7 @@ class ThinkingTokenInsertion(Intervention):
         self._records = []
         self._retired: dict[int, list[int]] = {}
 
-    def admit(self, rows: Tensor) -> None:
+    def admit(self, rows: Tensor, prompts: list[int]) -> None:
         if self.config.joins == "released":
             return
         for name in ("_queue_length", "_queue_position", "_inserted", "_extra", "_answer_left", "_phase"):

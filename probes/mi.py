@@ -54,6 +54,7 @@ from torch import Tensor
 
 from probes.hsic import _answer_factors, _check_precision, _nhsic_given_factors, nhsic_sync_free
 from probes.hsic import _nhsic_released_float32, _released_ratio_float32
+from probes.mi_rows import RowSeries, SlotAnswers
 from probes.peaks import PeakStats, _check_k, _check_peak_rule, _check_ratio_steps, fence_so_far, kth_largest_so_far
 from probes.peaks import top_k_peaks, tukey_peaks
 from surgery.blocks import Probe, register_block
@@ -182,6 +183,10 @@ class MIEstimator(Probe):
 
     The answer states and ``Ry`` are computed when the probe is bound (entering the trace), in
     one batched forward; every ``generate`` or ``run`` must then have ``len(answers)`` rows.
+    Under continuous batching (``generate(..., batch_size=N)``) each slot holds the answer of
+    the prompt in it (:class:`~probes.mi_rows.SlotAnswers`), a row's series and signals start
+    empty when it is admitted, and :meth:`result` lists every prompt in prompt order, each as
+    it is alone.
 
     Example::
 
@@ -223,9 +228,10 @@ class MIEstimator(Probe):
         self.config = MIEstimatorConfig(site=site, answers=answers, sigma=float(sigma), epsilon=float(epsilon),
                                         warmup=warmup, kernel_rank=kernel_rank, sync_free=sync_free,
                                         peak_rule=peak_rule, top_k=top_k, precision=precision, ratio_steps=ratio_steps)
-        self._ry: tuple[Tensor, Tensor] | Tensor | None = None  # precision="float32": Ry itself, as released
+        self._ry: tuple[Tensor, ...] | None = None  # the answers' Ry: see bind
         self._answer_states: Tensor | None = None
-        self._series: _RowSeries | None = None
+        self._series: RowSeries | None = None
+        self._slots: SlotAnswers | None = None  # continuous batching: each slot's answer
 
     @classmethod
     def example(cls, model, prompts=(), identity: bool = False) -> MIEstimator:
@@ -246,7 +252,8 @@ class MIEstimator(Probe):
             raise ValueError("MIEstimator needs the reference answers: MIEstimator(answers=[...]), one string per prompt")
         self._answer_states = self._last_token_states(model, site, list(self.config.answers))
         ry_of = _released_ratio_float32 if self.config.precision == "float32" else _answer_factors
-        self._ry = ry_of(self._answer_states, self.config.sigma, self.config.epsilon)
+        ry = ry_of(self._answer_states, self.config.sigma, self.config.epsilon)
+        self._ry = ry if isinstance(ry, tuple) else (ry,)  # float64: (left, right); float32: (Ry,)
         self._site = site.canonical
         self.signal_board = SignalBoard(self.signals())
 
@@ -269,31 +276,46 @@ class MIEstimator(Probe):
         rows = [model.tokenizer(text)["input_ids"] for text in texts]
         return states_at(model, site, rows, [[len(row) - 1] for row in rows]).to(torch.float64)
 
+    def _wrong_count(self, rows: int) -> ValueError:
+        return ValueError(f"MIEstimator has {len(self.config.answers or ())} answers but this run has {rows} prompt "
+                          "rows: pass one answer per prompt, in prompt order")
+
     def reset(self, batch_size: int) -> None:
-        n = len(self.config.answers or ())
-        if n != batch_size:
-            raise ValueError(
-                f"MIEstimator has {n} answers but this run has {batch_size} prompt rows: "
-                "pass one answer per prompt, in prompt order"
-            )
+        if batch_size > len(self.config.answers or ()):  # fewer rows: see observe (slots) and result
+            raise self._wrong_count(batch_size)
         self._series = None
+        self._slots = None  # continuous batching: each slot's answer (admit)
         if self.signal_board is not None:
             self.signal_board.clear()
+
+    def admit(self, rows: Tensor, prompts: list[int]) -> None:
+        if self._slots is None:
+            self._slots = SlotAnswers(self._ry, len(rows))
+        self._slots.admit(rows, prompts)
+        if self._series is not None:
+            self._series.admit(rows)
+        self.signal_board.admit(rows)
+
+    def retire(self, slot: int, row: int) -> None:
+        self._series.retire(slot, row)
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         # The last position of every forward emits the next token (prompts are left-padded).
         config = self.config
+        if self._slots is None and value.shape[0] != len(config.answers):
+            raise self._wrong_count(value.shape[0])
+        ry = self._ry if self._slots is None else self._slots.factors  # each row's answer
         if config.precision == "float32":  # as released, each row against its own Ry; exact in float64
-            mi = _nhsic_released_float32(value[:, -1], self._ry, config.sigma, config.epsilon).to(torch.float64)
+            mi = _nhsic_released_float32(value[:, -1], *ry, config.sigma, config.epsilon).to(torch.float64)
             converged = torch.ones_like(mi, dtype=torch.bool)
         elif self.sync_free:
             rank = min(config.kernel_rank, value.shape[-1])
-            mi, converged = nhsic_sync_free(value[:, -1], *self._ry, config.sigma, config.epsilon, rank)
+            mi, converged = nhsic_sync_free(value[:, -1], *ry, config.sigma, config.epsilon, rank)
         else:
-            mi = _nhsic_given_factors(value[:, -1], *self._ry, config.sigma, config.epsilon)
+            mi = _nhsic_given_factors(value[:, -1], *ry, config.sigma, config.epsilon)
             converged = torch.ones_like(mi, dtype=torch.bool)
         if self._series is None:
-            self._series = _RowSeries(mi.shape[0], step.capacity or 8, mi.device, growable=step.capacity == 0)
+            self._series = RowSeries(mi.shape[0], step.capacity or 8, mi.device, growable=step.capacity == 0)
         valid = step.valid[:, -1]
         series = self._series
         if self.signals_read:  # nobody reads them: no sort of the history per step
@@ -322,6 +344,8 @@ class MIEstimator(Probe):
                          ratio_steps=config.ratio_steps, precision=config.precision)
         if self._series is None:
             return MIResult([], [], [], **described)
+        if self._slots is not None and self._slots.admitted != len(config.answers):  # fewer prompts
+            raise self._wrong_count(self._slots.admitted)
         values, converged = self._series.rows()
         unconverged = sum(int((~c).sum()) for c in converged)
         if unconverged:
@@ -330,50 +354,14 @@ class MIEstimator(Probe):
                 "pivoted-Cholesky columns; their values are those of the rank-limited kernel. Raise kernel_rank.",
                 stacklevel=2,
             )
-        if out is not None and list(out.lengths) != [len(v) for v in values]:
+        if out is not None and any(len(v) not in (0, n) for v, n in zip(values, out.lengths, strict=True)):
             raise ValueError(
                 f"out does not match this probe's last run: lengths {out.lengths}, "
                 f"recorded {[len(v) for v in values]} values per row"
             )
-        if config.peak_rule == "tukey":
-            found = [tukey_peaks(v, config.ratio_steps) for v in values]
+        none = (torch.zeros(0, dtype=torch.long), PeakStats(0, float("nan"), None, None, None, float("nan"), float("nan"), None))
+        if config.peak_rule == "tukey":  # below: a row that does not carry the probe (stacks) has no values
+            found = [tukey_peaks(v, config.ratio_steps) if len(v) else none for v in values]
         else:
-            found = [top_k_peaks(v, config.top_k, config.ratio_steps) for v in values]
+            found = [top_k_peaks(v, config.top_k, config.ratio_steps) if len(v) else none for v in values]
         return MIResult(values=values, peaks=[p for p, _ in found], stats=[s for _, s in found], **described)
-
-
-class _RowSeries:
-    """Each row's values, one per valid forward, in ``[batch, capacity]`` device buffers written
-    in place (no host sync), with the count per row.
-
-    ``capacity`` is the run's number of forwards when the engine runs it (``Step.capacity``):
-    then the buffers never move. A host's own loop (nnsight, a TransformerLens bridge's
-    ``generate``) does not say how many forwards come: there the buffers double when full.
-    """
-
-    def __init__(self, batch: int, capacity: int, device: torch.device, growable: bool):
-        self.values = torch.zeros(batch, capacity, dtype=torch.float64, device=device)
-        self.converged = torch.ones(batch, capacity, dtype=torch.bool, device=device)
-        self.count = torch.zeros(batch, dtype=torch.long, device=device)
-        self.growable = growable
-        self.appends = 0  # forwards seen (counted only when growable): an upper bound of every row's count
-        if device.type == "cuda":  # graph replays write here: the addresses must not move
-            for buffer in (self.values, self.converged, self.count):
-                torch._dynamo.mark_static_address(buffer)
-
-    def append(self, values: Tensor, converged: Tensor, valid: Tensor) -> None:
-        if self.growable:  # a host's own loop (capacity unknown): no compiled step runs here
-            if self.appends == self.values.shape[1]:
-                self.values = torch.cat([self.values, torch.zeros_like(self.values)], dim=1)
-                self.converged = torch.cat([self.converged, torch.ones_like(self.converged)], dim=1)
-            self.appends += 1
-        slot = self.count[:, None]
-        self.values.scatter_(1, slot, torch.where(valid[:, None], values[:, None], self.values.gather(1, slot)))
-        self.converged.scatter_(1, slot, torch.where(valid[:, None], converged[:, None], self.converged.gather(1, slot)))
-        self.count.add_(valid.long())
-
-    def rows(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Per row, its values and convergence flags (CPU)."""
-        counts = self.count.tolist()
-        values, converged = self.values.cpu(), self.converged.cpu()
-        return [values[i, :n] for i, n in enumerate(counts)], [converged[i, :n] for i, n in enumerate(counts)]

@@ -4,11 +4,12 @@ Topology of Reasoning (arXiv 2506.05744, §3 "Reasoning graph"; METHODS.md §3).
 text is cut into steps at newlines; each step becomes the mean hidden state of its tokens at
 block ``int(0.9 * L)``. The probe :class:`ReasoningGraph` (registry name ``"reasoning_graph"``)
 makes those step vectors in one of two ways: ``steps="streaming"`` (the default) streams them
-while decoding and keeps only one vector per step, never every hidden state;
-``steps="released"`` re-encodes the text after generation as the authors' released code does
-(:mod:`probes.released_steps`). :meth:`ReasoningGraph.analyse` hands them to
-:func:`probes.graph_metrics.analyse` (pooled K-means in :mod:`probes.kmeans`, graphs and
-metrics in :mod:`probes.graph_metrics`); :func:`probes.plots.plot_trajectory` draws one sample.
+while decoding and keeps only one vector per step, never every hidden state
+(:mod:`probes.streamed_steps`); ``steps="released"`` re-encodes the text after generation as
+the authors' released code does (:mod:`probes.released_steps`). :meth:`ReasoningGraph.analyse`
+hands them to :func:`probes.graph_metrics.analyse` (pooled K-means in :mod:`probes.kmeans`,
+graphs and metrics in :mod:`probes.graph_metrics`); :func:`probes.plots.plot_trajectory` draws
+one sample.
 
 Paper-compatible defaults: site ``resid_pre.{int(0.9 * n_layers)}`` (the residual stream
 entering that block, which is HF ``hidden_states[int(0.9 * L)]``, the index the released code
@@ -35,13 +36,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from probes.graph_metrics import GraphAnalysis, analyse
 from probes.released_steps import TextRecorder, check_released_options, released_step_vectors
+from probes.streamed_steps import StreamedSteps
 from surgery.blocks import Probe, register_block
-from surgery.kernels import segment_mean_update
 from surgery.results import SavedResult
 from surgery.step import Step
 
@@ -50,7 +50,6 @@ __all__ = ["ReasoningGraph", "ReasoningGraphConfig", "StepVectors"]
 STEP_RULES = ("line",)
 STEP_SOURCES = ("streaming", "released")
 RELEASED_ONLY = ("prompt_line", "drop_last_step", "max_length", "template", "questions")
-_INITIAL_CAPACITY = 64
 
 
 @dataclass(frozen=True)
@@ -118,17 +117,14 @@ class ReasoningGraph(Probe):
     its text (:func:`~probes.released_steps.prompt_question`); :meth:`released_inputs` shows both.
 
     ``steps="streaming"``: while decoding, each row keeps a running sum ``[d]``, a token count and
-    the offsets needed for ``len(text.strip())`` on the device. When a token ending with
-    ``"\\n"`` is fed, the row's mean is written into a per-row buffer ``[batch, capacity, d]`` at
-    the row's step counter (no host sync), and the counter advances only if the step is long
-    enough; the pooling itself is one fused op per token
-    (:func:`surgery.kernels.segment_mean_update`, a Triton kernel on CUDA). Memory therefore
-    grows with the number of kept steps, not with tokens x width. The one host sync is the
-    capacity check: the host keeps an upper bound on the largest step counter (it grows by one
-    per decode step) and reads the true maximum ``m`` only when that bound reaches the capacity,
-    then grows the buffer to ``m + max(64, m // 2)`` slots if it has less; so at most one sync
-    per 64 decode steps (per ``m / 2`` once rows hold ``m`` steps), and the buffer holds at most
-    ``1.5 m + 64`` vectors per row. The prefill is ignored, as are re-runs.
+    the offsets needed for ``len(text.strip())`` on the device, and writes each ended step's mean
+    into a per-row buffer (a :class:`~probes.streamed_steps.StreamedSteps`: one fused op per
+    token, at most one host sync per 64 decode steps); memory grows with the number of kept
+    steps, not with tokens x width. The prefill is ignored, as are re-runs.
+
+    Under continuous batching (``generate(..., batch_size=N)``) the probe follows rows through
+    their slots (:meth:`admit`, :meth:`retire`): :meth:`result` lists every prompt in order, each
+    as it is alone.
 
     Args:
         site: the site to pool. ``None`` (default) picks ``resid_pre.{int(0.9 * n_layers)}``
@@ -204,6 +200,7 @@ class ReasoningGraph(Probe):
             raise ValueError(f"only steps='released' takes {', '.join(changed)}: add steps='released', or leave "
                              "them at their defaults")
         self._released = TextRecorder(questions) if steps == "released" else None
+        self._streamed: StreamedSteps | None = None  # made in bind (it needs the vocabulary)
         self._site: str | None = None
         self._steps: list[Tensor] | None = None
 
@@ -233,96 +230,43 @@ class ReasoningGraph(Probe):
         if resolved.kind == "logits":
             raise ValueError("ReasoningGraph pools hidden states: pick a resid/attn/mlp site, not 'logits'")
         self._site = str(resolved)
-        self._width = model.site_width(resolved)
-        self._device = model.device
         if self._released is not None:
             self._model = model  # result() re-encodes with it
-            return self.reset(0)
-        texts = model.vocabulary_texts
-        # Per vocabulary entry: does it end a line, its length, and the offsets of its first and
-        # (one past) last non-whitespace character, so len(step.strip()) streams exactly.
-        self._ends_line = torch.tensor([t.endswith("\n") for t in texts], dtype=torch.bool, device=self._device)
-        self._length = torch.tensor([len(t) for t in texts], dtype=torch.long, device=self._device)
-        self._first = torch.tensor([len(t) - len(t.lstrip()) for t in texts], dtype=torch.long, device=self._device)
-        self._last = torch.tensor([len(t.rstrip()) for t in texts], dtype=torch.long, device=self._device)
-        self._has_text = torch.tensor([bool(t.strip()) for t in texts], dtype=torch.bool, device=self._device)
+        else:
+            self._streamed = StreamedSteps(model.vocabulary_texts, model.site_width(resolved), self.config.min_chars,
+                                           model.device)
         self.reset(0)
+
+    def _recorder(self) -> TextRecorder | StreamedSteps | None:
+        """What the probe keeps while the model runs: token ids (released) or pooled steps."""
+        return self._released if self._released is not None else self._streamed
 
     def reset(self, batch_size: int) -> None:
         self._steps = None
-        if self._released is not None:
-            self._released.reset(batch_size)
-            return
-        device, width = getattr(self, "_device", "cpu"), getattr(self, "_width", 0)
-        zeros = lambda dtype: torch.zeros(batch_size, dtype=dtype, device=device)  # noqa: E731
-        self._sum = torch.zeros(batch_size, width, dtype=torch.float32, device=device)
-        self._count = zeros(torch.long)
-        self._chars = zeros(torch.long)  # characters of the step so far
-        self._start = torch.full((batch_size,), -1, dtype=torch.long, device=device)  # first non-space
-        self._end = zeros(torch.long)  # one past the last non-space
-        self._n_steps = zeros(torch.long)
-        self._buffer = torch.zeros(batch_size, _INITIAL_CAPACITY, width, dtype=torch.float32, device=device)
-        self._bound = 0  # host-side upper bound on max(self._n_steps)
+        if self._recorder() is not None:
+            self._recorder().reset(batch_size)
+
+    def admit(self, rows: Tensor, prompts: list[int]) -> None:
+        """New rows take the slots where ``rows`` holds: forget what those slots held."""
+        self._steps = None
+        self._recorder().admit(rows)
+
+    def retire(self, slot: int, row: int) -> None:
+        """The row ``row`` finished in ``slot``: keep its tokens (released) or step vectors."""
+        self._steps = None
+        self._recorder().retire(slot, row)
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         if self._released is not None:
             self._steps = None
             self._released.observe(step)
-            return
-        if step.is_prefill:
-            return
-        self._steps = None
-        tokens, valid = step.token_ids[:, -1], step.valid[:, -1]
-        has_text = self._has_text[tokens] & valid
-        self._start = torch.where(has_text & (self._start < 0), self._chars + self._first[tokens], self._start)
-        self._end = torch.where(has_text, self._chars + self._last[tokens], self._end)
-        self._chars += torch.where(valid, self._length[tokens], 0)
-        ended = self._ends_line[tokens] & valid
-        self._close(value[:, -1], valid, ended)
-
-    def _long_enough(self) -> Tensor:
-        """Rows whose current step has ``len(text.strip()) > min_chars``."""
-        return (self._start >= 0) & (self._end - self._start.clamp(min=0) > self.config.min_chars)
-
-    def _mean(self) -> Tensor:
-        return self._sum / self._count.clamp(min=1)[:, None].float()
-
-    def _close(self, x: Tensor, valid: Tensor, ended: Tensor) -> None:
-        """Pool the new states ``x``; where the step ``ended``, store its mean and start a new one.
-
-        One :func:`~surgery.kernels.segment_mean_update` (a Triton kernel on CUDA): adds ``x``
-        into the running sums where ``valid`` (the token that ends a step belongs to it), writes
-        the mean of ended rows at their step counter, advances the counter where the step is
-        long enough, and clears the sums, in place, with no host sync. The text offsets are
-        cleared here.
-        """
-        self._ensure_capacity()
-        keep = ended & self._long_enough()
-        segment_mean_update(x, valid, ended, keep, self._sum, self._count, self._buffer, self._n_steps)
-        self._bound += 1
-        self._chars = torch.where(ended, 0, self._chars)
-        self._start = torch.where(ended, -1, self._start)
-        self._end = torch.where(ended, 0, self._end)
-
-    def _ensure_capacity(self) -> None:
-        capacity = self._buffer.shape[1]
-        if self._bound < capacity:
-            return
-        self._bound = int(self._n_steps.max()) if self._n_steps.numel() else 0  # the one host sync
-        # Headroom of max(64, half the steps held) until the next check: few syncs, and the
-        # buffer stays within 1.5 x steps + 64 slots.
-        target = self._bound + max(_INITIAL_CAPACITY, self._bound // 2)
-        if target > capacity:
-            grown = self._buffer.new_zeros(self._buffer.shape[0], target, self._buffer.shape[2])
-            grown[:, :capacity] = self._buffer
-            self._buffer = grown
+        elif not step.is_prefill:
+            self._steps = None
+            self._streamed.observe(value, step)
 
     def held_bytes(self) -> int:
         """Bytes of device state the probe holds now (what the benchmark measures)."""
-        if self._released is not None:
-            return self._released.held_bytes()
-        tensors = (self._sum, self._count, self._chars, self._start, self._end, self._n_steps, self._buffer)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self._recorder().held_bytes()
 
     def result(self) -> StepVectors:
         """Step vectors per row: ``[n_steps_i, d]`` float32 tensors on the model's device.
@@ -336,16 +280,9 @@ class ReasoningGraph(Probe):
                                                 prompt_line=c.prompt_line, drop_last_step=c.drop_last_step,
                                                 max_length=c.max_length, template=c.template)
         if self._steps is None:
-            if not hasattr(self, "_sum"):
+            if self._streamed is None:
                 raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
-            # Read-only, so result() is repeatable and works outside the engine's inference mode.
-            counts = self._n_steps.tolist()
-            tails = ((self._count > 0) & self._long_enough()).tolist()
-            mean = self._mean()
-            self._steps = [
-                torch.cat([self._buffer[row, :n], mean[row : row + 1]]) if tail else self._buffer[row, :n].clone()
-                for row, (n, tail) in enumerate(zip(counts, tails))
-            ]
+            self._steps = self._streamed.rows()
         return StepVectors(list(self._steps), self._site, self.config.steps)
 
     def released_inputs(self) -> tuple[list[str], list[str]]:

@@ -3,6 +3,14 @@
 The minimal probe: it copies only the fired rows' vectors (``[n_fired, width]``), never every
 hidden state, and sees the value after the interventions at the same site.
 
+Under continuous batching (``tr.generate(prompts, n, batch_size=N)``, :mod:`surgery.slots`) it
+follows rows through their slots: each vector is recorded with the row's own step index
+(``Step.index_on_device``, 0 at the row's prefill, not the pool's forward count), a finished
+row's vectors are kept under its prompt's index (:meth:`RecordSite.retire`), and the result
+lists them in the order a fixed batch of all the prompts records them: by step, then prompt,
+then position. So each prompt's vectors equal its run alone, and the whole result equals the
+fixed batch's (up to float noise in the values).
+
 Example:
     >>> import surgery
     >>> from probes import RecordSite
@@ -38,12 +46,13 @@ class RecordSiteConfig:
 
 @dataclass
 class RecordedStates(SavedResult):
-    """Recorded vectors, one per fired (row, position), in the order they were seen.
+    """Recorded vectors, one per fired (row, position), in the order they were seen: by step,
+    then row, then position.
 
     Attributes:
-        rows: batch row of each vector, ``[n]``.
+        rows: the prompt of each vector (its batch row, its index among the run's prompts), ``[n]``.
         positions: position id within its row, ``[n]``.
-        steps: engine step (0 = prefill), ``[n]``.
+        steps: the row's own step (0 = its prefill, k = its k-th decode step), ``[n]``.
         values: the site's value there, ``[n, width]`` (on the model's device).
     """
 
@@ -65,6 +74,11 @@ class RecordSite(Probe):
     Not graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): it keeps the selected values by
     boolean indexing in a Python list; with it attached a compiled run decodes eagerly.
 
+    Row lifecycle (continuous batching): what a slot records is kept with the slot's index until
+    :meth:`retire` moves it under the prompt's index; :meth:`admit` drops whatever the admitted
+    slots still hold (nothing, in the engine's loop: a finished row feeds only padding, which is
+    not valid, so no trigger fires there before its slot is retired and reused).
+
     Args:
         site: any site, e.g. ``"resid_post.-1"`` (negative block index from the end).
         when: a trigger (default: every position).
@@ -74,7 +88,9 @@ class RecordSite(Probe):
 
     def __init__(self, site: str = "resid_post.-1", when: Trigger | None = None):
         self.config = RecordSiteConfig(site=site, when=when if when is not None else Always())
-        self._parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self._parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (slots, positions, steps, values)
+        self._retired: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}  # prompt -> (positions, steps, values)
+        self._batch = 0
         self._width: int | None = None
 
     def sites(self) -> tuple[str, ...]:
@@ -87,7 +103,16 @@ class RecordSite(Probe):
 
     def reset(self, batch_size: int) -> None:
         self._parts = []
+        self._retired = {}
         self._batch = batch_size
+
+    def admit(self, rows: Tensor, prompts: list[int]) -> None:
+        self._parts = _kept([tuple(t[~rows[slots]] for t in (slots, *rest)) for slots, *rest in self._parts])
+
+    def retire(self, slot: int, row: int) -> None:
+        mine = [part[0] == slot for part in self._parts]
+        self._retired[row] = [tuple(t[keep] for t in part[1:]) for part, keep in zip(self._parts, mine)]
+        self._parts = _kept([tuple(t[~keep] for t in part) for part, keep in zip(self._parts, mine)])
 
     @classmethod
     def example(cls, model, prompts=(), identity: bool = False) -> RecordSite:
@@ -95,18 +120,43 @@ class RecordSite(Probe):
 
     def by_row(self) -> list[tuple[Tensor, Tensor]]:
         found = self.result()
-        return [found.for_row(row) for row in range(self._batch)]
+        return [found.for_row(row) for row in range(len(self._retired) or self._batch)]
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         fire = self.config.when(step)
         rows, columns = fire.nonzero(as_tuple=True)
-        self._parts.append(
-            (rows, step.positions[rows, columns], torch.full_like(rows, step.index), value[rows, columns].clone())
-        )
+        self._parts.append((rows, step.positions[rows, columns], _own_steps(step, fire)[rows, columns],
+                            value[rows, columns].clone()))
 
     def result(self) -> RecordedStates:
-        if not self._parts:
+        """The vectors of the last run (after a continuous run: of every prompt, by prompt index)."""
+        parts = self._parts
+        if self._retired:
+            parts = [(torch.full_like(positions, row), positions, steps, values)
+                     for row in sorted(self._retired) for positions, steps, values in self._retired[row]]
+        if not parts:
             empty = torch.zeros(0, dtype=torch.long)
             return RecordedStates(empty, empty, empty, torch.zeros(0, self._width or 0))
-        rows, positions, steps, values = (torch.cat(parts) for parts in zip(*self._parts))
+        rows, positions, steps, values = (torch.cat(column) for column in zip(*parts))
+        if self._retired:  # the fixed batch's order: by step, then row, then position (stable sorts)
+            order = positions.sort(stable=True).indices
+            order = order[rows[order].sort(stable=True).indices]
+            order = order[steps[order].sort(stable=True).indices]
+            rows, positions, steps, values = rows[order], positions[order], steps[order], values[order]
         return RecordedStates(rows, positions, steps, values)
+
+
+def _own_steps(step: Step, fire: Tensor) -> Tensor:
+    """Each row's own step index at each position of ``fire`` (``[batch, pos]``): the pool's
+    ``step.index`` in a fixed batch, the row's own count under continuous batching."""
+    index = step.index_on_device
+    if index is None:
+        return torch.full_like(fire, step.index, dtype=torch.long)
+    if index.ndim == 2:  # [batch, 1] per row, or [1, pos] per position (Step.replay): align to fire
+        index = index[:, -fire.shape[1] :]
+    return index.expand(fire.shape)
+
+
+def _kept(parts: list[tuple[Tensor, ...]]) -> list[tuple[Tensor, ...]]:
+    """The parts that still hold a vector."""
+    return [part for part in parts if len(part[0])]

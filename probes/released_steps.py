@@ -42,8 +42,8 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import Tensor
 
+from probes.fed_tokens import FedTokens
 from surgery.capture import states_at
-from surgery.step import Step
 
 __all__ = [
     "RELEASED_TEMPLATE",
@@ -286,51 +286,42 @@ def prompt_question(tokenizer, prompt_ids: Sequence[int]) -> str:
     return tokenizer.decode(prompt_ids, skip_special_tokens=True)
 
 
-class TextRecorder:
+class TextRecorder(FedTokens):
     """The prompt's and the fed tokens' ids of one run, per row, kept on the device (no host sync).
 
-    What ``ReasoningGraph(steps="released")`` keeps while decoding. :meth:`inputs` gives back
-    the questions (:func:`prompt_question`, unless given) and the generated texts: the fed
-    tokens decoded with special tokens skipped, i.e. ``out.texts`` without each row's last
-    token, which is never fed back (an EOS, which the text skips anyway, or the token that hit
-    ``max_new_tokens``). For the exact released input, call :func:`released_step_vectors` on
-    ``out.texts``.
+    What ``ReasoningGraph(steps="released")`` keeps while decoding (a
+    :class:`~probes.fed_tokens.FedTokens`, which follows rows through their slots under
+    continuous batching). :meth:`inputs` gives back the questions (:func:`prompt_question`,
+    unless given) and the generated texts: the fed tokens decoded with special tokens skipped,
+    i.e. ``out.texts`` without each row's last token, which is never fed back (an EOS, which the
+    text skips anyway, or the token that hit ``max_new_tokens``). For the exact released input,
+    call :func:`released_step_vectors` on ``out.texts``.
     """
 
     def __init__(self, questions: Sequence[str] | None = None):
         self.questions = None if questions is None else list(questions)
-        self.reset(0)
+        super().__init__()
 
     def reset(self, batch_size: int) -> None:
-        if self.questions is not None and batch_size and len(self.questions) != batch_size:
-            raise ValueError(f"ReasoningGraph was given {len(self.questions)} questions for a run of {batch_size} "
-                             "rows: give one question per prompt")
-        self.prompt: tuple[Tensor, Tensor] | None = None  # ids and valid mask of the prefill
-        self.fed: list[tuple[Tensor, Tensor]] = []  # per decode step: the fed ids and their valid mask
-
-    def observe(self, step: Step) -> None:
-        if step.is_prefill:
-            self.prompt = (step.token_ids.clone(), step.valid.clone())
-        else:
-            self.fed.append((step.token_ids[:, -1].clone(), step.valid[:, -1].clone()))
-
-    def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in [self.prompt or (), *self.fed] for t in pair)
+        """Forget the last run; ``batch_size`` rows run at once (slots under continuous batching, so
+        the run may have more rows: :meth:`inputs` checks the number of questions exactly)."""
+        if self.questions is not None and len(self.questions) < batch_size:
+            raise ValueError(f"ReasoningGraph was given {len(self.questions)} questions for {batch_size} rows at "
+                             "once: give one question per prompt")
+        super().reset(batch_size)
 
     def inputs(self, tokenizer) -> tuple[list[str], list[str]]:
         """``(questions, texts)`` of the last run, one per row."""
-        if self.prompt is None:
+        rows = self.rows()
+        if not rows:
             raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
-        ids, valid = (t.cpu() for t in self.prompt)
-        prompts = [row[mask].tolist() for row, mask in zip(ids, valid)]
-        generated: list[list[int]] = [[] for _ in prompts]
-        if self.fed:
-            fed, fed_valid = (torch.stack([pair[i] for pair in self.fed], dim=1).cpu() for i in (0, 1))
-            generated = [row[mask].tolist() for row, mask in zip(fed, fed_valid)]
-        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        if self.questions is not None and len(self.questions) != len(rows):
+            raise ValueError(f"ReasoningGraph was given {len(self.questions)} questions for a run of {len(rows)} "
+                             "rows: give one question per prompt")
+        texts = tokenizer.batch_decode([generated or [] for _, generated in rows], skip_special_tokens=True)
         if self.questions is not None:
             return list(self.questions), texts
-        return [prompt_question(tokenizer, prompt) for prompt in prompts], texts
+        return [prompt_question(tokenizer, prompt) for prompt, _ in rows], texts
 
 
 def _fill(template: str | None, question: str) -> str:

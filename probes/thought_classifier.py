@@ -65,6 +65,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from probes.fed_tokens import FedTokens
 from probes.linear_probe import LinearThoughtProbe
 from surgery.blocks import Probe, register_block
 from surgery.results import SavedResult, result_part
@@ -181,7 +182,8 @@ class ThoughtClassifier(Probe):
     While the model runs it keeps only the vectors at the tokens where the text reaches the
     separator (``OnText``) and the fed token ids; :meth:`result` labels the thoughts and pairs
     each with its state. With ``linear_probe`` every recorded state is also labelled on the
-    device as it is recorded, reported as ``ClassifiedThought.predicted``.
+    device as it is recorded, reported as ``ClassifiedThought.predicted``. With ``batch_size``
+    (continuous batching) :meth:`result` lists every prompt in order, each as it is alone.
 
     Args:
         site: any site but ``logits`` (default ``"resid_pre.-1"``; SEAL: ``"resid_pre.20"`` for
@@ -217,6 +219,7 @@ class ThoughtClassifier(Probe):
         )
         self.linear_probe = linear_probe
         self._model = None
+        self._tokens = FedTokens()  # per row: the prompt's and the fed tokens' ids
         self.reset(0)
 
     @classmethod
@@ -281,18 +284,15 @@ class ThoughtClassifier(Probe):
         return ""
 
     def reset(self, batch_size: int) -> None:
-        self._prompt: tuple[Tensor, Tensor] | None = None  # (token ids, valid), [batch, pos]
-        self._fed: list[tuple[Tensor, Tensor]] = []  # per decode step: (token ids, valid), [batch]
-        self._hits: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []  # rows, positions, values, predicted
+        self._tokens.reset(batch_size)
+        self._hits: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []  # slots, positions, values, predicted
+        self._retired: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {}  # per finished row: its hits
         if self.signal_board is not None:
             self.signal_board.clear()
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
-        if step.is_prefill:
-            self._prompt = (step.token_ids, step.valid)
-        else:
-            self._fed.append((step.token_ids[:, 0], step.valid[:, 0]))
-        hits = self.config.when(step)
+        self._tokens.observe(step)
+        hits = self.config.when(step)  # only valid positions: none at the slots an admission leaves alone
         rows, columns = hits.nonzero(as_tuple=True)
         values = value[rows, columns].clone()
         predicted = None
@@ -301,6 +301,36 @@ class ThoughtClassifier(Probe):
             if self.signals_read:
                 self._publish(value[:, -1], hits[:, -1], step)
         self._hits.append((rows, step.positions[rows, columns], values, predicted))
+
+    def admit(self, rows: Tensor, prompts: list[int]) -> None:
+        """New rows take the slots where ``rows`` holds: forget their tokens, states and signals."""
+        self._tokens.admit(rows)
+        if self.signal_board is not None:
+            self.signal_board.admit(rows)
+        if self._hits:
+            slots, positions, values, predicted = self._gathered()
+            keep = ~rows[slots]
+            self._hits = [(slots[keep], positions[keep], values[keep], None if predicted is None else predicted[keep])]
+
+    def retire(self, slot: int, row: int) -> None:
+        """Keep ``slot``'s tokens and recorded states as prompt ``row``'s."""
+        self._tokens.retire(slot, row)
+        self._retired[row] = self._of_slot(slot, self._gathered())
+
+    def _gathered(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Every recorded state as one ``(slots, positions, values, predicted)`` (kept so)."""
+        if len(self._hits) > 1:
+            slots, positions, values, predicted = zip(*self._hits)
+            self._hits = [(torch.cat(slots), torch.cat(positions), torch.cat(values),
+                           torch.cat(predicted) if self.linear_probe is not None else None)]
+        return self._hits[0]
+
+    @staticmethod
+    def _of_slot(slot: int, hits) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(positions, values, predicted)`` of the states recorded in ``slot``."""
+        slots, positions, values, predicted = hits
+        mine = slots == slot
+        return positions[mine], values[mine], None if predicted is None else predicted[mine]
 
     def _publish(self, last: Tensor, opens: Tensor, step: Step) -> None:
         """The signals of the step's last position: the class the linear probe gives a thought
@@ -311,28 +341,20 @@ class ThoughtClassifier(Probe):
         self.signal_board.publish("probability", torch.where(opens, probability, torch.nan), step)
 
     def result(self) -> ClassifiedThoughts:
-        if self._model is None or self._prompt is None:
+        tokens = self._tokens.rows()
+        if self._model is None or not tokens:
             raise RuntimeError("ThoughtClassifier has no result yet: run tr.generate(...) or tr.run(...) in a trace first")
-        model = self._model
-        prompt_ids, prompt_valid = (t.cpu() for t in self._prompt)
-        batch = prompt_ids.shape[0]
-        prompts = [prompt_ids[i][prompt_valid[i]].tolist() for i in range(batch)]
-        if self._fed:
-            fed = torch.stack([t for t, _ in self._fed], dim=1).cpu()
-            fed_valid = torch.stack([v for _, v in self._fed], dim=1).cpu()
-            completions = [fed[i][fed_valid[i]].tolist() for i in range(batch)]
-        else:  # tr.run: the prompt is the trace
-            completions, prompts = prompts, [[] for _ in range(batch)]
-
-        rows, positions, values, predicted = (list(parts) for parts in zip(*self._hits))
-        rows, positions = torch.cat(rows).tolist(), torch.cat(positions).tolist()
-        values = torch.cat(values)
-        predicted = torch.cat(predicted).tolist() if self.linear_probe is not None else None
-        where = {(row, position): k for k, (row, position) in enumerate(zip(rows, positions))}
-
-        texts = model.vocabulary_texts
+        model, texts = self._model, self._model.vocabulary_texts
+        # after a continuous run, per prompt in prompt order; else per row of the batch
+        hits = [self._retired[i] for i in range(len(tokens))] if self._retired else \
+            [self._of_slot(i, self._gathered()) for i in range(len(tokens))]
+        # no decode step (tr.run, or stopped at the first token): the prompt is the trace
+        prompts = [prompt if fed is not None else [] for prompt, fed in tokens]
+        completions = [fed if fed is not None else prompt for prompt, fed in tokens]
         all_thoughts, all_states = [], []
-        for i in range(batch):
+        for i, (positions, values, predicted) in enumerate(hits):
+            where = {position: k for k, position in enumerate(positions.tolist())}
+            predicted = predicted.tolist() if predicted is not None else None
             found = thought_positions(model, prompts[i], completions[i])
             text = completion_prefix(model, prompts[i]) + "".join(texts[t] for t in completions[i])
             pieces = split_thoughts(text)
@@ -340,7 +362,7 @@ class ThoughtClassifier(Probe):
                 raise RuntimeError("ThoughtClassifier: thought_positions and split_thoughts disagree; please report this")
             keep, thoughts = [], []
             for piece, (position, label) in zip(pieces, found):
-                k = where.get((i, position))
+                k = where.get(position)
                 if k is None:
                     raise RuntimeError(
                         f"ThoughtClassifier recorded no state at row {i}, position {position} (a thought's separator); "
@@ -351,4 +373,4 @@ class ThoughtClassifier(Probe):
                 thoughts.append(ClassifiedThought(len(thoughts), label, piece.text, position, guess))
             all_thoughts.append(thoughts)
             all_states.append(values[torch.tensor(keep, dtype=torch.long, device=values.device)])
-        return ClassifiedThoughts(all_thoughts, all_states, self._site, len(rows))
+        return ClassifiedThoughts(all_thoughts, all_states, self._site, sum(len(p) for p, _, _ in hits))

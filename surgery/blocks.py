@@ -151,11 +151,13 @@ class Block:
     def follows_rows(self) -> bool:
         return type(self).admit is not Block.admit and type(self).retire is not Block.retire
 
-    def admit(self, rows: Tensor) -> None:
+    def admit(self, rows: Tensor, prompts: list[int]) -> None:
         """New rows take the slots where ``rows`` (bool ``[batch]``) holds, before their prefill:
         forget every per-row thing those slots held (counters, queues, records, accumulators),
         so that a row behaves as if its run started now. Other slots are left as they are.
-        Called with every slot True before the first prefill of a continuous run.
+        ``prompts``: which prompt (its index in the run) each admitted slot now holds, in slot
+        order (a block with per-prompt settings, e.g. one reference answer per prompt, reads
+        them here). Called with every slot True before the first prefill of a continuous run.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement the row lifecycle (admit/retire)")
 

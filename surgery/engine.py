@@ -106,6 +106,7 @@ def generate(
     batch_size: int | None = None,
     on_admit: Callable | None = None,
     on_retire: Callable | None = None,
+    shared_keys: bool = False,
 ) -> GenerationOutput:
     """Generate from a batch of prompts with the toolkit's decode loop.
 
@@ -157,6 +158,9 @@ def generate(
             many slots, each finished row's slot taken by the next waiting prompt; every
             prompt's tokens and records equal its run alone. None (the default): one batch of
             every prompt, as before.
+        shared_keys: allow equal ``row_keys`` (with ``batch_size``): rows with equal keys draw the
+            same random stream (one problem under several conditions of a study, each row
+            sampling what its condition's own batch samples).
         on_admit, on_retire: with ``batch_size``, the row lifecycle the trace passes to its
             blocks (:meth:`~surgery.blocks.Block.admit`, :meth:`~surgery.blocks.Block.retire`).
 
@@ -173,8 +177,10 @@ def generate(
             model, prompts, max_new_tokens, batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p,
             seed=seed, row_keys=row_keys, stop_strings=stop_strings, eos_token_ids=eos_token_ids, chat=chat,
             progress=progress, on_step=on_step, on_choose=on_choose, text_patterns=text_patterns, cache=cache,
-            rerun_from=rerun_from, compile=compile, on_admit=on_admit, on_retire=on_retire,
+            rerun_from=rerun_from, compile=compile, on_admit=on_admit, on_retire=on_retire, shared_keys=shared_keys,
         )
+    if shared_keys:
+        raise ValueError("shared_keys (equal row keys) works with batch_size (continuous batching) only")
     _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings, cache)
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     check_context(model, attention_mask, max_new_tokens)

@@ -88,7 +88,9 @@ def row_seed(seed: int, key: RowKey) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def row_keys_for(input_ids: Tensor, attention_mask: Tensor, row_keys: Sequence[RowKey] | None = None) -> list[RowKey]:
+def row_keys_for(
+    input_ids: Tensor, attention_mask: Tensor, row_keys: Sequence[RowKey] | None = None, unique: bool = True
+) -> list[RowKey]:
     """Each row's key: ``row_keys`` checked against the batch, or by default from the prompts.
 
     The default key of a row is ``"prompt:<its token ids>#<copy>"``: the prompt's tokens
@@ -98,6 +100,8 @@ def row_keys_for(input_ids: Tensor, attention_mask: Tensor, row_keys: Sequence[R
         input_ids: ``[batch, pos]`` left-padded prompts (from :func:`surgery.encode_prompts`).
         attention_mask: ``[batch, pos]``, 0 on padding.
         row_keys: one string or int per row, unique in the batch; None for the defaults.
+        unique: refuse repeated ``row_keys`` (False: rows with equal keys draw the same stream,
+            e.g. one problem under several conditions of a study sharing a slot pool).
 
     Raises:
         ValueError: ``row_keys`` has the wrong length or a repeated key.
@@ -115,7 +119,7 @@ def row_keys_for(input_ids: Tensor, attention_mask: Tensor, row_keys: Sequence[R
         for key in row_keys:
             _check_key(key)
         repeated = sorted({repr(k) for k, n in Counter(row_keys).items() if n > 1})
-        if repeated:
+        if repeated and unique:
             raise ValueError(f"row_keys must be unique in the batch (equal keys sample equal tokens): {', '.join(repeated)} repeat")
         return list(row_keys)
     copies: Counter[str] = Counter()

@@ -6,7 +6,8 @@ signal), and each forward it writes one value per row into a :class:`SignalBoard
 for the row's last position, the one that emits the next token (the MI of the emitting state,
 the thought probe's class at a separator). Values stay on the device, in buffers allocated once
 per run and written in place, so reading one never waits on the host and a compiled decode step
-can hold it. :class:`OnSignal`, a trigger, reads them.
+can hold it (:mod:`surgery.signal_board`, which keeps them per row, also under continuous
+batching). :class:`OnSignal`, a trigger, reads them.
 
 When is a signal there to be read? A forward runs its sites in order (:func:`forward_order`:
 block by block, ``resid_pre`` < ``attn_out`` < ``mlp_out`` < ``resid_post``, then ``logits``),
@@ -37,6 +38,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from surgery.signal_board import SIGNAL_KINDS, SignalBoard, SignalSpec
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.triggers import Trigger
@@ -45,41 +47,7 @@ __all__ = ["CHOICE_PHASE", "OnSignal", "SIGNAL_KINDS", "SignalBoard", "SignalSpe
 
 #: Where token-choice code reads (after every site of the forward).
 CHOICE_PHASE = "token choice"
-SIGNAL_KINDS = ("bool", "float", "class")
 _KIND_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_out": 2, "resid_post": 3}
-
-
-@dataclass(frozen=True)
-class SignalSpec:
-    """One signal a probe publishes.
-
-    Attributes:
-        name: what readers call it (``OnSignal(probe, name)``).
-        kind: ``"bool"`` (False before the first value), ``"float"`` (NaN before) or
-            ``"class"`` (an index into ``classes``; -1 where there is no class this step).
-        site: the canonical site whose forward hook computes it.
-        classes: the class names of a ``"class"`` signal, in index order.
-        other_names: names a reader may compare with that this probe never outputs (a thought
-            probe fit without transition thoughts): they match nothing.
-    """
-
-    name: str
-    kind: str
-    site: str
-    classes: tuple[str, ...] = ()
-    other_names: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if self.kind not in SIGNAL_KINDS:
-            raise ValueError(f"signal kind must be one of {SIGNAL_KINDS}, got {self.kind!r}")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return {"bool": torch.bool, "float": torch.float64, "class": torch.long}[self.kind]
-
-    @property
-    def empty(self) -> float | bool | int:  # the value before anything is published
-        return {"bool": False, "float": float("nan"), "class": -1}[self.kind]
 
 
 def forward_order(site: str | Site, n_layers: int) -> tuple[int, int]:
@@ -92,56 +60,6 @@ def forward_order(site: str | Site, n_layers: int) -> tuple[int, int]:
         return (n_layers + 1, 0)
     site = Site.parse(site).resolve(n_layers)
     return (n_layers, 0) if site.kind == "logits" else (site.layer, _KIND_ORDER[site.kind])
-
-
-class SignalBoard:
-    """A probe's signals for one run: current and previous value per row, on the device.
-
-    The buffers are allocated at the first :meth:`publish` of a run (the prefill, which runs
-    eagerly) and written in place afterwards; ``published_at`` holds the step index of the last
-    value, so :meth:`read` with ``previous=True`` picks the right buffer without asking the host.
-    """
-
-    def __init__(self, specs: dict[str, SignalSpec]):
-        self.specs = dict(specs)
-        self.clear()
-
-    def clear(self) -> None:
-        """Forget the last run (a probe calls this in ``reset``)."""
-        self._current: dict[str, Tensor] = {}
-        self._previous: dict[str, Tensor] = {}
-        self._published_at: dict[str, Tensor] = {}
-
-    def _allocate(self, name: str, batch: int, device: torch.device) -> None:
-        spec = self.specs[name]  # below: graph replays write these buffers, their addresses must not move
-        self._current[name] = torch.full((batch,), spec.empty, dtype=spec.dtype, device=device)
-        self._previous[name] = self._current[name].clone()
-        self._published_at[name] = torch.full((), -1, dtype=torch.long, device=device)
-        if device.type == "cuda":
-            for buffer in (self._current[name], self._previous[name], self._published_at[name]):
-                torch._dynamo.mark_static_address(buffer)
-
-    def publish(self, name: str, value: Tensor, step: Step) -> None:
-        """This forward's value of signal ``name``, one per row (``[batch]``)."""
-        if name not in self._current:
-            self._allocate(name, value.shape[0], value.device)
-        self._previous[name].copy_(self._current[name])
-        self._current[name].copy_(value.to(self.specs[name].dtype))
-        self._published_at[name].copy_(step.index_on_device)
-
-    def read(self, name: str, step: Step, previous: bool = False) -> Tensor:
-        """Signal ``name`` per row (``[batch]``) as a reader at ``step`` sees it.
-
-        ``previous=False``: the latest value (the trace made sure it is this forward's).
-        ``previous=True``: the value of the forward before ``step``'s, whether or not the probe
-        has published in ``step`` yet.
-        """
-        if name not in self._current:  # nothing published in this run yet
-            spec = self.specs[name]
-            return torch.full((step.batch_size,), spec.empty, dtype=spec.dtype, device=step.token_ids.device)
-        if not previous:
-            return self._current[name]
-        return torch.where(self._published_at[name] == step.index_on_device, self._previous[name], self._current[name])
 
 
 def check_signal_reads(model, blocks, plans: dict) -> None:

@@ -89,13 +89,14 @@ def generate_continuous(
     rerun_from: int | None,
     compile: bool | dict,
     on_admit: Callable[[list[int], list[int]], None] | None = None,
+    shared_keys: bool = False,
     on_retire: Callable[[int, int], None] | None = None,
 ):
     """The continuous-batching loop; arguments as :func:`surgery.engine.generate` (which calls it
     when ``batch_size`` is given), plus ``on_admit(slots, rows)`` (prompts ``rows`` are about to take ``slots``) and
     ``on_retire(slot, row)``."""
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
-    keys = row_keys_for(input_ids, attention_mask, row_keys)
+    keys = row_keys_for(input_ids, attention_mask, row_keys, unique=not shared_keys)
     lengths = attention_mask.sum(dim=1).tolist()
     rows = [ids[len(ids) - n :] for ids, n in zip(input_ids.tolist(), lengths)]
     budgets = budgets_for(max_new_tokens, len(rows))

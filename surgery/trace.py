@@ -207,8 +207,9 @@ class Trace:
             self._stacks.admit(slots, rows)
         admitted = torch.zeros(self._slot_count, dtype=torch.bool, device=self.model.device)
         admitted[slots] = True
+        prompts = [row for _, row in sorted(zip(slots, rows))]
         for block in self.blocks:
-            block.admit(admitted)
+            block.admit(admitted, prompts)
 
     def _retire(self, slot: int, row: int) -> None:
         for block in self.blocks:

@@ -14,6 +14,7 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import PROMPTS
+from tolerance import assert_close
 
 import surgery
 from experiments.block_specs import parse_block
@@ -115,6 +116,48 @@ def test_peak_signal_waits_for_its_warmup(tiny_llama):
 def test_smollm2_recycling_at_measured_peaks_equals_the_offline_rule(smollm2):
     prompts = ["What is 7 * 8? Think step by step.", "Tom has 3 apples and buys 5 more. How many now?"]
     check_rr_equals_offline(smollm2, prompts, ["56", "8"], 48, warmup=8, layer=20)
+
+
+# ---- continuous batching: each prompt's closed loop as alone ---------------------------------
+
+#: The first two rows end together (a pool step with two admissions and no decode between).
+SLOT_BUDGETS = [12, 12, 16, 10, 14]
+
+
+def mi_steering(model, prompts, answers, budgets, stack, batch_size=None):
+    """A steering vector fired by MIEstimator's signal, read in the forward after the one that
+    measured it (``"previous"``: the last layer's MI above a threshold, steering block 1) or in
+    the same forward (``"same"``: the running peaks of block 0's MI, steering block 2)."""
+    if stack == "previous":
+        mi = MIEstimator(answers=answers, warmup=3)
+        when, layer = OnSignal(mi, "value", ">", 0.08, previous=True), 1
+    else:
+        mi = MIEstimator("resid_post.0", answers=answers, warmup=3)
+        when, layer = OnSignal(mi, "peak"), 2
+    vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.dtype) * 4
+    steer = SteeringVector(vector, layer=layer, when=when)
+    with surgery.trace(model, steer, mi) as tr:
+        out = tr.generate(prompts, budgets, chat=True, batch_size=batch_size)
+    return out, steer, mi
+
+
+@pytest.mark.parametrize("stack", ["previous", "same"])
+def test_mi_closed_loop_in_slots_equals_each_prompt_alone(tiny, stack):
+    """batch_size=2 over five prompts (a repeated one): three are admitted into freed slots
+    mid-run, while the rows beside them decode; each prompt gets the tokens, firings and MI
+    values it gets alone (a signal leaking from a slot's previous row, or overwritten in the
+    others' admission prefill, would fire the vector elsewhere)."""
+    prompts, answers = [*PROMPTS, PROMPTS[1]], [*ANSWERS, ANSWERS[1]]
+    out, steer, mi = mi_steering(tiny, prompts, answers, SLOT_BUDGETS, stack, batch_size=2)
+    assert out.timings["steps"] < sum(SLOT_BUDGETS)  # slots were shared
+    fired, values = steer.fired(), mi.result(out).values
+    assert len(fired) == len(prompts) and any(fired[2:]), "the test needs firings in admitted rows"
+    for row in range(len(prompts)):
+        alone, single, single_mi = mi_steering(tiny, prompts[row : row + 1], answers[row : row + 1],
+                                               SLOT_BUDGETS[row], stack)
+        assert alone.token_ids[0] == out.token_ids[row], f"row {row}: tokens differ alone and in slots"
+        assert single.fired()[0] == fired[row], f"row {row}: firings differ alone and in slots"
+        assert_close(single_mi.result().values[0], values[row], precision=torch.float32)
 
 
 # ---- SEAL steering gated by the online thought probe ----------------------------------------

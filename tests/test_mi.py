@@ -83,6 +83,43 @@ def test_rows_alone_equal_rows_batched(tiny):
         assert_close(alone.result().values[0], batched.result().values[row], precision=torch.float32)  # float64 MI of float32 states
 
 
+def test_continuous_batching_gives_each_prompt_its_result_alone(tiny):
+    """batch_size=2 over five prompts (one repeated with another answer), budgets that end rows
+    at different steps, so three prompts are admitted into freed slots mid-run: each prompt's
+    values, peaks and statistics equal its run alone; then a fixed batch on the same probe
+    equals a fresh probe's."""
+    prompts, answers, budgets = [*PROMPTS, PROMPTS[1]], [*ANSWERS, "42"], [6, 20, 9, 14, 11]
+    probe = MIEstimator(answers=answers, warmup=3)
+    with surgery.trace(tiny, probe) as tr:
+        out = tr.generate(prompts, budgets, chat=True, batch_size=2)
+    got = probe.result(out)
+    assert out.timings["steps"] < sum(budgets) and len(got.values) == len(prompts)  # slots were shared
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        alone = MIEstimator(answers=[answer], warmup=3)
+        with surgery.trace(tiny, alone) as tr:
+            single = tr.generate([prompt], budgets[row], chat=True)
+        assert single.token_ids[0] == out.token_ids[row]
+        want = alone.result(single)
+        assert_close(got.values[row], want.values[0], precision=torch.float32)  # float64 MI of float32 states
+        assert got.peaks[row].tolist() == want.peaks[0].tolist()
+        assert_close(got.stats[row], want.stats[0], precision=torch.float32)
+    fresh = MIEstimator(answers=answers, warmup=3)
+    with surgery.trace(tiny, probe, fresh) as tr:
+        fixed = tr.generate(prompts, 6, chat=True)
+    assert all(torch.equal(a, b) for a, b in zip(probe.result(fixed).values, fresh.result(fixed).values))
+
+
+def test_continuous_batching_needs_one_answer_per_prompt(tiny_llama):
+    with surgery.trace(tiny_llama, MIEstimator(answers=ANSWERS[:3])) as tr:
+        with pytest.raises(ValueError, match="3 answers, and this run admits prompt 3"):
+            tr.generate(PROMPTS, 2, batch_size=2)
+    probe = MIEstimator(answers=ANSWERS)
+    with surgery.trace(tiny_llama, probe) as tr:
+        tr.generate(PROMPTS[:3], 2, batch_size=2)
+    with pytest.raises(ValueError, match="4 answers but this run has 3 prompt rows"):
+        probe.result()
+
+
 def test_values_stop_with_finished_rows(tiny_llama):
     probe = MIEstimator(answers=ANSWERS)
     eos = [surgery.generate(tiny_llama, PROMPTS, 3).token_ids[0][1]]  # row 0 stops at its 2nd token
@@ -110,6 +147,9 @@ def test_wrong_number_of_answers_is_a_clear_error(tiny_llama):
     with surgery.trace(tiny_llama, MIEstimator(answers=["8", "56"])) as tr:
         with pytest.raises(ValueError, match="2 answers but this run has 4 prompt rows"):
             tr.generate(PROMPTS, 4)
+    with surgery.trace(tiny_llama, MIEstimator(answers=ANSWERS)) as tr:
+        with pytest.raises(ValueError, match="4 answers but this run has 2 prompt rows"):
+            tr.generate(PROMPTS[:2], 4)
     with pytest.raises(ValueError, match="needs the reference answers"):
         with surgery.trace(tiny_llama, MIEstimator()):
             pass

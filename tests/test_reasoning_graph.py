@@ -50,10 +50,10 @@ def naive_step_vectors(model, prompt, generated, layer, min_chars):
     return torch.stack([hidden[p].mean(0) for p in kept])
 
 
-def run_probe(model, prompts, new_tokens, **options):
+def run_probe(model, prompts, new_tokens, batch_size=None, **options):
     probe = ReasoningGraph.for_model(model, **options)
     with surgery.trace(model, probe) as tr:
-        out = tr.generate(prompts, new_tokens)
+        out = tr.generate(prompts, new_tokens, **({"batch_size": batch_size} if batch_size else {}))
     return probe, out
 
 
@@ -161,7 +161,39 @@ def test_buffer_grows_past_its_capacity_and_keeps_every_step():
         expected = torch.stack([values[row, p].mean(0) for p in kept])
         assert len(expected) > 64  # more steps than the initial capacity
         assert_close(got[row], expected)
-    assert 64 < probe._buffer.shape[1] <= 4 * max(len(v) for v in got)  # grows with steps, not tokens
+    assert 64 < probe._streamed.buffer.shape[1] <= 4 * max(len(v) for v in got)  # grows with steps, not tokens
+
+
+# ---- continuous batching -------------------------------------------------------------------------
+SLOT_PROMPTS, BUDGETS = [*PROMPTS, PROMPTS[1]], [6, 24, 9, 14, 11]  # a repeated prompt, budgets that free slots
+
+
+@pytest.mark.parametrize("steps", ["streaming", "released"])
+def test_result_in_slots_equals_each_prompt_alone(tiny_llama, steps):
+    probe, out = run_probe(tiny_llama, SLOT_PROMPTS, BUDGETS, steps=steps, min_chars=1, batch_size=2)
+    assert out.timings["steps"] < sum(BUDGETS)  # slots were shared
+    got = probe.result()
+    assert len(got) == len(SLOT_PROMPTS) and got.steps == steps and got.site == "resid_pre.3"
+    for row, (prompt, budget) in enumerate(zip(SLOT_PROMPTS, BUDGETS)):
+        alone, alone_out = run_probe(tiny_llama, [prompt], budget, steps=steps, min_chars=1)
+        assert alone_out.token_ids[0] == out.token_ids[row]
+        assert_close(got[row], alone.result()[0], path=f"row {row}")
+        if steps == "released":
+            assert [texts[0] for texts in alone.released_inputs()] == [texts[row] for texts in probe.released_inputs()]
+    assert sum(len(v) for v in got) >= len(SLOT_PROMPTS)  # real vectors were compared
+    with surgery.trace(tiny_llama, probe) as tr:  # a fixed batch afterwards: as before
+        tr.generate(PROMPTS, 20)
+    fresh, _ = run_probe(tiny_llama, PROMPTS, 20, steps=steps, min_chars=1)
+    assert_close(list(probe.result()), list(fresh.result()))
+
+
+def test_released_questions_in_slots(tiny_llama):
+    questions = [f"Question {i}" for i in range(len(SLOT_PROMPTS))]
+    probe, _ = run_probe(tiny_llama, SLOT_PROMPTS, BUDGETS, steps="released", questions=questions, batch_size=2)
+    assert probe.released_inputs()[0] == questions  # one per prompt, more than the slots
+    probe, _ = run_probe(tiny_llama, SLOT_PROMPTS, BUDGETS, steps="released", questions=questions[:4], batch_size=2)
+    with pytest.raises(ValueError, match="4 questions for a run of 5 rows"):
+        probe.result()
 
 
 # ---- the real model --------------------------------------------------------------------------------------
@@ -259,7 +291,7 @@ def test_bad_released_settings_are_clear_errors(tiny_llama):
         ReasoningGraph(drop_last_step=False)
     with pytest.raises(ValueError, match="questions is a list of strings"):
         ReasoningGraph(steps="released", questions="What is 2 + 2?")
-    with pytest.raises(ValueError, match="2 questions for a run of 4 rows"):
+    with pytest.raises(ValueError, match="2 questions for 4 rows at once"):
         with surgery.trace(tiny_llama, ReasoningGraph(steps="released", questions=["a", "b"])) as tr:
             tr.generate(PROMPTS, 2)
     with pytest.raises(ValueError, match="belongs to ReasoningGraph"):

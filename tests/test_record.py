@@ -6,7 +6,7 @@ from tolerance import assert_close
 
 import surgery
 from probes import RecordSite
-from surgery.triggers import OnTokens
+from surgery.triggers import OnText, OnTokens, StepWindow
 
 
 def test_records_equal_output_hidden_states_at_fired_positions(tiny):
@@ -38,3 +38,32 @@ def test_empty_result_when_nothing_fires(tiny_llama):
     with surgery.trace(tiny_llama, probe) as tr:
         tr.generate(PROMPTS, 4)
     assert probe.result().values.shape == (0, 64)
+
+
+def test_in_slots_the_result_equals_the_fixed_batch_and_each_prompt_alone(tiny):
+    """Continuous batching (batch_size=2 over five prompts, rows ending at different steps):
+    every vector is kept under its prompt with the row's own step index, and the whole result
+    (order included) equals a fixed batch's; a fixed run afterwards is as a fresh probe's."""
+    prompts = [*PROMPTS, PROMPTS[0]]
+    eos = surgery.generate(tiny, PROMPTS, 12, chat=True).token_ids[1][4]  # ends some rows early
+
+    def go(prompts, probe=None, **options):
+        probe = probe or RecordSite("resid_post.1", when=OnText("\n\n") | StepWindow(2, 4))
+        with surgery.trace(tiny, probe) as tr:
+            out = tr.generate(prompts, 14, chat=True, eos_token_ids=[eos], **options)
+        return out, probe
+
+    pooled_out, pooled = go(prompts, batch_size=2)
+    fixed_out, fixed = go(prompts)
+    assert pooled_out.token_ids == fixed_out.token_ids and len(set(fixed_out.lengths)) > 1
+    got, expected = pooled.result(), fixed.result()
+    assert got.steps.max() <= max(fixed_out.lengths) < pooled_out.timings["steps"]  # own steps, not the pool's
+    assert_close(got, expected, precision=torch.float32)
+    assert set(got.rows.tolist()) == set(range(len(prompts))) and set(got.steps.tolist()) >= {0, 2, 3}
+    assert len(pooled.by_row()) == len(prompts)
+    for i, prompt in enumerate(prompts):
+        _, alone = go([prompt])
+        assert_close(alone.by_row()[0], pooled.by_row()[i], precision=torch.float32)
+        assert torch.equal(alone.result().steps, got.steps[got.rows == i])
+    _, again = go(prompts, pooled)  # reset: a fixed run as before
+    assert_close(again.result(), expected, precision=torch.float32)

@@ -152,17 +152,19 @@ class CountingRandom:
         return self.stream.random()
 
 
-def released_rr_reference(model, prompts, layer, trigger_ids, n, eos, rng, probability=0.5, lockstep=False):
-    """The released RR loop, transcribed in our words, one prompt at a time on the HF model.
+def released_rr_reference(model, prompts, layer, trigger_ids, n, eos, rng, probability=0.5, slots=1):
+    """The released RR loop, transcribed in our words, on the HF model (``slots=1``: one prompt
+    at a time, the released order).
 
     Per step: a forward on the fed tokens with the cache, block ``layer``'s output kept; the
     argmax is the candidate; an EOS candidate ends the row (no draw); a trigger candidate draws
     ``rng.random() < probability`` (only then: the ``and`` short-circuits) and, when it wins,
     the step is run again from the cache as it was before it, with block ``layer``'s input at
     the last position replaced by the output kept, and the new argmax is emitted (the recycled
-    cache is kept). ``lockstep``: rows take turns step by step (the order our batch draws in)
-    instead of each row running to its end before the next starts (the released order).
-    Returns per row (tokens, the EOS left out; recycled position ids).
+    cache is kept). ``slots``: how many rows run at once, taking turns step by step in slot order
+    (the order our batch draws in); when rows end, the next prompts take their slots, lowest
+    slot first, and start at the next step (continuous batching's order; ``slots=len(prompts)``:
+    a fixed batch in lockstep). Returns per row (tokens, the EOS left out; recycled position ids).
     """
     from transformers import DynamicCache
 
@@ -211,15 +213,15 @@ def released_rr_reference(model, prompts, layer, trigger_ids, n, eos, rng, proba
     handles = [block.register_forward_hook(keep_output), block.register_forward_pre_hook(swap_input, with_kwargs=True)]
     try:
         with torch.no_grad():
-            if lockstep:
-                for _ in range(n):
-                    for row in rows:
-                        if not row["done"]:
-                            step(row)
-            else:
-                for row in rows:
-                    while not row["done"]:
+            waiting = list(rows)
+            live = [waiting.pop(0) if waiting else None for _ in range(slots)]
+            while any(row is not None for row in live):
+                for row in live:
+                    if row is not None:
                         step(row)
+                for slot, row in enumerate(live):
+                    if row is not None and row["done"]:
+                        live[slot] = waiting.pop(0) if waiting else None
     finally:
         for handle in handles:
             handle.remove()
@@ -235,7 +237,7 @@ def assert_rows_equal(out, fired, expected, eos):
 
 
 def released_setup(model):
-    from interventions.recycling import trigger_ids_for_words
+    from interventions.recycling_triggers import trigger_ids_for_words
 
     ids = trigger_ids_for_words(model, frequent_words(model, 6))
     plain = surgery.generate(model, PROMPTS, 16, chat=True).token_ids
@@ -270,7 +272,7 @@ def test_released_coin_in_a_batch_draws_step_by_step_in_row_order(tiny):
     with surgery.trace(tiny, rr) as tr:
         out = tr.generate(prompts, 16, chat=True, eos_token_ids=eos)
     rng = CountingRandom(1)
-    expected = released_rr_reference(tiny, prompts, tiny.n_layers - 1, set(ids), 16, eos, rng, lockstep=True)
+    expected = released_rr_reference(tiny, prompts, tiny.n_layers - 1, set(ids), 16, eos, rng, slots=len(prompts))
     assert_rows_equal(out, rr.fired(), expected, eos)
     assert rr.coin_draws == rng.draws > sum(map(len, rr.fired())) > 0
     assert len(set(out.lengths)) > 1  # rows end at different steps: finished rows draw no more
@@ -290,40 +292,6 @@ def test_released_coin_that_always_wins_is_the_plain_rule(tiny_llama):
     words = RepresentationRecycling(layer=1, trigger_words=frequent_words(tiny_llama, 6))
     with surgery.trace(tiny_llama, words) as tr:  # the ids of the words are the words' rule
         assert tr.generate(PROMPTS, 12, chat=True, eos_token_ids=eos).token_ids == plain[0]
-
-
-def test_released_trigger_ids():
-    from interventions.recycling import RELEASED_LLAMA8B_TRIGGER_IDS, RELEASED_LLAMA8B_TRIGGERS, released_trigger_ids
-
-    records = [{"word": w, "token_ids": list(i)} for w, i in RELEASED_LLAMA8B_TRIGGERS]
-    # the released file interleaves non-words (" ", "\n\n", "\\"): skipped, not counted
-    records[3:3] = [{"word": " ", "token_ids": []}, {"word": "\n\n", "token_ids": [271, 4815]}]
-    records += [{"word": "\\", "token_ids": [59]}, {"word": "But", "token_ids": [2030, 4071]}]
-    assert released_trigger_ids(records) == RELEASED_LLAMA8B_TRIGGER_IDS
-    assert len(RELEASED_LLAMA8B_TRIGGER_IDS) == 23 and 2030 not in RELEASED_LLAMA8B_TRIGGER_IDS
-    assert released_trigger_ids(records, n_words=11) == tuple(sorted({*RELEASED_LLAMA8B_TRIGGER_IDS, 2030, 4071}))
-    with pytest.raises(ValueError, match="n_words"):
-        released_trigger_ids(records, n_words=0)
-
-
-def test_released_trigger_ids_from_a_word_file(tmp_path):
-    from interventions.recycling import RELEASED_LLAMA8B_TRIGGER_IDS, RELEASED_LLAMA8B_TRIGGERS, released_trigger_ids
-
-    path = tmp_path / "DeepSeek-R1-Distill-Llama-8B.jsonl"
-    path.write_text("".join(json.dumps({"word": w, "freq": 1, "token_ids": list(i)}) + "\n"
-                            for w, i in RELEASED_LLAMA8B_TRIGGERS))
-    assert released_trigger_ids(path) == released_trigger_ids(str(path)) == RELEASED_LLAMA8B_TRIGGER_IDS
-
-
-def test_trigger_ids_from_words_on_the_real_r1_tokenizer(tiny_r1_plain):
-    from interventions.recycling import RELEASED_LLAMA8B_TRIGGERS, RR_TRIGGER_WORDS, trigger_ids_for_words
-
-    model = tiny_r1_plain
-    per_word = [trigger_ids_for_words(model, [w]) for w in RR_TRIGGER_WORDS]
-    # as many ids per word as the released Llama-8B file lists (2-3: "So", " So", "\tSo")
-    assert [len(ids) for ids in per_word] == [len(ids) for _, ids in RELEASED_LLAMA8B_TRIGGERS]
-    assert per_word[0] == (2055, 4416, 76912) and per_word[-1] == (13824, 14190)
-    assert trigger_ids_for_words(model, RR_TRIGGER_WORDS) == tuple(sorted(i for ids in per_word for i in ids))
 
 
 def test_released_options_round_trip_and_refuse_bad_input(tiny_llama):
@@ -348,3 +316,71 @@ def test_released_options_round_trip_and_refuse_bad_input(tiny_llama):
     with pytest.raises(ValueError, match="another tokenizer"):
         with surgery.trace(tiny_llama, RepresentationRecycling(layer=0, trigger_ids=[14144])):
             pass
+
+
+# ---- continuous batching (generate(..., batch_size=N)): the row lifecycle -------------------------------------
+
+def test_in_slots_each_prompt_gets_its_alone_tokens_and_fired_positions_with_partial_reruns(tiny, monkeypatch):
+    """The hash coin is per prompt: admitted mid-run into a freed slot, a prompt recycles and
+    emits what it does alone. One-token prompts are admitted too: their prefill records
+    one-position block inputs for the admitted row only, which the engine must not re-run the
+    pool from (LayerInputs.forget: the first recompute after an admission is a full one)."""
+    from surgery.partial_rerun import LayerInputs
+    from surgery.triggers import Always
+
+    partial = []
+    rerun = LayerInputs.rerun
+    monkeypatch.setattr(LayerInputs, "rerun", lambda self, start: partial.append(start) or rerun(self, start))
+    prompts = [PROMPTS[0], "Wait", PROMPTS[3], "So", PROMPTS[1], "Wait"]
+    budgets = [5, 12, 9, 7, 10, 6]
+
+    def go(prompts, budgets, rr=None, **options):
+        rr = rr or RepresentationRecycling(layer=1, when=Always(), probability=0.5, seed=3)  # fires often
+        with surgery.trace(tiny, rr) as tr:
+            out = tr.generate(prompts, budgets, **options)
+        return out, rr
+
+    out, rr = go(prompts, budgets, batch_size=2)
+    assert len(partial) > 0 and rr.reruns() > len(partial)  # partial re-runs, and full ones after admissions
+    assert out.timings["steps"] < sum(budgets)  # slots were shared
+    fired = rr.fired()
+    assert len(fired) == len(prompts) and sum(map(len, fired)) > 0
+    for i, prompt in enumerate(prompts):
+        alone, alone_rr = go([prompt], budgets[i])
+        assert alone.token_ids[0] == out.token_ids[i] and alone.stop_reasons[0] == out.stop_reasons[i], i
+        assert alone_rr.fired()[0] == fired[i] == alone_rr.by_row()[0], i
+    again, _ = go(prompts, 8, rr)  # the same block in a fixed batch afterwards: as a fresh block
+    fresh, fresh_rr = go(prompts, 8)
+    assert again.token_ids == fresh.token_ids and rr.fired() == fresh_rr.fired() and rr.reruns() == fresh_rr.reruns()
+
+
+def test_in_slots_the_hash_coin_reads_each_admitted_prompt(tiny):
+    """The word rule with the coin, chat prompts, a repeated prompt: each prompt's tokens and
+    recycled positions equal its run alone, and differ from a pool run without the coin."""
+    words = frequent_words(tiny)
+    prompts, budgets = [*PROMPTS, PROMPTS[1]], [6, 20, 9, 14, 11]
+
+    def go(prompts, budgets, probability, **options):
+        rr = RepresentationRecycling(layer=-1, trigger_words=words, probability=probability, seed=5)
+        with surgery.trace(tiny, rr) as tr:
+            return tr.generate(prompts, budgets, chat=True, **options).token_ids, rr.fired()
+
+    tokens, fired = go(prompts, budgets, 0.5, batch_size=2)
+    assert sum(map(len, fired)) > 0 and fired != go(prompts, budgets, 1.0, batch_size=2)[1]
+    for i, prompt in enumerate(prompts):
+        assert go([prompt], budgets[i], 0.5) == ([tokens[i]], [fired[i]]), i
+
+
+def test_released_coin_in_slots_draws_pool_step_by_step_in_slot_order(tiny):
+    """The released stream is the run's: under continuous batching each pool step draws for its
+    candidates in slot order (the docstring's rule), and batch_size=1 is the released order."""
+    ids, eos = released_setup(tiny)
+    for slots, prompts in ((2, [*PROMPTS, *PROMPTS]), (1, PROMPTS)):
+        rr = RepresentationRecycling(layer=1, trigger_ids=ids, probability=0.5, coin="released", seed=2)
+        with surgery.trace(tiny, rr) as tr:
+            out = tr.generate(prompts, 16, chat=True, eos_token_ids=eos, batch_size=slots)
+        rng = CountingRandom(2)
+        expected = released_rr_reference(tiny, prompts, 1, set(ids), 16, eos, rng, slots=slots)
+        assert_rows_equal(out, rr.fired(), expected, eos)
+        assert rr.coin_draws == rng.draws > sum(map(len, rr.fired())) > 0
+        assert len(set(out.lengths)) > 1  # rows end at different steps: slots are taken mid-run

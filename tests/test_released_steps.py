@@ -135,7 +135,7 @@ def test_questions_come_from_the_prompts(tokenizer):
         tokenize=False, add_generation_prompt=True)
     with pytest.raises(ValueError, match="not one user turn.*questions="):
         prompt_question(tokenizer, tokenizer(two_turns, add_special_tokens=False)["input_ids"])
-    with pytest.raises(ValueError, match="ReasoningGraph was given 2 questions for a run of 3 rows"):
+    with pytest.raises(ValueError, match="ReasoningGraph was given 2 questions for 3 rows at once"):
         TextRecorder(["a", "b"]).reset(3)
 
 

@@ -257,6 +257,39 @@ def test_online_predictions_equal_predict_on_recorded_states(tiny):
     assert out.token_ids == surgery.generate(tiny, PROMPTS, 24, chat=True).token_ids
 
 
+# ---- continuous batching -------------------------------------------------------------------------
+
+SLOT_PROMPTS, BUDGETS = [*PROMPTS, PROMPTS[1]], [6, 24, 9, 14, 11]  # a repeated prompt, budgets that free slots
+
+
+@pytest.mark.parametrize("with_probe", [False, True])
+def test_result_in_slots_equals_each_prompt_alone(tiny, with_probe):
+    options = {"linear_probe": fit_linear_probe(*clusters(40, tiny.d_model, spread=0.3))} if with_probe else {}
+    found, out = classify(tiny, SLOT_PROMPTS, site="resid_pre.0", max_new_tokens=BUDGETS, chat=True, batch_size=2,
+                          **options)
+    assert out.timings["steps"] < sum(BUDGETS)  # slots were shared
+    assert len(found.thoughts) == len(found.states) == len(SLOT_PROMPTS)
+    recorded = 0
+    for row, (prompt, budget) in enumerate(zip(SLOT_PROMPTS, BUDGETS)):
+        alone, alone_out = classify(tiny, [prompt], site="resid_pre.0", max_new_tokens=budget, chat=True, **options)
+        assert alone_out.token_ids[0] == out.token_ids[row]
+        assert found.thoughts[row] == alone.thoughts[0], f"row {row}"
+        assert_close(found.states[row], alone.states[0], path=f"states[{row}]")
+        recorded += alone.n_recorded
+    assert found.n_recorded == recorded and sum(map(len, found.thoughts)) > 0  # real thoughts were compared
+    if with_probe:
+        assert found.predicted() == options["linear_probe"].predict(found.all_states())
+
+
+def test_a_fixed_batch_after_a_run_in_slots_is_as_before(tiny_llama):
+    probe = ThoughtClassifier("resid_pre.1")
+    with surgery.trace(tiny_llama, probe) as tr:
+        tr.generate(SLOT_PROMPTS, BUDGETS, chat=True, batch_size=2)
+        tr.generate(PROMPTS, 24, chat=True)
+    fresh, _ = classify(tiny_llama, PROMPTS, site="resid_pre.1", max_new_tokens=24, chat=True)
+    assert_close(probe.result(), fresh)
+
+
 # ---- SmolLM2 (slow) ----------------------------------------------------------------------------
 
 # GSM8K-style problems on which greedy SmolLM2 writes blank lines within 64 tokens
