@@ -42,7 +42,7 @@ from torch import Tensor
 from probes import MIEstimator, ReasoningGraph, ThoughtClassifier
 from surgery.blocks import Block
 
-__all__ = ["RowSummary", "summarise_rows"]
+__all__ = ["RowSummary", "fired_entries", "summarise_rows"]
 
 
 @dataclasses.dataclass
@@ -84,14 +84,20 @@ def summarise_rows(out, interventions: Mapping[str, Block], probes: Mapping[str,
         for row in range(batch)
     ]
     for name, block in interventions.items():
-        by_row = block.by_row()
-        for row, summary in enumerate(rows):
-            summary.record["fired"][name] = _json_ready(by_row[row]) if by_row is not None else None
+        for summary, entry in zip(rows, fired_entries(block, batch), strict=True):
+            summary.record["fired"][name] = entry
     for name, probe in probes.items():
         for summary, (record, tensors) in zip(rows, _probe_rows(probe, out, tokenizer), strict=True):
             summary.record["probes"][name] = record
             summary.tensors.update({f"{name}.{key}": value.detach().cpu().contiguous() for key, value in tensors.items()})
     return rows
+
+
+def fired_entries(block: Block, rows: int) -> list:
+    """Where intervention ``block`` acted in each of the run's ``rows`` rows (its ``by_row()``
+    entries, as JSON), or None per row when it keeps nothing per row."""
+    by_row = block.by_row()
+    return [None] * rows if by_row is None else [_json_ready(entry) for entry in by_row[:rows]]
 
 
 def _probe_rows(probe: Block, out, tokenizer) -> list[tuple[dict, dict[str, Tensor]]]:

@@ -14,6 +14,16 @@ Rows do not depend on the batch they run in (our engine's contract; sampling dra
 its own stream, keyed by the problem id), so a resumed run and a sharded one (``shard=(i, n)``:
 every n-th problem from the i-th) store what one uninterrupted run stores.
 
+Continuous batching (the default, ``continuous=True``): the pending (problem, condition) pairs
+of every condition whose blocks follow rows through slots go through one slot pool
+(:mod:`surgery.slots`) of ``generation.batch_size`` slots, in waves of :data:`WAVE_SLOTS` times
+that many pairs (:func:`run_pool`): one trace holds the union of the conditions' interventions,
+each row carrying its condition's (a stack per row, :mod:`surgery.row_stacks`), and one set of
+the study's probes carried by every row; a finished row's slot is taken at once by the next
+pair, whatever its condition, and each wave's records are appended when it ends. Each record
+equals what the condition's own batches store (tested). Conditions that cannot share a pool
+(the released TTTS passes) run in batches per condition as before.
+
 Example::
 
     config = load_study_config("EXPERIMENT.toml")
@@ -34,13 +44,17 @@ from tqdm.auto import tqdm
 import surgery
 from experiments.grading import grade
 from experiments.problems import Problem
-from experiments.row_summaries import summarise_rows
+from experiments.row_summaries import fired_entries, summarise_rows
 from experiments.store import ResultStore
 from experiments.study_config import StudyConfig
 from interventions.released_ttts import ReleasedTTTSOutput, trace_generate
 from surgery.storage import atomic_path
 
-__all__ = ["block_names", "run_batch", "run_study", "study_problems", "tensor_path"]
+__all__ = ["WAVE_SLOTS", "block_names", "run_batch", "run_pool", "run_study", "study_problems", "tensor_path"]
+
+#: A wave of the slot pool holds this many times ``generation.batch_size`` (problem, condition)
+#: pairs: long enough that few slots idle at its end, short enough that a kill loses little.
+WAVE_SLOTS = 8
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -99,8 +113,53 @@ def run_batch(config: StudyConfig, condition: str, problems: Sequence[Problem], 
     return rows
 
 
+def poolable(config: StudyConfig, condition: str, model: surgery.Model) -> bool:
+    """Whether ``condition`` can share a slot pool: every block follows rows through slots and
+    none runs the released TTTS passes (three text-joined generations of their own)."""
+    blocks = config.build_blocks(condition, model)
+    released = any(getattr(getattr(block, "config", None), "joins", None) == "released" for block in blocks)
+    return not released and all(block.follows_rows for block in blocks)
+
+
+def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: surgery.Model):
+    """Generate ``pairs`` ((problem, condition), any mix of conditions) through one slot pool;
+    one :class:`RowSummary` per pair, in order, each equal to what ``run_batch`` gives it."""
+    problems = [problem for problem, _ in pairs]
+    conditions = list(dict.fromkeys(condition for _, condition in pairs))
+    interventions = {c: dict(zip(block_names(config, c), config.build_blocks(c, model), strict=True)) for c in conditions}
+    probes = config.build_probes(model, problems)
+    prompts = [config.prompt.render(problem, model.tokenizer) for problem in problems]
+    stacks = [[*interventions[condition].values(), *probes.values()] for _, condition in pairs]
+    gen = config.generation
+    start = time.perf_counter()
+    union = [block for c in conditions for block in interventions[c].values()]
+    with surgery.trace(model, *union, *probes.values()) as tr:
+        out = tr.generate(prompts, [config.max_new_tokens(c) for _, c in pairs], chat=config.prompt.engine_chat,
+                          do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
+                          stop_strings=gen.stop_strings, row_keys=[problem.id for problem in problems],
+                          shared_keys=True, progress=False, batch_size=gen.batch_size, stacks=stacks)
+    seconds = time.perf_counter() - start
+    rows = summarise_rows(out, {}, probes, model.tokenizer, prompts=prompts, seconds=seconds)
+    fired = {id(block): fired_entries(block, len(pairs)) for c in conditions for block in interventions[c].values()}
+    for i, (problem, condition) in enumerate(pairs):
+        for name, block in interventions[condition].items():
+            rows[i].record["fired"][name] = fired[id(block)][i]
+        rows[i].record["grade"] = grade(rows[i].record["text"], problem.answer).to_dict()
+    return rows
+
+
+def _save(store: ResultStore, problem: Problem, condition: str, row) -> None:
+    if row.tensors:
+        path = tensor_path(store.folder, condition, problem.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as staging:
+            save_file(row.tensors, str(staging))
+        row.record["tensors"] = str(path.relative_to(store.folder))
+    store.append(problem.id, condition, row.record)
+
+
 def run_study(config: StudyConfig, *, model: surgery.Model | None = None, problems: Sequence[Problem] | None = None,
-              shard: tuple[int, int] | None = None, progress: bool = True) -> ResultStore:
+              shard: tuple[int, int] | None = None, progress: bool = True, continuous: bool = True) -> ResultStore:
     """Run what ``config`` asks and its store lacks; return the store.
 
     Args:
@@ -110,6 +169,8 @@ def run_study(config: StudyConfig, *, model: surgery.Model | None = None, proble
         problems: the problems; default: :func:`study_problems`.
         shard: ``(index, count)``: run only problems ``index, index + count, ...`` (workers).
         progress: a progress bar over (problem, condition) pairs, with rate and ETA.
+        continuous: one slot pool for every condition that can share it (the module
+            docstring); False: batches per condition.
     """
     store = ResultStore(config.output, config.to_dict())
     problems = list(study_problems(config) if problems is None else problems)
@@ -127,18 +188,23 @@ def run_study(config: StudyConfig, *, model: surgery.Model | None = None, proble
         return store
     model = config.model.load() if model is None else model
     batch_size = config.generation.batch_size
+    pooled = [c for c in todo if todo[c] and continuous and poolable(config, c, model)]
     with tqdm(total=total, unit="run", desc=config.name, disable=not progress, dynamic_ncols=True) as bar:
+        pairs = [(problem, condition) for condition in pooled for problem in todo[condition]]
+        wave = batch_size * WAVE_SLOTS
+        for first in range(0, len(pairs), wave):
+            chunk = pairs[first : first + wave]
+            bar.set_postfix_str(", ".join(dict.fromkeys(condition for _, condition in chunk)))
+            for (problem, condition), row in zip(chunk, run_pool(config, chunk, model), strict=True):
+                _save(store, problem, condition, row)
+            bar.update(len(chunk))
         for condition, pending in todo.items():
+            if condition in pooled:
+                continue
             bar.set_postfix_str(condition)
             for first in range(0, len(pending), batch_size):
                 batch = pending[first : first + batch_size]
                 for problem, row in zip(batch, run_batch(config, condition, batch, model), strict=True):
-                    if row.tensors:
-                        path = tensor_path(store.folder, condition, problem.id)
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        with atomic_path(path) as staging:
-                            save_file(row.tensors, str(staging))
-                        row.record["tensors"] = str(path.relative_to(store.folder))
-                    store.append(problem.id, condition, row.record)
+                    _save(store, problem, condition, row)
                 bar.update(len(batch))
     return store

@@ -135,6 +135,42 @@ def test_every_problem_and_condition_is_stored_once_graded_and_summarised(refere
     assert any(p["fired"]["thinking_token_insertion"] for p in tts)
 
 
+def test_one_slot_pool_for_every_condition_stores_what_per_condition_batches_store(reference, tmp_path, monkeypatch):
+    """The default run (every condition's pairs through one pool of 2 slots, mixed stacks) against
+    batches of one condition at a time: the same records, tensors within float32 tolerance."""
+    _, _, pooled = reference
+    calls = []
+    from experiments import runner
+
+    monkeypatch.setattr(runner, "run_pool", lambda *args: calls.append(args) or pytest.fail("pooled"))
+    config = load_study_config(write_study(tmp_path))
+    batched = by_key(run_study(config, progress=False, continuous=False))
+    assert not calls
+    assert_same_results(pooled, batched)
+    for key in batched:
+        ours = load_file(Path(reference[0]) / "out" / pooled[key]["tensors"])
+        theirs = load_file(tmp_path / "out" / batched[key]["tensors"])
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert_close(ours[name], theirs[name], precision=torch.float32, path=f"{key} {name}")
+
+
+def test_a_wave_mixes_conditions_in_one_trace(tmp_path, monkeypatch):
+    from experiments import runner
+
+    seen = []
+    real = runner.run_pool
+
+    def spy(config, pairs, model):
+        seen.append(sorted({condition for _, condition in pairs}))
+        return real(config, pairs, model)
+
+    monkeypatch.setattr(runner, "run_pool", spy)
+    config = load_study_config(write_study(tmp_path, conditions=["plain", "seal", "mask"]))
+    run_study(config, progress=False)
+    assert seen == [["mask", "plain", "seal"]]  # 15 pairs, one wave of 2 slots x 8
+
+
 def test_a_stopped_run_resumes_and_a_finished_one_does_nothing(reference, tmp_path, monkeypatch):
     _, _, want = reference
     config = load_study_config(write_study(tmp_path))

@@ -1,0 +1,172 @@
+"""Fixed batches against continuous batching, side by side in one process, on rows whose lengths vary.
+
+Run: python benchmarks/bench_batching.py [--rows 32] [--batch 8] [--min-tokens 24] [--max-tokens 96]
+                                         [--reps 3] [--compile] [--vectors 1,8,64] [--device cpu]
+(or ``surgery bench batching -- --rows 32``)
+
+Workload: the first ``--rows`` GSM8K test questions in the chat template on SmolLM2-135M-Instruct,
+each with its own budget of new tokens drawn once (seeded) between ``--min-tokens`` and
+``--max-tokens`` (4x apart by default), EOS off so every row runs to its budget: lengths vary as
+reasoning traces do, and the useful tokens are known exactly.
+
+Rows, each timed ``--reps`` times in interleaved order after a warm-up, median reported:
+  fixed        batches of ``--batch`` prompts in order, each run to its longest budget (the
+               engine today: a row that has reached its budget waits, fed padding, for the
+               longest row of its batch; only its own budget's tokens are useful)
+  continuous   ``generate(prompts, budgets, batch_size=--batch)``: a finished row's slot is
+               taken by the next prompt at once
+  (with ``--compile``: the same two with ``cache="static", compile=True``, timed once compiled)
+Printed per row: useful tokens per second, rows per hour, the slots' idle share (slot-steps that
+produced no useful token), and the ratio to ``fixed``. Before timing, the script checks that every
+prompt's continuous tokens equal its tokens in the fixed batch, cut at its budget.
+
+Then many settings at once: ``--batch`` rows, each with its own steering vector (one
+``SteeringVector`` per distinct vector, each carried by its rows through ``stacks=``), for each
+count in ``--vectors``, against one vector shared by all rows: the cost of distinct settings.
+
+Then memory: the KV cache of 200 prompts as one fixed batch against ``--batch`` slots.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import surgery  # noqa: E402
+from _data import gsm8k_questions, model_options, time_rows  # noqa: E402
+from interventions import SteeringVector  # noqa: E402
+from surgery.slot_forward import SlotForward  # noqa: E402
+
+
+def fixed_batches(model, prompts, budgets, batch, **options):
+    """The engine without continuous batching: batches in order, each to its longest budget;
+    each row's tokens cut at its own budget."""
+    tokens = []
+    for first in range(0, len(prompts), batch):
+        chunk = slice(first, first + batch)
+        out = surgery.generate(model, prompts[chunk], max(budgets[chunk]), chat=True, eos_token_ids=[],
+                               progress=False, **options)
+        tokens += [row[:budget] for row, budget in zip(out.token_ids, budgets[chunk])]
+    return tokens
+
+
+def continuous(model, prompts, budgets, batch, **options):
+    out = surgery.generate(model, prompts, budgets, chat=True, eos_token_ids=[], batch_size=batch, progress=False,
+                           **options)
+    return out.token_ids
+
+
+def slot_steps(budgets, batch, fixed: bool) -> int:
+    """Slot-steps each way spends: fixed batches run every slot to the batch's longest budget."""
+    if fixed:
+        return sum(max(budgets[i : i + batch]) * len(budgets[i : i + batch]) for i in range(0, len(budgets), batch))
+    return sum(budgets)  # a slot holds a row exactly for its budget (plus idle slots at the very end)
+
+
+def distinct_vectors(model, prompts, counts, layer, reps):
+    """``len(prompts)`` rows, each steered: one shared vector against ``n`` distinct ones."""
+    generator = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(model.d_model, generator=generator).to(model.device, model.dtype) for _ in range(max(counts))]
+    when = surgery.OnText("\n\n") | surgery.StepWindow(0, None)
+
+    def run_with(n):
+        blocks = [SteeringVector(vectors[i], layer=layer, alpha=0.5, when=when) for i in range(n)]
+
+        def run():
+            with surgery.trace(model, *blocks) as tr:
+                stacks = [[blocks[i % n]] for i in range(len(prompts))]
+                return tr.generate(prompts, 32, chat=True, progress=False, stacks=None if n == 1 else stacks)
+        return run
+
+    rows = {f"{n} vector{'s' if n > 1 else ''}": run_with(n) for n in counts}
+    for run in rows.values():
+        run()
+    times = time_rows(rows, reps)
+    base = statistics.median(times[next(iter(rows))])
+    print(f"\n{len(prompts)} rows steered at resid_pre.{layer}, 32 new tokens, median of {reps}:")
+    print(f"{'setting':<14}{'median s':>10}{'vs 1 vector':>14}")
+    for name in rows:
+        median = statistics.median(times[name])
+        print(f"{name:<14}{median:>10.3f}{median / base:>13.2f}x")
+
+
+def cache_memory(model, batch):
+    """KV-cache elements for 200 prompts: one fixed batch against ``batch`` slots."""
+    prompts = [f"Question {i}: what is {i} plus {i % 7}?" for i in range(200)]
+    budgets = [4 + i % 13 for i in range(200)]
+    seen = []
+    feed = SlotForward.feed
+
+    def watch(self, *args):
+        seen.append(sum(layer.keys.numel() + layer.values.numel() for layer in self.cache.layers))
+        return feed(self, *args)
+
+    SlotForward.feed = watch
+    try:
+        surgery.generate(model, prompts, budgets, batch_size=batch, progress=False)
+    finally:
+        SlotForward.feed = feed
+    ids, _ = surgery.encode_prompts(model, prompts)
+    config = model.module.config
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    fixed = len(prompts) * (ids.shape[1] + max(budgets)) * per_position
+    print(f"\nKV cache for 200 prompts (budgets 4-16): one fixed batch {fixed / 1e6:.1f}M elements; "
+          f"{batch} slots at most {max(seen) / 1e6:.2f}M ({fixed / max(seen):.0f}x less)")
+
+
+def main() -> None:
+    parser = model_options(__doc__.split("\n")[0], new_tokens=96, reps=3)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--min-tokens", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--compile", action="store_true", help="also time cache='static', compile=True")
+    parser.add_argument("--vectors", default="1,8,64", help="distinct steering-vector counts (empty: skip)")
+    parser.add_argument("--layer", type=int, default=15)
+    args = parser.parse_args()
+
+    model = surgery.load(device=args.device)
+    prompts = gsm8k_questions(args.rows)
+    draw = random.Random(0)
+    budgets = [draw.randint(args.min_tokens, args.max_tokens) for _ in prompts]
+
+    ways = {"fixed": fixed_batches, "continuous": continuous}
+    options = {"": {}}
+    if args.compile:
+        options["+compile"] = {"cache": "static", "compile": True}
+    rows = {}
+    for suffix, extra in options.items():
+        for name, way in ways.items():
+            rows[name + suffix] = (lambda way=way, extra=extra: way(model, prompts, budgets, args.batch, **extra))
+    reference = rows["fixed"]()
+    for name, run in rows.items():  # warm-up (and the compiles), and the exactness check
+        assert run() == reference, f"{name}: a prompt's tokens differ from its tokens in the fixed batches"
+    times = time_rows(rows, args.reps)
+
+    useful = sum(budgets)
+    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; {args.rows} GSM8K prompts, {args.batch} slots, "
+          f"budgets {min(budgets)}-{max(budgets)} tokens ({max(budgets) / min(budgets):.1f}x), median of {args.reps}; "
+          "every prompt's tokens equal across rows: yes")
+    print(f"{'row':<20}{'median s':>10}{'useful tok/s':>14}{'rows/hour':>11}{'idle slots':>12}{'vs fixed':>10}")
+    for name in rows:
+        median = statistics.median(times[name])
+        idle = 1 - useful / (slot_steps(budgets, args.batch, name.startswith("fixed")))
+        base = statistics.median(times["fixed" + name.split("continuous")[-1].split("fixed")[-1]])
+        print(f"{name:<20}{median:>10.2f}{useful / median:>14.1f}{args.rows * 3600 / median:>11.0f}"
+              f"{idle:>11.0%}{base / median:>9.2f}x")
+    counts = [int(n) for n in args.vectors.split(",") if n]
+    if counts:
+        distinct_vectors(model, prompts[: max(counts)], counts, args.layer, args.reps)
+    cache_memory(model, args.batch)
+
+
+if __name__ == "__main__":
+    main()
