@@ -56,6 +56,7 @@ from probes.hsic import _answer_factors, _check_precision, _nhsic_given_factors,
 from probes.hsic import _nhsic_released_float32, _released_ratio_float32
 from probes.peaks import PeakStats, _check_k, _check_peak_rule, _check_ratio_steps, fence_so_far, kth_largest_so_far
 from probes.peaks import top_k_peaks, tukey_peaks
+from probes.plots import plot_mi
 from surgery.blocks import Probe, register_block
 from surgery.capture import states_at
 from surgery.results import SavedResult
@@ -122,8 +123,6 @@ class MIResult(SavedResult):
     def plot(self, path, row: int = 0) -> None:
         """Save a PNG of ``m_t`` over tokens for one row, peaks marked, with the Tukey fence
         when ``peak_rule`` is ``"tukey"`` (:func:`probes.plots.plot_mi`)."""
-        from probes.plots import plot_mi  # probes.plots imports this module
-
         plot_mi(self, path, row)
 
 

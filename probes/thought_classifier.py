@@ -66,6 +66,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from probes.linear_probe import LinearThoughtProbe
+from probes.plots import plot_thoughts
 from surgery.blocks import Probe, register_block
 from surgery.results import SavedResult, result_part
 from surgery.signals import SignalBoard, SignalSpec
@@ -145,8 +146,6 @@ class ClassifiedThoughts(SavedResult):
     def plot(self, path) -> None:
         """Save a PNG: thought counts per class, and the states in 2-D (PCA) coloured by class
         (:func:`probes.plots.plot_thoughts`)."""
-        from probes.plots import plot_thoughts  # probes.plots imports this module
-
         plot_thoughts(self, path)
 
 

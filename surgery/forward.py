@@ -24,8 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from surgery.bridge import read_cache_under_either_name
-from surgery.kv_cache import cache_keyword, new_cache, rollback
+from surgery.kv_cache import cache_keyword, new_cache, read_cache_under_either_name, rollback
 from surgery.model import Model
 from surgery.partial_rerun import LayerInputs, supports_partial_rerun
 from surgery.step import Step
@@ -65,7 +64,7 @@ class Forward:
         self.module, self.step, self.on_step = module, step, on_step
         self.options = _forward_options(module)
         self.cache_keyword = cache_keyword(module)  # "cache" on transformers >= 5.24
-        read_cache_under_either_name(module)  # TransformerLens 4.3 on transformers >= 5.24 (surgery.bridge)
+        read_cache_under_either_name(module)  # TransformerLens 4.3 on transformers >= 5.24 (surgery.kv_cache)
         # the decode step, compiled when asked (the prefill and re-runs stay eager)
         self.decode = module if compile_options is None else torch.compile(module.forward, **compile_options)
         self.static = cache == "static"

@@ -108,7 +108,7 @@ class NNsightBlocks:
     """
 
     def __init__(self, lm, *blocks, tokenizer=None, eos_token_ids=None):
-        from surgery.model import wrap
+        from surgery.wrapping import wrap
 
         self.lm = lm
         self.model = model = wrap(lm, tokenizer)

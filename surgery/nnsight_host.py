@@ -19,6 +19,8 @@ Example::
 
 from __future__ import annotations
 
+from surgery.model import Model
+
 __all__ = ["is_nnsight", "wrap_nnsight"]
 
 
@@ -34,8 +36,6 @@ def wrap_nnsight(lm, tokenizer=None, *, name: str | None = None):
     or still on the meta device), one without a tokenizer, and a non-HF module inside.
     """
     from transformers import PreTrainedModel
-
-    from surgery.model import Model
 
     kind = type(lm).__name__
     if any(c.__name__ == "VLLM" for c in type(lm).__mro__):

@@ -95,7 +95,7 @@ class TLHooks:
 
     def __init__(self, bridge, *blocks, eos_token_ids: Sequence[int] | None = None, tokenizer=None):
         from surgery.bridge import is_bridge
-        from surgery.model import wrap
+        from surgery.wrapping import wrap
 
         if not is_bridge(bridge):
             raise TypeError(f"TLHooks expects a TransformerLens TransformerBridge, got {type(bridge).__name__}")
