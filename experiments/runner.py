@@ -38,7 +38,7 @@ from experiments.row_summaries import summarise_rows
 from experiments.store import ResultStore
 from experiments.study_config import StudyConfig
 from interventions.released_ttts import ReleasedTTTSOutput, trace_generate
-from surgery.storage import atomic_path
+from surgery.files.storage import atomic_path
 
 __all__ = ["block_names", "run_batch", "run_study", "study_problems", "tensor_path"]
 

@@ -59,7 +59,7 @@ from probes.peaks import top_k_peaks, tukey_peaks
 from probes.plots import plot_mi
 from surgery.blocks import Probe, register_block
 from surgery.capture import states_at
-from surgery.results import SavedResult
+from surgery.files.results import SavedResult
 from surgery.signals import SignalBoard, SignalSpec
 from surgery.step import Step
 
@@ -113,7 +113,7 @@ class MIResult(SavedResult):
         """The generated tokens at the peaks, per row, as decoded text.
 
         Args:
-            out: the :class:`~surgery.engine.GenerationOutput` of the same run.
+            out: the :class:`~surgery.decode.engine.GenerationOutput` of the same run.
             tokenizer: the model's tokenizer (``model.tokenizer``).
         """
         return [
@@ -313,7 +313,7 @@ class MIEstimator(Probe):
         valid, see :class:`~surgery.step.Step`), so each row gets one value per generated token.
 
         Args:
-            out: the run's :class:`~surgery.engine.GenerationOutput`; when given, it is checked
+            out: the run's :class:`~surgery.decode.engine.GenerationOutput`; when given, it is checked
                 against the values (one per generated token of each row).
         """
         config = self.config

@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from surgery.blocks import Probe, register_block
-from surgery.results import SavedResult
+from surgery.files.results import SavedResult
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger
 

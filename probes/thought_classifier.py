@@ -68,7 +68,7 @@ from torch import Tensor
 from probes.linear_probe import LinearThoughtProbe
 from probes.plots import plot_thoughts
 from surgery.blocks import Probe, register_block
-from surgery.results import SavedResult, result_part
+from surgery.files.results import SavedResult, result_part
 from surgery.signals import SignalBoard, SignalSpec
 from surgery.step import Step
 from surgery.thoughts import THOUGHT_CLASSES, completion_prefix, split_thoughts, thought_positions

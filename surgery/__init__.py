@@ -30,18 +30,18 @@ Example::
 """
 
 from surgery.blocks import Block, Intervention, Probe, TokenChoice, block_class, register_block, registered_blocks
-from surgery.engine import GenerationOutput, generate, run
-from surgery.loading import EMBEDDED_MODEL, load
+from surgery.decode.engine import GenerationOutput, generate, run
+from surgery.hosts.loading import EMBEDDED_MODEL, load
 from surgery.model import Model
-from surgery.saving import load_blocks, save_blocks
+from surgery.files.saving import load_blocks, save_blocks
 from surgery.prompts import encode_prompts
 from surgery.signals import OnSignal
 from surgery.sites import Site
 from surgery.step import Step
-from surgery.trace import Trace, trace
+from surgery.decode.trace import Trace, trace
 from surgery.triggers import (Always, And, FromPromptEnd, InThink, Not, OnText, OnTokens, Or, SealThinkFlag, StepWindow,
                               Trigger)
-from surgery.wrapping import wrap
+from surgery.hosts.wrapping import wrap
 
 __all__ = [
     "Always",

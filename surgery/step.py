@@ -106,7 +106,7 @@ class Step:
             compares with, so a compiled step is not specialised on each index).
         capacity: how many decode steps the run may take (``max_new_tokens``; 0 for a single
             forward): what a block sizes its per-step records by
-            (:class:`~surgery.records.StepRecords`).
+            (:class:`~surgery.decode.records.StepRecords`).
     """
 
     index: int

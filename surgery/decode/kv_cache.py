@@ -15,7 +15,7 @@ removal in 5.40), ``past_key_values=`` up to 5.23. :func:`cache_keyword` names t
 takes, and :func:`passed_cache` finds the cache a forward was called with under either name
 (the adapters read it from hosts that call the model themselves). TransformerLens 4.3's
 attention bridges read it as ``past_key_values`` only: :func:`read_cache_under_either_name`
-lets them find it under ``cache`` too (the engine applies it on every run, :mod:`surgery.bridge`
+lets them find it under ``cache`` too (the engine applies it on every run, :mod:`surgery.hosts.bridge`
 when it wraps or boots a bridge).
 
 Recomputing the last position (representation recycling) rolls layers back one position and

@@ -28,7 +28,7 @@ import warnings
 
 from torch import Tensor
 
-from surgery import engine
+from surgery.decode import engine
 from surgery.blocks import Block, Intervention, Probe
 from surgery.model import Model
 from surgery.signals import check_signal_reads

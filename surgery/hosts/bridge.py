@@ -29,7 +29,7 @@ themselves read the KV cache from a ``past_key_values`` keyword, which transform
 to ``cache`` in the calls its decoder layers make. They then neither write nor read the cache, so
 every decoded token attends to itself alone (the HF model's own ``generate`` on a booted model
 writes garbage). :func:`wrap_bridge`, :func:`boot` and the engine (on every run) let the bridge's
-attention see the cache under either name (:func:`surgery.kv_cache.read_cache_under_either_name`);
+attention see the cache under either name (:func:`surgery.decode.kv_cache.read_cache_under_either_name`);
 with transformers <= 5.23, or a TransformerLens that reads ``cache`` itself, that changes nothing.
 
 Example::
@@ -50,7 +50,7 @@ from typing import Any
 
 from torch import nn
 
-from surgery.kv_cache import read_cache_under_either_name
+from surgery.decode.kv_cache import read_cache_under_either_name
 from surgery.model import Model
 from surgery.sites import Site
 

@@ -1,7 +1,7 @@
 """Wrapping a model the user already has: an HF model as is, a TransformerLens or nnsight one through its host.
 
 An HF causal LM is wrapped as it is; a TransformerLens ``TransformerBridge`` goes to
-:mod:`surgery.bridge`, an nnsight model to :mod:`surgery.nnsight_host`. Detecting the host lives
+:mod:`surgery.hosts.bridge`, an nnsight model to :mod:`surgery.hosts.nnsight_host`. Detecting the host lives
 here, beside the hosts, so that :mod:`surgery.model` knows none of them (the hosts import the
 model, never the other way round).
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import warnings
 
-from surgery import bridge as tl_bridge
-from surgery import nnsight_host
+from surgery.hosts import bridge as tl_bridge
+from surgery.hosts import nnsight_host
 from surgery.model import Model
 from surgery.sites import architecture_of
 
@@ -36,7 +36,7 @@ def wrap(model, tokenizer=None, *, name: str | None = None) -> Model:
 
     An HF model whose architecture :data:`surgery.sites.ARCHITECTURES` lacks is booted into a
     TransformerLens bridge (in place, with a warning) when TransformerLens has an adapter for
-    it, and its sites resolve through the bridge's hook points (:mod:`surgery.bridge`).
+    it, and its sites resolve through the bridge's hook points (:mod:`surgery.hosts.bridge`).
 
     Returns:
         A :class:`Model`.

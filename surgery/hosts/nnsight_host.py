@@ -4,7 +4,7 @@
 causal LM) here. nnsight wraps the HF module without copying it and, outside its own traces,
 passes every call straight through; the engine runs that module with the toolkit's hooks, so
 tokens and states are those of the same HF model (bit for bit). To use our blocks inside
-nnsight's own ``lm.generate(...)`` / ``lm.trace(...)``, see :mod:`surgery.nnsight_blocks`.
+nnsight's own ``lm.generate(...)`` / ``lm.trace(...)``, see :mod:`surgery.hosts.nnsight_blocks`.
 
 What runs where: a local, dispatched model runs here. Remote execution (NDIF) and vLLM-backed
 models run the model somewhere the toolkit's hooks cannot reach: wrapping one is a clear error,
@@ -54,7 +54,7 @@ def wrap_nnsight(lm, tokenizer=None, *, name: str | None = None):
             f"this nnsight {kind} is not loaded locally (its weights are on the meta device: a model "
             "meant for remote execution, or one not dispatched yet). surgery runs the model here: build "
             "it with LanguageModel(name, dispatch=True) or around a loaded HF model; for remote (NDIF) "
-            "runs, use our blocks inside nnsight's own trace (surgery.nnsight_blocks)"
+            "runs, use our blocks inside nnsight's own trace (surgery.hosts.nnsight_blocks)"
         )
     tokenizer = tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None)
     if tokenizer is None:
