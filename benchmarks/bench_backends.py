@@ -45,8 +45,8 @@ import surgery  # noqa: E402
 from _data import gsm8k_questions, model_options, time_rows  # noqa: E402
 from interventions import ResidualAdd  # noqa: E402
 from surgery.prompts import apply_chat_template  # noqa: E402
-from surgery.nnsight_blocks import NNsightBlocks  # noqa: E402
-from surgery.tl_hooks import TLHooks  # noqa: E402
+from surgery.hosts.nnsight_blocks import NNsightBlocks  # noqa: E402
+from surgery.hosts.tl_hooks import TLHooks  # noqa: E402
 from surgery.triggers import OnText  # noqa: E402
 
 LAYER = 15

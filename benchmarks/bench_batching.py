@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import surgery  # noqa: E402
 from _data import gsm8k_questions, model_options, time_rows  # noqa: E402
 from interventions import SteeringVector  # noqa: E402
-from surgery.slot_forward import SlotForward  # noqa: E402
+from surgery.decode.slot_forward import SlotForward  # noqa: E402
 
 
 def fixed_batches(model, prompts, budgets, batch, **options):

@@ -9,7 +9,7 @@ SmolLM2-135M-Instruct on the first GSM8K test questions (chat template), greedy.
   token_mask     TokenMask(["wait", "alternatively"], penalty=-3)   (SEAL's baseline)
   tts            ThinkingTokenInsertion(" Wait", budget 32, answer prompt + 8 tokens)
   recycling      RepresentationRecycling(layer 20, the released trigger words): re-runs blocks
-                 20.. only, from block 20's recorded input (surgery.partial_rerun)
+                 20.. only, from block 20's recorded input (surgery.decode.partial_rerun)
   recycling_full the same, re-running the whole model for the recomputed position (as before the
                  partial re-run; the same tokens)
   all_four       the four stacked in one trace
@@ -62,7 +62,7 @@ def main() -> None:
 
     def run(name: str):
         attached = blocks(name)
-        full = mock.patch("surgery.forward.supports_partial_rerun", lambda architecture: False)
+        full = mock.patch("surgery.decode.forward.supports_partial_rerun", lambda architecture: False)
         with full if name == "recycling_full" else contextlib.nullcontext(), surgery.trace(model, *attached) as tr:
             cache = "static" if name == "plain_static" else "dynamic"
             out = tr.generate(prompts, args.new_tokens, chat=True, progress=False, cache=cache)

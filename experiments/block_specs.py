@@ -11,7 +11,7 @@ knows any block by name, so a newly registered block works in a study as it is::
 Three keys are not config fields:
 
 - ``type``: the registry name (:func:`surgery.blocks.registered_blocks`).
-- ``from``: a file written by :func:`surgery.saving.save_blocks` (``SteeringVector.save`` too)
+- ``from``: a file written by :func:`surgery.files.saving.save_blocks` (``SteeringVector.save`` too)
   holding one block of this type: its tensors (a steering vector) and its config, which the
   other keys override. A TOML file cannot hold tensors, so blocks with tensors need it.
 - ``answers_from = "dataset"``: for blocks with an ``answers`` field (the MI probe): the
@@ -44,9 +44,9 @@ import interventions  # noqa: F401  (registers the interventions)
 import probes  # noqa: F401  (registers the probes)
 from experiments.config_checks import StudyConfigError, check_keys, check_value, field_path
 from experiments.model_shape import ModelShape
-from surgery import storage
+from surgery.files import storage
 from surgery.blocks import Block, Intervention, Probe, registered_blocks
-from surgery.saving import FORMAT, VERSION, load_blocks
+from surgery.files.saving import FORMAT, VERSION, load_blocks
 from surgery.sites import Site
 
 __all__ = ["BlockSpec", "parse_block"]
@@ -170,7 +170,7 @@ def _source_file(path: str, value, base: str | Path) -> tuple[str, str]:
     file = (Path(base) / Path(value).expanduser()).resolve()
     if not file.is_file():
         raise StudyConfigError(
-            path, f"no file at {file}. Give a file written by surgery.saving.save_blocks (or SteeringVector.save), "
+            path, f"no file at {file}. Give a file written by surgery.files.saving.save_blocks (or SteeringVector.save), "
             "relative to the study's TOML file or absolute"
         )
     return str(file), hashlib.sha256(file.read_bytes()).hexdigest()
@@ -213,7 +213,7 @@ def _construct(path: str, name: str, config: dict, tensors: dict, has_source: bo
         if not has_source:
             raise StudyConfigError(
                 path, f"{name} could not be built from these keys ({error}). A block with tensors (a steering vector) "
-                'needs them from a file: from = "file.safetensors", written by surgery.saving.save_blocks or '
+                'needs them from a file: from = "file.safetensors", written by surgery.files.saving.save_blocks or '
                 "SteeringVector.save"
             ) from None
         raise StudyConfigError(path, f"{name} could not be built from these keys: {error}") from None

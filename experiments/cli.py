@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 def _extract_thought_probe(args) -> int:
     from experiments.extraction import extract_thought_probe, study_traces
     from experiments.study_sections import ModelSpec
-    from surgery.saving import save_blocks
+    from surgery.files.saving import save_blocks
 
     config, _ = study_traces(args.folder, args.condition)
     model = ModelSpec(**config["model"]).load()

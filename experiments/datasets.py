@@ -6,7 +6,7 @@ r"""Problems from files: GSM8K- and MATH-style JSONL, local json/csv/parquet, th
 - a ``.json``, ``.csv`` or ``.parquet`` file, read through Hugging Face ``datasets``
   (``load_dataset("csv", data_files=...)``; install the ``study`` extra);
 - a hub name such as ``"openai/gsm8k"`` (with ``subset="main"``), tried only after
-  :func:`surgery.loading.hub_unreachable` says the hub answers: offline it reads ``fallback``, a
+  :func:`surgery.hosts.loading.hub_unreachable` says the hub answers: offline it reads ``fallback``, a
   local copy (e.g. ``../shared/data/gsm8k/test.jsonl``), when one is given (with a warning), and
   otherwise fails at once and says to pass a local file. Give ``name`` so that the ids are the
   same whichever copy is read.
@@ -99,7 +99,7 @@ def _datasets_records(path: Path) -> Iterator[_Record]:
 
 
 def _hub_records(name: str, subset: str | None, split: str) -> Iterator[_Record]:
-    from surgery.loading import hub_unreachable
+    from surgery.hosts.loading import hub_unreachable
 
     reason = hub_unreachable()
     if reason is not None:
@@ -246,7 +246,7 @@ def _reachable(source, fallback):
         return source
     from importlib.util import find_spec
 
-    from surgery.loading import hub_unreachable
+    from surgery.hosts.loading import hub_unreachable
 
     reason = "Hugging Face datasets is not installed" if find_spec("datasets") is None else hub_unreachable()
     if reason is None:

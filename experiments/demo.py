@@ -44,7 +44,7 @@ from experiments.runner import run_study
 from experiments.study_config import load_study_config
 from experiments.summary import condition_summaries, format_table
 from interventions import SteeringVector
-from surgery.saving import load_blocks, save_blocks
+from surgery.files.saving import load_blocks, save_blocks
 
 __all__ = ["EVALUATED_MAX", "TRACE_PROBLEMS", "run_demo", "write_study_files"]
 

@@ -12,7 +12,7 @@ what is on disk:
   there (the checks then happen when the model loads).
 
 The architecture is named as :attr:`surgery.Model.architecture` names it (``config.model_type``,
-e.g. ``"llama"``), which is what :func:`surgery.saving.save_blocks` records for a saved vector.
+e.g. ``"llama"``), which is what :func:`surgery.files.saving.save_blocks` records for a saved vector.
 
 Example:
     >>> model_shape("embedded")
@@ -28,7 +28,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from surgery.loading import embedded_gguf_path
+from surgery.hosts.loading import embedded_gguf_path
 
 __all__ = ["EMBEDDED", "ModelShape", "gguf_shape", "model_shape"]
 

@@ -52,8 +52,8 @@ from experiments.report_plots import (
     plot_thought_counts,
     token_interval,
 )
-from surgery.saving import load_blocks
-from surgery.storage import atomic_path
+from surgery.files.saving import load_blocks
+from surgery.files.storage import atomic_path
 
 __all__ = ["write_report"]
 

@@ -1,7 +1,7 @@
 """What a study keeps of one row of a run: JSON for the record, tensors for a sidecar file.
 
 After a batch of one condition has generated, :func:`summarise_rows` turns the
-:class:`~surgery.engine.GenerationOutput` and the blocks of the trace into one entry per row:
+:class:`~surgery.decode.engine.GenerationOutput` and the blocks of the trace into one entry per row:
 
 * the generation: prompt, its length in tokens (``prompt_tokens``, padding not counted), text,
   token ids, number of tokens, stop reason, seconds (the batch's wall time shared equally
@@ -58,7 +58,7 @@ def summarise_rows(out, interventions: Mapping[str, Block], probes: Mapping[str,
     """One :class:`RowSummary` per row of ``out``.
 
     Args:
-        out: the run's :class:`~surgery.engine.GenerationOutput`.
+        out: the run's :class:`~surgery.decode.engine.GenerationOutput`.
         interventions: name -> intervention of the trace (named as the study names them).
         probes: name -> probe of the trace.
         tokenizer: the model's tokenizer (peak token texts).

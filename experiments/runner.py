@@ -16,9 +16,9 @@ every n-th problem from the i-th) store what one uninterrupted run stores.
 
 Continuous batching (the default, ``continuous=True``): the pending (problem, condition) pairs
 of every condition whose blocks follow rows through slots go through one slot pool
-(:mod:`surgery.slots`) of ``generation.batch_size`` slots, in waves of :data:`WAVE_SLOTS` times
+(:mod:`surgery.decode.slots`) of ``generation.batch_size`` slots, in waves of :data:`WAVE_SLOTS` times
 that many pairs (:func:`run_pool`): one trace holds the union of the conditions' interventions,
-each row carrying its condition's (a stack per row, :mod:`surgery.row_stacks`), and one set of
+each row carrying its condition's (a stack per row, :mod:`surgery.decode.row_stacks`), and one set of
 the study's probes carried by every row; a finished row's slot is taken at once by the next
 pair, whatever its condition, and each wave's records are appended when it ends. Each record
 equals what the condition's own batches store (tested). Conditions that cannot share a pool
@@ -48,7 +48,7 @@ from experiments.row_summaries import fired_entries, summarise_rows
 from experiments.store import ResultStore
 from experiments.study_config import StudyConfig
 from interventions.released_ttts import ReleasedTTTSOutput, trace_generate
-from surgery.storage import atomic_path
+from surgery.files.storage import atomic_path
 
 __all__ = ["WAVE_SLOTS", "block_names", "run_batch", "run_pool", "run_study", "study_problems", "tensor_path"]
 

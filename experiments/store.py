@@ -198,7 +198,7 @@ class ResultStore:
                     "which study wrote those results, so they cannot be resumed. Restore config.json, or "
                     "delete the folder (or use another) to start over."
                 )
-            from surgery.storage import atomic_path
+            from surgery.files.storage import atomic_path
 
             document = {"format": self.FORMAT, "version": self.VERSION, "config_hash": self.config_hash,
                         "config": self.config}

@@ -71,7 +71,7 @@ def _check(config: StudyConfig, report: CheckReport, indent: str, offline: bool)
     say(f"{indent}study      {config.source}: every field, block, site and layer checked")
     say(f"{indent}model      {model.name}")
     if model.config is not None:
-        from surgery.loading import read_config, shrink_config
+        from surgery.hosts.loading import read_config, shrink_config
 
         exact = read_config(model.config)
         say(f"{indent}  config   {model.config}: {exact.model_type}, {exact.num_hidden_layers} blocks, d_model "
@@ -119,7 +119,7 @@ def _tokenizer(config: StudyConfig, report: CheckReport, indent: str):
         return None
     note = ""
     if model.config is not None:
-        from surgery.loading import read_config
+        from surgery.hosts.loading import read_config
 
         vocabulary = read_config(model.config).vocab_size
         if len(tokenizer) > vocabulary:

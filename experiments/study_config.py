@@ -112,7 +112,7 @@ from experiments.run_overrides import RunOverrides
 from experiments.store import config_hash
 from experiments.study_sections import DatasetSpec, GenerationSpec, ModelSpec, PromptSpec, parse_section
 from surgery.blocks import Block
-from surgery.loading import EMBEDDED_MODEL, shrink_config
+from surgery.hosts.loading import EMBEDDED_MODEL, shrink_config
 
 __all__ = ["StudyConfig", "load_study_config"]
 

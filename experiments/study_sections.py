@@ -72,12 +72,12 @@ class ModelSpec:
 
     def load(self) -> surgery.Model:
         """Load the model (:func:`surgery.load`), or build its random stand-in
-        (:func:`surgery.loading.load_from_config`); ``"auto"`` picks CUDA when there is one."""
+        (:func:`surgery.hosts.loading.load_from_config`); ``"auto"`` picks CUDA when there is one."""
         import torch
 
         device = None if self.device == "auto" else self.device
         if self.random_weights:
-            from surgery.loading import load_from_config
+            from surgery.hosts.loading import load_from_config
 
             device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
             dtype = torch.float32 if device.type == "cpu" else getattr(torch, self.dtype)
@@ -210,7 +210,7 @@ def _model(spec: ModelSpec, base: Path) -> ModelSpec:
 
 def _model_files(spec: ModelSpec, base: Path) -> ModelSpec:
     """``config`` and ``tokenizer`` made absolute and checked; ``smoke_shrink`` against the config."""
-    from surgery.loading import read_config, shrink_config
+    from surgery.hosts.loading import read_config, shrink_config
 
     changes = {}
     if spec.config is not None:

@@ -8,14 +8,14 @@ so later tokens attend to the recycled position.
 
 How it runs here: the engine re-runs the step's last position from block ``layer`` up, on the
 input block ``layer`` received in the step's forward, with the KV cache of those blocks rolled
-back one position (:attr:`rerun_layer`; :mod:`surgery.partial_rerun`). Blocks below ``layer``
+back one position (:attr:`rerun_layer`; :mod:`surgery.decode.partial_rerun`). Blocks below ``layer``
 would recompute the same values, so they are not run again (on a TransformerLens bridge the
 engine re-runs the whole model: same tokens, more cost). During the re-run, a hook on block
 ``layer`` applies the block's ``forward`` a second time to its own output for the firing rows,
 after rolling that layer's cache back one more position, so the second application attends to
 the past as the first did and its keys/values are the ones kept. Rows that do not fire keep
 their first pass exactly (keys and values restored). Works with either KV cache kind
-(:mod:`surgery.kv_cache`).
+(:mod:`surgery.decode.kv_cache`).
 
 Paper-compatible: the released trigger set (default), ``layer`` 23 of 32 for
 R1-Distill-Llama-8B, and ``probability=0.5``. The default coin (``coin="hash"``) is a hash of
@@ -44,7 +44,7 @@ The released code (ChnQ/MI-Peaks bcee82c, ``src/applications/RR_model.py``,
   output (RR_model.py L68-78, L160-178): the block applied twice, as here. Not reproduced: the
   released loop never checks a recycled token for EOS (L164-188) and decodes on; here it ends the row.
 
-Under continuous batching (``tr.generate(prompts, n, batch_size=N)``, :mod:`surgery.slots`),
+Under continuous batching (``tr.generate(prompts, n, batch_size=N)``, :mod:`surgery.decode.slots`),
 what "alone" means for each coin:
 
 - ``coin="hash"``: exact. A row's coins come from its own prompt (its key, read at the row's
@@ -92,7 +92,7 @@ from interventions.recycling_triggers import (  # noqa: F401  (all still importa
     trigger_ids_for_words,
 )
 from surgery.blocks import Intervention, per_row, register_block
-from surgery.kv_cache import last_entry, restore_last_entry, rollback
+from surgery.decode.kv_cache import last_entry, restore_last_entry, rollback
 from surgery.step import Step
 from surgery.triggers import Trigger
 
@@ -147,7 +147,7 @@ class RepresentationRecycling(Intervention):
     """Re-run block ``layer`` twice at positions whose next token is a thinking word.
 
     Graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): in a decode step's forward it only
-    records block inputs (:mod:`surgery.partial_rerun`); the decision and the re-run happen in
+    records block inputs (:mod:`surgery.decode.partial_rerun`); the decision and the re-run happen in
     the token-choice phase, eagerly, on the steps that fire (one host sync per token while
     attached).
 

@@ -51,10 +51,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from interventions.thinking_tokens import ThinkingTokenInsertion
-from surgery.engine import GenerationOutput
+from surgery.decode.engine import GenerationOutput
 from surgery.model import Model
 from surgery.prompts import apply_chat_template
-from surgery.trace import Trace, trace
+from surgery.decode.trace import Trace, trace
 
 __all__ = [
     "RELEASED_ANSWER_PROMPT",
@@ -127,7 +127,7 @@ def released_text(tokenizer, token_ids: Sequence[int], stop_reason: str, stop_st
 class ReleasedTTTSOutput(GenerationOutput):
     """What :func:`released_ttts` returns, one entry per prompt row.
 
-    The fields of :class:`~surgery.engine.GenerationOutput` (``texts``, ``token_ids``,
+    The fields of :class:`~surgery.decode.engine.GenerationOutput` (``texts``, ``token_ids``,
     ``lengths``, ``prompt_lengths``, ``stop_reasons``) describe the answer pass, the one the
     release grades; ``texts`` is its text stripped, what the release grades. ``timings`` adds up
     the passes.

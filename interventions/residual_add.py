@@ -28,7 +28,7 @@ from torch import Tensor
 
 from surgery.blocks import Intervention, register_block
 from surgery.kernels import masked_add
-from surgery.records import StepRecords
+from surgery.decode.records import StepRecords
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger
@@ -49,7 +49,7 @@ class ResidualAdd(Intervention):
 
     Graph-safe (:attr:`~surgery.blocks.Block.graph_safe`): the trigger and the add are tensor
     ops, and where it fired goes into per-run device buffers
-    (:class:`~surgery.records.StepRecords`), so a compiled decode step holds it.
+    (:class:`~surgery.decode.records.StepRecords`), so a compiled decode step holds it.
 
     Args:
         vector: ``[d_model]``, finite, on the model's device and in its dtype.

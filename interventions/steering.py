@@ -60,7 +60,7 @@ from interventions.residual_add import ResidualAdd
 from surgery.blocks import register_block
 from surgery.sites import Site
 from surgery.thoughts import THOUGHT_CLASSES, thought_states
-from surgery.saving import load_blocks, save_blocks
+from surgery.files.saving import load_blocks, save_blocks
 from surgery.triggers import FromPromptEnd, InThink, OnText, OnTokens, SealThinkFlag, StepWindow, Trigger
 
 __all__ = ["SteeringVector", "SteeringVectorConfig", "seal_trigger", "seal_trigger_for"]
@@ -253,7 +253,7 @@ class SteeringVector(ResidualAdd):
 
     # ---- saving ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the vector, its config and metadata to one safetensors file (:func:`surgery.saving.save_blocks`)."""
+        """Write the vector, its config and metadata to one safetensors file (:func:`surgery.files.saving.save_blocks`)."""
         return save_blocks(path, [self])
 
     @classmethod
@@ -261,5 +261,5 @@ class SteeringVector(ResidualAdd):
         """Read a vector written by :meth:`save` (config, trigger and metadata included)."""
         blocks = load_blocks(path, device=device, dtype=dtype)
         if len(blocks) != 1 or not isinstance(blocks[0], cls):
-            raise ValueError(f"{path} holds {[b.name for b in blocks]}, not one steering vector: use surgery.saving.load_blocks")
+            raise ValueError(f"{path} holds {[b.name for b in blocks]}, not one steering vector: use surgery.files.saving.load_blocks")
         return blocks[0]

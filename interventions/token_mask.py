@@ -32,7 +32,7 @@ from torch import Tensor
 
 from surgery.blocks import Intervention, register_block
 from surgery.kernels import mask_logits
-from surgery.records import StepRecords
+from surgery.decode.records import StepRecords
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger
 

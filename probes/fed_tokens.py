@@ -6,7 +6,7 @@ keep, while the model runs, only the ids of what was fed: the prompt's in the pr
 row per decode step. :class:`FedTokens` keeps them on the device (no host sync per step) and
 gives them back per row after the run (:meth:`FedTokens.rows`).
 
-Under continuous batching (``generate(..., batch_size=N)``, :mod:`surgery.slots`) the rows pass
+Under continuous batching (``generate(..., batch_size=N)``, :mod:`surgery.decode.slots`) the rows pass
 through ``N`` slots: :meth:`~FedTokens.admit` forgets what the slots that new rows take held,
 the admission prefill (pool-wide, only the admitted rows valid) replaces only those slots'
 prompts, and :meth:`~FedTokens.retire` keeps a finished row's ids under its index among the

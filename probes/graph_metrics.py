@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from probes.kmeans import _pooled, fit_clusters, kmeans_torch
-from surgery.results import SavedResult, result_part
+from surgery.files.results import SavedResult, result_part
 
 __all__ = [
     "GraphAnalysis",

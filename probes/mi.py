@@ -57,9 +57,10 @@ from probes.hsic import _nhsic_released_float32, _released_ratio_float32
 from probes.mi_rows import RowSeries, SlotAnswers
 from probes.peaks import PeakStats, _check_k, _check_peak_rule, _check_ratio_steps, fence_so_far, kth_largest_so_far
 from probes.peaks import top_k_peaks, tukey_peaks
+from probes.plots import plot_mi
 from surgery.blocks import Probe, register_block
 from surgery.capture import states_at
-from surgery.results import SavedResult
+from surgery.files.results import SavedResult
 from surgery.signals import SignalBoard, SignalSpec
 from surgery.step import Step
 
@@ -113,7 +114,7 @@ class MIResult(SavedResult):
         """The generated tokens at the peaks, per row, as decoded text.
 
         Args:
-            out: the :class:`~surgery.engine.GenerationOutput` of the same run.
+            out: the :class:`~surgery.decode.engine.GenerationOutput` of the same run.
             tokenizer: the model's tokenizer (``model.tokenizer``).
         """
         return [
@@ -123,8 +124,6 @@ class MIResult(SavedResult):
     def plot(self, path, row: int = 0) -> None:
         """Save a PNG of ``m_t`` over tokens for one row, peaks marked, with the Tukey fence
         when ``peak_rule`` is ``"tukey"`` (:func:`probes.plots.plot_mi`)."""
-        from probes.plots import plot_mi  # probes.plots imports this module
-
         plot_mi(self, path, row)
 
 
@@ -336,7 +335,7 @@ class MIEstimator(Probe):
         valid, see :class:`~surgery.step.Step`), so each row gets one value per generated token.
 
         Args:
-            out: the run's :class:`~surgery.engine.GenerationOutput`; when given, it is checked
+            out: the run's :class:`~surgery.decode.engine.GenerationOutput`; when given, it is checked
                 against the values (one per generated token of each row).
         """
         config = self.config

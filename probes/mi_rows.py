@@ -7,7 +7,7 @@ row, so a compiled decode step can append to them without a host sync, and the r
 rules (:func:`probes.peaks.fence_so_far`) read the history straight from them. Each row is
 scored against its own prompt's answer (its ``Ry`` factors).
 
-Under continuous batching (:mod:`surgery.slots`) a batch row is a slot that prompts pass
+Under continuous batching (:mod:`surgery.decode.slots`) a batch row is a slot that prompts pass
 through: :meth:`RowSeries.admit` empties the slots new rows take, :meth:`RowSeries.retire`
 keeps a finished row's series under its prompt index, and :meth:`RowSeries.rows` then lists
 the run's prompts in order; :class:`SlotAnswers` puts each admitted prompt's answer in its slot.

@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from surgery.results import result_part
+from surgery.files.results import result_part
 
 __all__ = [
     "PEAK_RULES",

@@ -11,6 +11,9 @@ or on a headless machine leaks nothing.
 - :func:`plot_thoughts`: thought counts per class and the thought states in 2-D (SEAL, arXiv
   2504.07986, §3; see :mod:`probes.thought_classifier`); ``ClassifiedThoughts.plot`` calls it.
 
+The result modules import this one for their ``plot`` methods, so this one imports none of them:
+each plot reads the attributes of the result it is given, which its docstring names.
+
 Deviations: these are our own views of each probe's result, not reproductions of the papers'
 figures.
 """
@@ -27,8 +30,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from probes.graph_metrics import _as_labels, build_graph, graph_metrics
-from probes.mi import MIResult
-from probes.thought_classifier import ClassifiedThoughts
 from surgery.thoughts import THOUGHT_CLASSES
 
 __all__ = ["plot_mi", "plot_thoughts", "plot_trajectory"]
@@ -130,7 +131,7 @@ def plot_trajectory(
     return path
 
 
-def plot_mi(result: MIResult, path, row: int = 0) -> None:
+def plot_mi(result, path, row: int = 0) -> None:
     """Save a PNG of ``m_t`` over tokens for one row, its peaks marked.
 
     The peaks are the result's (``result.peak_rule``): with ``"tukey"`` the fence
@@ -138,7 +139,8 @@ def plot_mi(result: MIResult, path, row: int = 0) -> None:
     rule) there is no fence, and the legend says ``top k values``.
 
     Args:
-        result: what :class:`probes.mi.MIEstimator` measured.
+        result: what :class:`probes.mi.MIEstimator` measured (a :class:`~probes.mi.MIResult`: its
+            ``values``, ``peaks``, ``peak_rule``, ``top_k`` and ``precision`` are read).
         path: where to write the PNG.
         row: the prompt row to draw.
 
@@ -162,11 +164,13 @@ def plot_mi(result: MIResult, path, row: int = 0) -> None:
         ax.legend(loc="upper right", fontsize="small")
 
 
-def plot_thoughts(result: ClassifiedThoughts, path) -> None:
+def plot_thoughts(result, path) -> None:
     """Save a PNG: thought counts per class, and the states in 2-D (PCA) coloured by class.
 
     Args:
-        result: what :class:`probes.thought_classifier.ThoughtClassifier` found.
+        result: what :class:`probes.thought_classifier.ThoughtClassifier` found (a
+            :class:`~probes.thought_classifier.ClassifiedThoughts`: its ``counts()``,
+            ``all_states()``, ``labels()`` and ``site`` are read).
         path: where to write the PNG.
 
     Example::

@@ -42,7 +42,7 @@ from probes.graph_metrics import GraphAnalysis, analyse
 from probes.released_steps import TextRecorder, check_released_options, released_step_vectors
 from probes.streamed_steps import StreamedSteps
 from surgery.blocks import Probe, register_block
-from surgery.results import SavedResult
+from surgery.files.results import SavedResult
 from surgery.step import Step
 
 __all__ = ["ReasoningGraph", "ReasoningGraphConfig", "StepVectors"]

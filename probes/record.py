@@ -3,7 +3,7 @@
 The minimal probe: it copies only the fired rows' vectors (``[n_fired, width]``), never every
 hidden state, and sees the value after the interventions at the same site.
 
-Under continuous batching (``tr.generate(prompts, n, batch_size=N)``, :mod:`surgery.slots`) it
+Under continuous batching (``tr.generate(prompts, n, batch_size=N)``, :mod:`surgery.decode.slots`) it
 follows rows through their slots: each vector is recorded with the row's own step index
 (``Step.index_on_device``, 0 at the row's prefill, not the pool's forward count), a finished
 row's vectors are kept under its prompt's index (:meth:`RecordSite.retire`), and the result
@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from surgery.blocks import Probe, register_block
-from surgery.results import SavedResult
+from surgery.files.results import SavedResult
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger
 

@@ -18,7 +18,7 @@ capacity, then grows the buffer to ``m + max(64, m // 2)`` slots if it has less;
 sync per 64 decode steps (per ``m / 2`` once rows hold ``m`` steps), and the buffer holds at most
 ``1.5 m + 64`` vectors per row. The prefill is not pooled (only generated tokens are steps).
 
-Under continuous batching (``generate(..., batch_size=N)``, :mod:`surgery.slots`),
+Under continuous batching (``generate(..., batch_size=N)``, :mod:`surgery.decode.slots`),
 :meth:`~StreamedSteps.admit` clears the slots new rows take and :meth:`~StreamedSteps.retire`
 keeps a finished row's vectors under its index among the run's prompts, so
 :meth:`~StreamedSteps.rows` lists every prompt in order, each as it is alone.

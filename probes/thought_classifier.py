@@ -67,8 +67,9 @@ from torch import Tensor
 
 from probes.fed_tokens import FedTokens
 from probes.linear_probe import LinearThoughtProbe
+from probes.plots import plot_thoughts
 from surgery.blocks import Probe, register_block
-from surgery.results import SavedResult, result_part
+from surgery.files.results import SavedResult, result_part
 from surgery.signals import SignalBoard, SignalSpec
 from surgery.step import Step
 from surgery.thoughts import THOUGHT_CLASSES, completion_prefix, split_thoughts, thought_positions
@@ -146,8 +147,6 @@ class ClassifiedThoughts(SavedResult):
     def plot(self, path) -> None:
         """Save a PNG: thought counts per class, and the states in 2-D (PCA) coloured by class
         (:func:`probes.plots.plot_thoughts`)."""
-        from probes.plots import plot_thoughts  # probes.plots imports this module
-
         plot_thoughts(self, path)
 
 

@@ -37,7 +37,7 @@ Example (a complete intervention):
     ScaleConfig(site='resid_post.0', factor=2.0)
 
 A block's constructor takes its config's fields (and its :meth:`~Block.tensors` by name), so
-:meth:`Block.from_dict` can rebuild it; :func:`surgery.saving.save_blocks` writes a list of blocks
+:meth:`Block.from_dict` can rebuild it; :func:`surgery.files.saving.save_blocks` writes a list of blocks
 to one file. The contract test (``tests/test_block_contract.py``) runs over every registered
 block, using :meth:`Block.example`.
 """

@@ -7,7 +7,7 @@ forward before it, and the step index (the row's own) at which the current value
 device buffers allocated at the first publish of a run and written in place afterwards, so a
 compiled decode step can hold them and no read waits on the host.
 
-Per row, not per batch: under continuous batching (:mod:`surgery.slots`) rows come and go
+Per row, not per batch: under continuous batching (:mod:`surgery.decode.slots`) rows come and go
 through slots and count their own steps (``Step.index_on_device`` ``[batch, 1]``). A prefill
 writes only the rows that run in it (those with a valid position: the admission prefill of a
 slot pool leaves the other slots' signals as they were), ``previous`` is each row's own previous

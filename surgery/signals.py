@@ -68,7 +68,7 @@ def check_signal_reads(model, blocks, plans: dict) -> None:
     Args:
         model: the wrapped model (its depth orders sites).
         blocks: every attached block.
-        plans: block id -> the canonical sites it hooks (what :func:`surgery.trace.check_blocks`
+        plans: block id -> the canonical sites it hooks (what :func:`surgery.decode.trace.check_blocks`
             returned).
 
     Raises:

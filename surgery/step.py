@@ -106,8 +106,8 @@ class Step:
             compares with, so a compiled step is not specialised on each index).
         capacity: how many decode steps the run may take (``max_new_tokens``; 0 for a single
             forward): what a block sizes its per-step records by
-            (:class:`~surgery.records.StepRecords`).
-        slots: under continuous batching (:mod:`surgery.slots`), the prefill of rows admitted
+            (:class:`~surgery.decode.records.StepRecords`).
+        slots: under continuous batching (:mod:`surgery.decode.slots`), the prefill of rows admitted
             into a running pool: the slots they take. The step's tensors cover every slot of the
             pool (the other slots are padding, not valid), while the model runs on the admitted
             rows only; the trace hands blocks the pool-wide tensor. None otherwise.
@@ -251,7 +251,7 @@ class Step:
 
     def splice(self, rows: Bool[Tensor, " batch"], admitted: Step) -> Step:
         """This step's last position, with the rows where ``rows`` holds taken from ``admitted``'s
-        last position (the prefill of rows admitted into those slots; :mod:`surgery.slots`).
+        last position (the prefill of rows admitted into those slots; :mod:`surgery.decode.slots`).
 
         Every per-row field (tokens, positions, think flags, text matcher states, the row's own
         step index) then continues, in :meth:`next`, from where the admitted row's prefill

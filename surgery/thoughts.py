@@ -45,12 +45,12 @@ from dataclasses import dataclass
 
 import torch
 
+from surgery.think_tags import THINK_CLOSE, THINK_OPEN
+
 __all__ = [
     "EMPTY_THOUGHTS",
     "REFLECTION_KEYWORDS",
     "REFLECTION_PREFIXES",
-    "THINK_CLOSE",
-    "THINK_OPEN",
     "THOUGHT_CLASSES",
     "TRANSITION_KEYWORDS",
     "TRANSITION_PREFIXES",
@@ -62,10 +62,6 @@ __all__ = [
     "thought_states",
     "trigger_positions",
 ]
-
-#: The tags around a reasoning span (the one definition: the model looks up their token ids).
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 
 THOUGHT_CLASSES = ("execution", "reflection", "transition")
 """The three labels :func:`classify_thought` returns, sorted."""

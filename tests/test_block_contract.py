@@ -32,7 +32,7 @@ import interventions  # noqa: F401  (registers the shipped blocks)
 import probes  # noqa: F401
 import surgery
 from surgery.blocks import Block, Intervention, Probe, register_block, registered_blocks
-from surgery.saving import load_blocks, save_blocks
+from surgery.files.saving import load_blocks, save_blocks
 from surgery.triggers import Always, Trigger
 
 NEW_TOKENS = 20

@@ -12,7 +12,7 @@ from tolerance import assert_close
 import surgery
 from interventions import ResidualAdd
 from probes import RecordSite, ThoughtClassifier
-from surgery.bridge import BridgeArchitecture
+from surgery.hosts.bridge import BridgeArchitecture
 from surgery.triggers import Always
 
 transformer_lens = pytest.importorskip("transformer_lens")

@@ -102,7 +102,7 @@ def test_a_hub_name_offline_fails_fast_and_points_to_a_local_file(monkeypatch):
 def test_a_reachable_hub_is_read_through_datasets(monkeypatch):
     import datasets
 
-    import surgery.loading
+    import surgery.hosts.loading
 
     calls = []
 
@@ -110,7 +110,7 @@ def test_a_reachable_hub_is_read_through_datasets(monkeypatch):
         calls.append((name, subset, split))
         return [{"question": "What is 7 * 8?", "answer": "#### 56"}, {"question": "3 + 5?", "answer": "#### 8"}]
 
-    monkeypatch.setattr(surgery.loading, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(surgery.hosts.loading, "hub_unreachable", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     problems = load_problems("openai/gsm8k", subset="main", limit=1)
     assert calls == [("openai/gsm8k", "main", "test")]
@@ -206,9 +206,9 @@ def test_a_hub_dataset_offline_without_its_local_copy_says_how_to_get_one(monkey
 def test_a_reachable_hub_is_read_even_with_a_local_copy(monkeypatch):
     import datasets
 
-    import surgery.loading
+    import surgery.hosts.loading
 
-    monkeypatch.setattr(surgery.loading, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(surgery.hosts.loading, "hub_unreachable", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, subset, split: [{"question": "Q?", "answer": "#### 5"}])
     (problem,) = load_problems("openai/gsm8k", subset="main", fallback=GSM8K_TEST, name="gsm8k-test")
     assert (problem.id, problem.answer) == ("gsm8k-test-0", "5")

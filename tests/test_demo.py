@@ -10,7 +10,7 @@ from experiments.runner import study_problems
 from experiments.study_config import load_study_config
 from interventions import SteeringVector
 from probes import ThoughtClassifier, fit_linear_probe
-from surgery.saving import save_blocks
+from surgery.files.saving import save_blocks
 from surgery.signals import OnSignal
 from surgery.triggers import OnText, StepWindow, Trigger
 

@@ -4,7 +4,7 @@ prompt's entry equals its run alone, and admit is what keeps one row's ids out o
 import torch
 
 from probes.fed_tokens import FedTokens
-from surgery.slot_forward import pool_step
+from surgery.decode.slot_forward import pool_step
 from surgery.step import Step
 
 
@@ -38,7 +38,7 @@ GENERATED = [[10, 11], [20, 21, 22, 23, 24], [30]]
 
 
 def run_in_slots(admit: bool = True) -> FedTokens:
-    """What the engine does with two slots (surgery.slots): admit all, prefill, then per step:
+    """What the engine does with two slots (surgery.decode.slots): admit all, prefill, then per step:
     choose, retire the rows that finished, feed, admit waiting rows into freed slots."""
     tokens = FedTokens()
     tokens.reset(2)

@@ -1,4 +1,4 @@
-"""surgery.forward: the model calls of a run use the names the installed transformers gives them."""
+"""surgery.decode.forward: the model calls of a run use the names the installed transformers gives them."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""surgery.kv_cache: the two cache kinds and the edits a recompute needs, against a cache built
+"""surgery.decode.kv_cache: the two cache kinds and the edits a recompute needs, against a cache built
 by the model itself."""
 
 import pytest
@@ -8,7 +8,7 @@ from conftest import tiny_model
 from packaging.version import Version
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM, StaticCache
 
-from surgery.kv_cache import cache_keyword, last_entry, new_cache, passed_cache, restore_last_entry, rollback
+from surgery.decode.kv_cache import cache_keyword, last_entry, new_cache, passed_cache, restore_last_entry, rollback
 
 KINDS = ["dynamic", "static"]
 

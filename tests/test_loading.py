@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import surgery
-from surgery import loading
+from surgery.hosts import loading
 
 
 def test_missing_wheel_names_the_pip_command(monkeypatch):

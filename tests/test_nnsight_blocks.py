@@ -17,7 +17,7 @@ from tolerance import assert_close
 import surgery
 from interventions import RepresentationRecycling, ResidualAdd, SteeringVector, ThinkingTokenInsertion, TokenMask
 from probes import MIEstimator, ReasoningGraph, RecordSite, ThoughtClassifier
-from surgery.nnsight_blocks import NNsightBlocks
+from surgery.hosts.nnsight_blocks import NNsightBlocks
 from surgery.prompts import apply_chat_template
 from surgery.sites import ARCHITECTURES
 from surgery.triggers import Always, OnText, StepWindow
@@ -159,7 +159,7 @@ def test_the_module_docstring_example_runs_and_matches_our_trace():
     def make():
         return SteeringVector(vector_, layer=1), TokenMask(["Wait"], penalty=-3.0), MIEstimator(answers=["56", "8"])
 
-    # --- the example, as written in surgery/nnsight_blocks.py ---
+    # --- the example, as written in surgery/hosts/nnsight_blocks.py ---
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm = nnsight.LanguageModel(hf_model, tokenizer=tokenizer)

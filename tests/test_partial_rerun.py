@@ -1,4 +1,4 @@
-"""surgery.partial_rerun: recycling re-runs only the blocks from its layer up, with the tokens of
+"""surgery.decode.partial_rerun: recycling re-runs only the blocks from its layer up, with the tokens of
 a full re-run. (tests/test_recycling.py checks the same path against a full-sequence reference.)"""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from conftest import PROMPTS, frequent_words
 
 import surgery
-import surgery.forward
+import surgery.decode.forward
 from interventions import RepresentationRecycling, ResidualAdd
-from surgery.partial_rerun import LayerInputs
+from surgery.decode.partial_rerun import LayerInputs
 from surgery.triggers import Always
 
 LAYER = 2
@@ -40,7 +40,7 @@ def go(model, cache, words):
 def test_partial_rerun_equals_a_full_rerun_and_skips_the_blocks_below(tiny, cache, monkeypatch):
     words = frequent_words(tiny)
     out, fired, bottom, top, decode_reruns = go(tiny, cache, words)
-    monkeypatch.setattr(surgery.forward, "supports_partial_rerun", lambda architecture: False)
+    monkeypatch.setattr(surgery.decode.forward, "supports_partial_rerun", lambda architecture: False)
     full_out, full_fired, full_bottom, full_top, _ = go(tiny, cache, words)
     assert out.token_ids == full_out.token_ids and fired == full_fired
     assert decode_reruns > 0
@@ -64,7 +64,7 @@ def test_layer_inputs_errors(tiny_llama):
 
 def test_layer_inputs_rerun_reproduces_the_forward(tiny_llama):
     """Re-running blocks 1.. on their recorded inputs (cache rolled back) gives the forward's logits."""
-    from surgery.kv_cache import cache_keyword, new_cache, rollback
+    from surgery.decode.kv_cache import cache_keyword, new_cache, rollback
 
     module = tiny_llama.module
     cache = new_cache("dynamic", module.config, 16)

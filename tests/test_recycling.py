@@ -325,7 +325,7 @@ def test_in_slots_each_prompt_gets_its_alone_tokens_and_fired_positions_with_par
     emits what it does alone. One-token prompts are admitted too: their prefill records
     one-position block inputs for the admitted row only, which the engine must not re-run the
     pool from (LayerInputs.forget: the first recompute after an admission is a full one)."""
-    from surgery.partial_rerun import LayerInputs
+    from surgery.decode.partial_rerun import LayerInputs
     from surgery.triggers import Always
 
     partial = []

@@ -180,7 +180,7 @@ def test_a_vector_loaded_from_a_file_is_shown_with_where_its_traces_came_from(tm
 
 def test_a_thought_probe_loaded_from_a_file_is_shown_with_its_held_out_accuracy(tmp_path):
     from probes import ThoughtClassifier, fit_linear_probe
-    from surgery.saving import save_blocks
+    from surgery.files.saving import save_blocks
 
     study_toml = write_study(tmp_path, conditions=["plain"])
     states = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))

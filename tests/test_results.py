@@ -22,7 +22,7 @@ from probes import (
     analyse,
     fit_linear_probe,
 )
-from surgery.results import SavedResult
+from surgery.files.results import SavedResult
 
 
 def same(loaded, original, path="result"):
@@ -63,7 +63,7 @@ def test_every_probe_result_round_trips_equal(tiny_llama, tmp_path):
 
 
 def test_a_classifier_with_its_linear_probe_saves_and_predicts_the_same(tiny_llama, tmp_path):
-    from surgery.saving import load_blocks, save_blocks
+    from surgery.files.saving import load_blocks, save_blocks
 
     states = torch.cat([torch.randn(12, 64) + 3, torch.randn(12, 64) - 3])
     probe = fit_linear_probe(states, ["execution"] * 12 + ["reflection"] * 12)
@@ -102,5 +102,5 @@ def test_unknown_types_are_refused_on_save():
     class Holder(SavedResult):
         part: object
 
-    with pytest.raises(TypeError, match="mark it @surgery.results.result_part"):
+    with pytest.raises(TypeError, match="mark it @surgery.files.results.result_part"):
         Holder(Unmarked(1)).save("/tmp/never-written.safetensors")

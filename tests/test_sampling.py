@@ -10,7 +10,7 @@ from tolerance import assert_close
 
 import surgery
 from interventions import ThinkingTokenInsertion
-from surgery.sampling import RowSampler, row_keys_for, row_seed, sampling_probs
+from surgery.decode.sampling import RowSampler, row_keys_for, row_seed, sampling_probs
 
 HOT = {"do_sample": True, "temperature": 3.0}  # near-uniform: two streams agreeing on many tokens is impossible
 TARGET, OTHERS = PROMPTS[1], [PROMPTS[0], PROMPTS[2], PROMPTS[3]]  # the others differ in length from it

@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_model
 
 from interventions import RepresentationRecycling, SteeringVector, TokenMask
-from surgery import storage
-from surgery.saving import load_blocks, save_blocks
+from surgery.files import storage
+from surgery.files.saving import load_blocks, save_blocks
 from surgery.triggers import InThink, OnText, StepWindow
 
 

@@ -1,6 +1,6 @@
 """SignalBoard: each row's current and previous signal value, in a fixed batch and in a slot pool.
 
-Under continuous batching (surgery.slots) rows count their own steps (``index_on_device``
+Under continuous batching (surgery.decode.slots) rows count their own steps (``index_on_device``
 ``[batch, 1]``), an admission prefill runs some slots only (the others are not valid in it),
 and ``admit`` empties the slots new rows take; a row's ``previous`` is its own previous forward.
 """
@@ -10,7 +10,7 @@ import math
 import torch
 
 from surgery.signal_board import SignalBoard, SignalSpec
-from surgery.slot_forward import pool_step
+from surgery.decode.slot_forward import pool_step
 from surgery.step import Step
 
 NO_THINK = (None, None)

@@ -10,7 +10,7 @@ import pytest
 from conftest import PROMPTS
 
 import surgery
-from surgery.slot_forward import SlotForward
+from surgery.decode.slot_forward import SlotForward
 
 LONG = "A longer prompt: the train leaves at noon and the apples cost 3 each."
 MIXED = [*PROMPTS, LONG, "x", PROMPTS[0]]  # a repeated prompt too (its sampling key: second copy)
@@ -24,7 +24,7 @@ def stop_id(model) -> int:
 
 def alone(model, prompts, budgets, **options):
     """Each prompt alone; sampled rows keep the key they have among all the prompts."""
-    keys = surgery.sampling.row_keys_for(*surgery.encode_prompts(model, prompts, chat=options.get("chat", False)))
+    keys = surgery.decode.sampling.row_keys_for(*surgery.encode_prompts(model, prompts, chat=options.get("chat", False)))
     outs = []
     for i, prompt in enumerate(prompts):
         extra = {"row_keys": [keys[i]]} if options.get("do_sample") else {}

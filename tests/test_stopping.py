@@ -7,7 +7,7 @@ from conftest import PROMPTS
 
 import surgery
 from surgery.blocks import Intervention, TokenChoice
-from surgery.stopping import StopTracker
+from surgery.decode.stopping import StopTracker
 
 
 @dataclass(frozen=True)

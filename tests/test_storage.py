@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from surgery import storage
+from surgery.files import storage
 
 
 class Tripwire:

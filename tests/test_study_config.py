@@ -11,7 +11,7 @@ import transformers
 from conftest import tiny_model
 
 import surgery
-import surgery.loading
+import surgery.hosts.loading
 from experiments import Problem
 from experiments.config_checks import StudyConfigError
 import experiments.study_config
@@ -20,7 +20,7 @@ from experiments.study_config import load_study_config
 from experiments.study_sections import DatasetSpec, GenerationSpec, ModelSpec, PromptSpec
 from interventions import RepresentationRecycling, SteeringVector, TokenMask
 from probes import MIEstimator, ReasoningGraph, ThoughtClassifier
-from surgery.saving import save_blocks
+from surgery.files.saving import save_blocks
 from surgery.triggers import OnText, StepWindow
 
 PROBLEMS = [Problem("p0", "Tom has 3 apples and buys 5. How many?", "8"),
@@ -100,7 +100,7 @@ def model_loads(monkeypatch):
 
     monkeypatch.setattr(surgery, "load", refuse)
     for name in ("load", "_load_pretrained", "_cached_gguf", "_load_gguf"):
-        monkeypatch.setattr(surgery.loading, name, refuse)
+        monkeypatch.setattr(surgery.hosts.loading, name, refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     return calls
 

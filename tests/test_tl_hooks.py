@@ -10,7 +10,7 @@ from tolerance import assert_close
 import surgery
 from interventions import RepresentationRecycling, ResidualAdd, SteeringVector, ThinkingTokenInsertion, TokenMask
 from probes import MIEstimator, RecordSite, ThoughtClassifier
-from surgery.tl_hooks import TLHooks
+from surgery.hosts.tl_hooks import TLHooks
 from surgery.triggers import Always, InThink, OnText, OnTokens, StepWindow
 
 pytest.importorskip("transformer_lens")

@@ -15,7 +15,9 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["ENV_VAR", "TRITON_DTYPES", "kernel_backend", "require_triton", "triton_available"]
+__all__ = [
+    "ENV_VAR", "TRITON_DTYPES", "TRITON_V_DTYPES", "TRITON_X_DTYPES", "kernel_backend", "require_triton", "triton_available",
+]
 
 #: The environment variable that overrides the backend choice.
 ENV_VAR = "SURGERY_KERNELS"
@@ -23,6 +25,18 @@ _ALLOWED_ENV_VALUES = ("", "auto", "torch", "triton")
 
 #: Storage dtypes the Triton kernels handle (their arithmetic is done in float32).
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Two ops read float64 too. Their dtypes live here, not in their dispatchers, because the Triton
+# modules check them at launch and the dispatchers import the Triton modules (lazily): the other
+# way round would be an import circle.
+
+#: Input dtypes the Triton kernel of :mod:`~surgery.kernels.centred_gaussian_gram` reads; the
+#: result is float64 for all of them.
+TRITON_V_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Dtypes of the new hidden state ``x`` the Triton kernel of
+#: :mod:`~surgery.kernels.segment_mean_update` reads (it accumulates in float32).
+TRITON_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.cache

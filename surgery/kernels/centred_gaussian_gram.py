@@ -8,7 +8,7 @@ errors say how to fix them), then runs the torch reference
 (:func:`surgery.kernels.reference.centred_gaussian_gram`) or the Triton kernel
 (:mod:`surgery.kernels.triton_centred_gaussian_gram`), as
 :func:`~surgery.kernels.backend.kernel_backend` chooses; unlike the other ops, a float64 input
-(what nHSIC passes) has a Triton kernel too (:data:`TRITON_V_DTYPES`).
+(what nHSIC passes) has a Triton kernel too (:data:`~surgery.kernels.backend.TRITON_V_DTYPES`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,12 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import kernel_backend, require_triton
+from .backend import TRITON_V_DTYPES, kernel_backend, require_triton
 
-__all__ = ["TRITON_V_DTYPES", "centred_gaussian_gram"]
+__all__ = ["centred_gaussian_gram"]
 
 _BACKENDS = ("torch", "triton")
 _NAME = "centred_gaussian_gram"
-
-#: Input dtypes the Triton kernel reads; the result is float64 for all of them.
-TRITON_V_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_centred_gaussian_gram_inputs(v: Tensor, sigma: float) -> None:

@@ -16,15 +16,12 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import kernel_backend, require_triton
+from .backend import TRITON_X_DTYPES, kernel_backend, require_triton
 
-__all__ = ["TRITON_X_DTYPES", "segment_mean_update"]
+__all__ = ["segment_mean_update"]
 
 _BACKENDS = ("torch", "triton")
 _NAME = "segment_mean_update"
-
-#: Dtypes of the new hidden state ``x`` the Triton kernel reads (it accumulates in float32).
-TRITON_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_segment_mean_update_inputs(

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .centred_gaussian_gram import TRITON_V_DTYPES
+from .backend import TRITON_V_DTYPES
 from .triton_common import check_launch
 
 __all__ = ["centred_gaussian_gram_triton", "expm1_triton"]

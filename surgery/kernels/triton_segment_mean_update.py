@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .segment_mean_update import TRITON_X_DTYPES
+from .backend import TRITON_X_DTYPES
 from .triton_common import check_launch
 
 __all__ = ["segment_mean_update_triton"]

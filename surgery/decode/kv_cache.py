@@ -13,7 +13,10 @@ The keyword a model's forward takes its cache by changed in transformers 5.24: `
 5.24 on (``past_key_values=`` still works there, with a FutureWarning, until its announced
 removal in 5.40), ``past_key_values=`` up to 5.23. :func:`cache_keyword` names the one a model
 takes, and :func:`passed_cache` finds the cache a forward was called with under either name
-(the adapters read it from hosts that call the model themselves).
+(the adapters read it from hosts that call the model themselves). TransformerLens 4.3's
+attention bridges read it as ``past_key_values`` only: :func:`read_cache_under_either_name`
+lets them find it under ``cache`` too (the engine applies it on every run, :mod:`surgery.hosts.bridge`
+when it wraps or boots a bridge).
 
 Recomputing the last position (representation recycling) rolls layers back one position and
 lets the re-run overwrite it; :func:`last_entry` and :func:`restore_last_entry` keep one
@@ -38,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -46,8 +50,8 @@ from transformers import Cache, DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 __all__ = [
-    "CACHE_KINDS", "cache_keyword", "check_kind", "last_entry", "new_cache", "passed_cache", "restore_last_entry",
-    "rollback",
+    "CACHE_KINDS", "cache_keyword", "check_kind", "last_entry", "new_cache", "passed_cache",
+    "read_cache_under_either_name", "restore_last_entry", "rollback",
 ]
 
 #: The cache kinds :func:`new_cache` builds.
@@ -134,3 +138,33 @@ def restore_last_entry(cache: Cache, layer: int, keys: Tensor, values: Tensor, r
         return
     stored.keys[:, :, -1:] = torch.where(keep, keys, stored.keys[:, :, -1:])
     stored.values[:, :, -1:] = torch.where(keep, values, stored.values[:, :, -1:])
+
+
+def read_cache_under_either_name(module: torch.nn.Module) -> None:
+    """Make the TransformerLens attention bridges inside ``module`` (a bridge, or the HF model it
+    rebuilt) find the KV cache under ``cache=`` as under ``past_key_values=``.
+
+    TransformerLens 4.3.0 (the newest release on 2026-12-06) updates the cache in
+    ``AttentionBridge._update_kv_cache`` from ``kwargs["past_key_values"]`` (or ``layer_past``)
+    only, while the decoder layers of transformers >= 5.24 pass it as ``cache=``. This gives each
+    such attention bridge an ``_update_kv_cache`` that copies ``cache`` to ``past_key_values`` when
+    only the first is there, then runs TransformerLens' own. Idempotent, and a walk over the
+    modules that changes nothing in a model TransformerLens did not boot; the engine calls it on
+    every run (a model may be booted after it was wrapped). It repairs the HF model's own
+    ``generate`` on the booted module too. Not covered: the multi-head latent attention bridges
+    (DeepSeek-V3 style MLA, GLM MoE DSA), which read the cache elsewhere.
+    """
+    for inner in module.modules():
+        if not callable(getattr(type(inner), "_update_kv_cache", None)):
+            continue
+        current = inner.__dict__.get("_update_kv_cache")
+        if isinstance(current, types.MethodType) and current.__func__ is _update_kv_cache_under_either_name:
+            continue
+        # a bound method: copy.deepcopy rebinds it to the copy of the module
+        inner._update_kv_cache = types.MethodType(_update_kv_cache_under_either_name, inner)
+
+
+def _update_kv_cache_under_either_name(self, key, value, **kwargs):
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+        kwargs["past_key_values"] = kwargs["cache"]
+    return type(self)._update_kv_cache(self, key, value, **kwargs)

@@ -1,16 +1,16 @@
 """The model calls of a slot pool: one cache of ``batch`` slots, rows admitted into it mid-run.
 
-:class:`SlotForward` is :class:`~surgery.forward.Forward` (prefill, one fed token per step,
-re-runs) for continuous batching (:mod:`surgery.slots`). On top of it:
+:class:`SlotForward` is :class:`~surgery.decode.forward.Forward` (prefill, one fed token per step,
+re-runs) for continuous batching (:mod:`surgery.decode.slots`). On top of it:
 
 - :meth:`~SlotForward.admit` prefills new rows on a cache of their own, then copies their keys
-  and values into the slots they take (:func:`surgery.slot_cache.place`), ending at the pool's
+  and values into the slots they take (:func:`surgery.decode.slot_cache.place`), ending at the pool's
   current column, with the slot's attention mask hiding every column before; the pool's
   :class:`~surgery.step.Step` continues from each admitted row's last prompt position
   (:meth:`Step.splice <surgery.step.Step.splice>`), so the row's next step feeds its first
   token at its own position ``len(prompt)``, as it would alone;
 - :meth:`~SlotForward.make_room` drops the leading columns no live row needs once the pool
-  reaches its bound (:func:`surgery.slot_cache.shift_columns`), so the cache stays at
+  reaches its bound (:func:`surgery.decode.slot_cache.shift_columns`), so the cache stays at
   ``batch x bound`` however many rows pass through.
 
 The attention mask is always explicit here (rows differ in where they start). With a static
@@ -33,10 +33,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from surgery.forward import Forward
-from surgery.kv_cache import new_cache
+from surgery.decode.forward import Forward
+from surgery.decode.kv_cache import new_cache
 from surgery.model import Model
-from surgery.slot_cache import place, shift_columns
+from surgery.decode.slot_cache import place, shift_columns
 from surgery.step import Step
 
 __all__ = ["SlotForward", "pool_step"]
@@ -50,7 +50,7 @@ def pool_step(step: Step, slots: tuple[int, ...] | None = None) -> Step:
 
 
 class SlotForward(Forward):
-    """:class:`~surgery.forward.Forward` over a pool of slots; see the module docstring.
+    """:class:`~surgery.decode.forward.Forward` over a pool of slots; see the module docstring.
 
     Args:
         model, step, on_step, cache, rerun_from, compile_options: as for ``Forward``.

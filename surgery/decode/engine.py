@@ -8,10 +8,10 @@ from the attention mask, no mask at all when nothing is padded, a ``DynamicCache
 position's logits only, pad tokens for finished rows).
 
 :func:`generate` reads prefill, loop, output. Per generated token the loop picks (the argmax, or
-a sample with one random stream per row: :mod:`surgery.sampling`), asks
-:class:`~surgery.stopping.StopTracker` which rows their token stops, offers the choice to the
+a sample with one random stream per row: :mod:`surgery.decode.sampling`), asks
+:class:`~surgery.decode.stopping.StopTracker` which rows their token stops, offers the choice to the
 token-editing blocks (a :class:`~surgery.blocks.TokenChoice`), records the stops and feeds the
-tokens back (:class:`~surgery.forward.Forward`, which owns the KV cache and the re-runs). It waits on the device only
+tokens back (:class:`~surgery.decode.forward.Forward`, which owns the KV cache and the re-runs). It waits on the device only
 every ``check_every`` steps, to ask whether every row is done, and every step when stop strings
 need the text (and, when sampling, at each draw: ``torch.multinomial`` checks its input).
 Prompts are encoded by :mod:`surgery.prompts`.
@@ -34,15 +34,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from surgery.blocks import TokenChoice
-from surgery.forward import Forward, compile_options
-from surgery.generation_output import GenerationOutput, offer_choice
-from surgery.kv_cache import check_kind
+from surgery.decode.forward import Forward, compile_options
+from surgery.decode.generation_output import GenerationOutput, offer_choice
+from surgery.decode.kv_cache import check_kind
 from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
-from surgery.sampling import RowKey, RowSampler, row_keys_for
-from surgery.slots import generate_continuous
+from surgery.decode.sampling import RowKey, RowSampler, row_keys_for
+from surgery.decode.slots import generate_continuous
 from surgery.step import Step
-from surgery.stopping import StopTracker
+from surgery.decode.stopping import StopTracker
 from surgery.text_match import text_matchers
 
 __all__ = ["GenerationOutput", "generate", "run"]
@@ -115,13 +115,13 @@ def generate(
         prompts: a string, a list of strings, or a list of token-id lists; rows may differ in
             length (they are left-padded).
         max_new_tokens: most tokens to generate per row (> 0), or one budget per prompt (a
-            list: the prompts then run as one pool of slots, :mod:`surgery.slots`).
+            list: the prompts then run as one pool of slots, :mod:`surgery.decode.slots`).
         do_sample: sample instead of taking the argmax (greedy, the default).
         temperature: softmax temperature when sampling.
         top_p: nucleus sampling mass (1.0 keeps every token).
         seed: when sampling, each row draws from its own random stream, seeded from (seed,
             its row key), so a row samples the same tokens alone or anywhere in any batch
-            (:mod:`surgery.sampling`). None draws the seed from torch's global CPU generator
+            (:mod:`surgery.decode.sampling`). None draws the seed from torch's global CPU generator
             (``torch.manual_seed`` makes the run repeatable).
         row_keys: one string or int per row, unique, naming the row's random stream; default:
             the row's prompt tokens plus which copy of that prompt it is in the batch (so
@@ -154,7 +154,7 @@ def generate(
             eager. Only blocks that are :attr:`~surgery.blocks.Block.graph_safe` may be
             attached (:meth:`surgery.Trace.generate` decodes eagerly, with a warning, when one
             is not); greedy tokens equal the eager path's (tested on CPU).
-        batch_size: continuous batching (:mod:`surgery.slots`): run the prompts through this
+        batch_size: continuous batching (:mod:`surgery.decode.slots`): run the prompts through this
             many slots, each finished row's slot taken by the next waiting prompt; every
             prompt's tokens and records equal its run alone. None (the default): one batch of
             every prompt, as before.

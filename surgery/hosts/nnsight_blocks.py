@@ -74,12 +74,12 @@ import torch
 from torch import Tensor
 
 from surgery.blocks import Intervention, Probe
-from surgery.kv_cache import passed_cache
+from surgery.decode.kv_cache import passed_cache
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
 from surgery.signals import check_signal_reads
-from surgery.trace import add_routes, apply_blocks, check_blocks, refuse_token_choice
+from surgery.decode.trace import add_routes, apply_blocks, check_blocks, refuse_token_choice
 
 __all__ = ["NNsightBlocks"]
 
@@ -108,7 +108,7 @@ class NNsightBlocks:
     """
 
     def __init__(self, lm, *blocks, tokenizer=None, eos_token_ids=None):
-        from surgery.model import wrap
+        from surgery.hosts.wrapping import wrap
 
         self.lm = lm
         self.model = model = wrap(lm, tokenizer)

@@ -28,9 +28,9 @@ TransformerLens 4.3 with transformers >= 5.24: the attention bridges that comput
 themselves read the KV cache from a ``past_key_values`` keyword, which transformers 5.24 renamed
 to ``cache`` in the calls its decoder layers make. They then neither write nor read the cache, so
 every decoded token attends to itself alone (the HF model's own ``generate`` on a booted model
-writes garbage). :func:`wrap_bridge`, :func:`boot` and the engine (on every run) let the bridge's attention
-see the cache under either name (:func:`read_cache_under_either_name`); with transformers <= 5.23,
-or a TransformerLens that reads ``cache`` itself, that changes nothing.
+writes garbage). :func:`wrap_bridge`, :func:`boot` and the engine (on every run) let the bridge's
+attention see the cache under either name (:func:`surgery.decode.kv_cache.read_cache_under_either_name`);
+with transformers <= 5.23, or a TransformerLens that reads ``cache`` itself, that changes nothing.
 
 Example::
 
@@ -44,16 +44,17 @@ Example::
 from __future__ import annotations
 
 import copy
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from surgery.decode.kv_cache import read_cache_under_either_name
+from surgery.model import Model
 from surgery.sites import Site
 
-__all__ = ["BridgeArchitecture", "boot", "is_booted", "is_bridge", "read_cache_under_either_name", "wrap_bridge"]
+__all__ = ["BridgeArchitecture", "boot", "is_booted", "is_bridge", "wrap_bridge"]
 
 
 def is_bridge(obj) -> bool:
@@ -115,8 +116,6 @@ def wrap_bridge(bridge, tokenizer=None, *, name: str | None = None):
     Raises ValueError for a bridge in compatibility mode (its weights were processed, so it no
     longer computes the HF model's logits) and for one without a tokenizer.
     """
-    from surgery.model import Model
-
     if getattr(bridge, "compatibility_mode", False) or getattr(bridge, "_weights_processed", False):
         raise ValueError(
             "this TransformerBridge is in compatibility mode: enable_compatibility_mode() rewrote the "
@@ -158,32 +157,3 @@ def boot(module: nn.Module, tokenizer, *, name: str | None = None):
     read_cache_under_either_name(bridge)
     return bridge
 
-
-def read_cache_under_either_name(module: nn.Module) -> None:
-    """Make the TransformerLens attention bridges inside ``module`` (a bridge, or the HF model it
-    rebuilt) find the KV cache under ``cache=`` as under ``past_key_values=``.
-
-    TransformerLens 4.3.0 (the newest release on 2026-12-06) updates the cache in
-    ``AttentionBridge._update_kv_cache`` from ``kwargs["past_key_values"]`` (or ``layer_past``)
-    only, while the decoder layers of transformers >= 5.24 pass it as ``cache=``. This gives each
-    such attention bridge an ``_update_kv_cache`` that copies ``cache`` to ``past_key_values`` when
-    only the first is there, then runs TransformerLens' own. Idempotent, and a walk over the
-    modules that changes nothing in a model TransformerLens did not boot; the engine calls it on
-    every run (a model may be booted after it was wrapped). It repairs the HF model's own
-    ``generate`` on the booted module too. Not covered: the multi-head latent attention bridges
-    (DeepSeek-V3 style MLA, GLM MoE DSA), which read the cache elsewhere.
-    """
-    for inner in module.modules():
-        if not callable(getattr(type(inner), "_update_kv_cache", None)):
-            continue
-        current = inner.__dict__.get("_update_kv_cache")
-        if isinstance(current, types.MethodType) and current.__func__ is _update_kv_cache_under_either_name:
-            continue
-        # a bound method: copy.deepcopy rebinds it to the copy of the module
-        inner._update_kv_cache = types.MethodType(_update_kv_cache_under_either_name, inner)
-
-
-def _update_kv_cache_under_either_name(self, key, value, **kwargs):
-    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-        kwargs["past_key_values"] = kwargs["cache"]
-    return type(self)._update_kv_cache(self, key, value, **kwargs)

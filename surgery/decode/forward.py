@@ -1,9 +1,9 @@
 """The model calls of one generation: the prefill, one fed token per step, and re-runs.
 
-:class:`Forward` owns what the decode loop (:mod:`surgery.engine`) hands the model each step:
-the KV cache (:mod:`surgery.kv_cache`, dynamic or static), the attention mask and the current
+:class:`Forward` owns what the decode loop (:mod:`surgery.decode.engine`) hands the model each step:
+the KV cache (:mod:`surgery.decode.kv_cache`, dynamic or static), the attention mask and the current
 :class:`~surgery.step.Step`, announced to the trace before every pass. With ``rerun_from``
-it records the inputs of the blocks from there up (:mod:`surgery.partial_rerun`), so a
+it records the inputs of the blocks from there up (:mod:`surgery.decode.partial_rerun`), so a
 recompute runs only those; with ``compile_options`` the decode step runs through
 ``torch.compile`` (the prefill and re-runs stay eager).
 
@@ -24,10 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from surgery.bridge import read_cache_under_either_name
-from surgery.kv_cache import cache_keyword, new_cache, rollback
+from surgery.decode.kv_cache import cache_keyword, new_cache, read_cache_under_either_name, rollback
 from surgery.model import Model
-from surgery.partial_rerun import LayerInputs, supports_partial_rerun
+from surgery.decode.partial_rerun import LayerInputs, supports_partial_rerun
 from surgery.step import Step
 
 __all__ = ["Forward", "compile_options"]
@@ -43,11 +42,11 @@ def _forward_options(module) -> dict:
 class Forward:
     """The model calls of one generation: the prefill, one fed token per step, and re-runs.
 
-    Holds the KV cache (:mod:`surgery.kv_cache`), the attention mask and the current
+    Holds the KV cache (:mod:`surgery.decode.kv_cache`), the attention mask and the current
     :class:`Step`, and tells ``on_step`` about every pass just before it runs. Each call returns
     the last position's logits, float32 ``[batch, vocab]``. With ``rerun_from`` set (a block
     index), it records the inputs of blocks from there up at every forward, so a re-run can
-    start at such a block (:mod:`surgery.partial_rerun`).
+    start at such a block (:mod:`surgery.decode.partial_rerun`).
     """
 
     def __init__(
@@ -65,7 +64,7 @@ class Forward:
         self.module, self.step, self.on_step = module, step, on_step
         self.options = _forward_options(module)
         self.cache_keyword = cache_keyword(module)  # "cache" on transformers >= 5.24
-        read_cache_under_either_name(module)  # TransformerLens 4.3 on transformers >= 5.24 (surgery.bridge)
+        read_cache_under_either_name(module)  # TransformerLens 4.3 on transformers >= 5.24 (surgery.decode.kv_cache)
         # the decode step, compiled when asked (the prefill and re-runs stay eager)
         self.decode = module if compile_options is None else torch.compile(module.forward, **compile_options)
         self.static = cache == "static"

@@ -43,11 +43,11 @@ Example (offline: the embedded SmolLM2, booted into a bridge in place)::
 
     import surgery, torch
     from interventions import SteeringVector, TokenMask
-    from surgery.tl_hooks import TLHooks
+    from surgery.hosts.tl_hooks import TLHooks
     from surgery.triggers import OnText
 
     model = surgery.load()
-    bridge = surgery.bridge.boot(model.module, model.tokenizer)
+    bridge = surgery.hosts.bridge.boot(model.module, model.tokenizer)
     steer = SteeringVector(torch.randn(model.d_model), layer=15, when=OnText("\\n\\n"))
     mask = TokenMask(["wait"], penalty=None)
     with TLHooks(bridge, steer, mask) as hooks, bridge.hooks(fwd_hooks=hooks.fwd_hooks()):
@@ -63,12 +63,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from surgery.kv_cache import passed_cache
+from surgery.decode.kv_cache import passed_cache
 from surgery.sites import Site
 from surgery.step import Step
 from surgery.text_match import text_matchers
 from surgery.signals import check_signal_reads
-from surgery.trace import add_routes, apply_blocks, check_blocks, refuse_token_choice
+from surgery.decode.trace import add_routes, apply_blocks, check_blocks, refuse_token_choice
 
 __all__ = ["TLHooks"]
 
@@ -94,8 +94,8 @@ class TLHooks:
     """
 
     def __init__(self, bridge, *blocks, eos_token_ids: Sequence[int] | None = None, tokenizer=None):
-        from surgery.bridge import is_bridge
-        from surgery.model import wrap
+        from surgery.hosts.bridge import is_bridge
+        from surgery.hosts.wrapping import wrap
 
         if not is_bridge(bridge):
             raise TypeError(f"TLHooks expects a TransformerLens TransformerBridge, got {type(bridge).__name__}")
@@ -134,7 +134,7 @@ class TLHooks:
         """``(hook_name, fn)`` per site the blocks use, for ``bridge.hooks`` / ``run_with_hooks``.
 
         Each ``fn(tensor, hook)`` returns the edited tensor. The names are the bridge's hook
-        points (:class:`surgery.bridge.BridgeArchitecture`), e.g. ``blocks.1.hook_in`` for
+        points (:class:`surgery.hosts.bridge.BridgeArchitecture`), e.g. ``blocks.1.hook_in`` for
         ``resid_pre.1``.
         """
         hook_name = self.model.architecture.hook_name

@@ -7,7 +7,7 @@ below that one compute exactly what they computed the first time, so re-running 
 :meth:`LayerInputs.rerun` then runs blocks ``start..L-1``, the final norm and the head on those
 inputs, through the modules' own ``__call__`` so every hook on them (the trace's sites, the
 recycling hook) acts as in a full forward. The caller rolls the KV cache of those blocks back
-one position first (:func:`surgery.kv_cache.rollback`).
+one position first (:func:`surgery.decode.kv_cache.rollback`).
 
 The input of block ``start`` is the one it received before any hook edited it (the capture hook
 runs first), so an intervention at ``resid_pre.start`` edits the re-run once, as in a full

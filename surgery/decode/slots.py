@@ -4,7 +4,7 @@
 more prompts than ``N`` runs them through ``N`` slots: the first ``N`` are prefilled together;
 whenever rows stop, their results are kept and the next waiting prompts are prefilled (on a cache
 of their own) and take the free slots, with their own positions, think flags, text matcher
-states, stop tracking, random stream and step counter (:class:`~surgery.slot_forward.SlotForward`
+states, stop tracking, random stream and step counter (:class:`~surgery.decode.slot_forward.SlotForward`
 keeps the KV cache at ``N`` slots of bounded length). Results come back per prompt, in prompt
 order. ``max_new_tokens`` may be one budget per prompt.
 
@@ -32,14 +32,14 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from surgery.forward import compile_options
-from surgery.generation_output import GenerationOutput, offer_choice
+from surgery.decode.forward import compile_options
+from surgery.decode.generation_output import GenerationOutput, offer_choice
 from surgery.model import Model
 from surgery.prompts import encode_prompts
-from surgery.sampling import RowSampler, row_keys_for
-from surgery.slot_forward import SlotForward, pool_step
+from surgery.decode.sampling import RowSampler, row_keys_for
+from surgery.decode.slot_forward import SlotForward, pool_step
 from surgery.step import Step
-from surgery.stopping import STOP_REASONS, StopTracker
+from surgery.decode.stopping import STOP_REASONS, StopTracker
 from surgery.text_match import text_matchers
 from surgery.token_choice import TokenChoice
 
@@ -92,7 +92,7 @@ def generate_continuous(
     shared_keys: bool = False,
     on_retire: Callable[[int, int], None] | None = None,
 ):
-    """The continuous-batching loop; arguments as :func:`surgery.engine.generate` (which calls it
+    """The continuous-batching loop; arguments as :func:`surgery.decode.engine.generate` (which calls it
     when ``batch_size`` is given), plus ``on_admit(slots, rows)`` (prompts ``rows`` are about to take ``slots``) and
     ``on_retire(slot, row)``."""
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)

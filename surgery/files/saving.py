@@ -1,7 +1,7 @@
 """Saving an experiment's blocks to one file and loading them back, checked against a model.
 
 :func:`save_blocks` writes a list of blocks (interventions, probes, triggers inside their
-configs) as one ``.safetensors`` file (:mod:`surgery.storage`): each block's config as JSON
+configs) as one ``.safetensors`` file (:mod:`surgery.files.storage`): each block's config as JSON
 (:meth:`~surgery.blocks.Block.to_dict`), its tensors (a steering vector, a linear probe's
 weights) as named tensors, and, when a model is given, what the blocks were made for
 (architecture, width, depth, vocabulary size). :func:`load_blocks` rebuilds them
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from surgery import storage
+from surgery.files import storage
 from surgery.blocks import Block, registered_blocks
 
 __all__ = ["load_blocks", "model_facts", "save_blocks"]
@@ -88,7 +88,7 @@ def load_blocks(
         device, dtype: where to put the tensors without a model (default: as saved, on the CPU).
 
     Raises:
-        ValueError: the file is not a blocks file (see :func:`surgery.storage.read`), names a
+        ValueError: the file is not a blocks file (see :func:`surgery.files.storage.read`), names a
             block this installation does not know, or a block does not fit ``model``.
     """
     document, tensors = storage.read(path, FORMAT, VERSION)

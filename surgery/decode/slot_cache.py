@@ -1,6 +1,6 @@
 """The KV-cache edits continuous batching needs: place an admitted row, shift every row's columns.
 
-A pool of slots (:mod:`surgery.slots`) decodes with one cache of ``batch`` rows whose columns
+A pool of slots (:mod:`surgery.decode.slots`) decodes with one cache of ``batch`` rows whose columns
 are shared: every step writes one column for every slot. A row admitted into a slot brings the
 keys and values of its prefill (run on its own cache); :func:`place` copies them into the slot so
 that they end at the pool's current length, the columns before them hidden by the slot's
@@ -8,7 +8,7 @@ attention mask. :func:`shift_columns` moves every slot's columns left (dropping 
 no live row needs: the compaction that keeps the cache bounded) or right (making room for a
 prompt longer than the pool's current length).
 
-Both kinds of :mod:`surgery.kv_cache` are handled: a ``DynamicCache`` is re-sliced (its tensors
+Both kinds of :mod:`surgery.decode.kv_cache` are handled: a ``DynamicCache`` is re-sliced (its tensors
 change, it has no fixed address), a ``StaticCache`` is edited in place and its write position
 (``cumulative_length``, a device tensor) moved, so its memory never moves and a compiled decode
 step replays on it unchanged.
@@ -16,7 +16,7 @@ step replays on it unchanged.
 Example:
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from surgery.kv_cache import new_cache
+    >>> from surgery.decode.kv_cache import new_cache
     >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
     ...                      num_attention_heads=2, num_key_value_heads=2)
     >>> module = LlamaForCausalLM(config).eval()

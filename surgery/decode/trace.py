@@ -30,10 +30,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from surgery import engine
+from surgery.decode import engine
 from surgery.blocks import Block, Intervention, Probe
 from surgery.model import Model
-from surgery.row_stacks import RowStacks
+from surgery.decode.row_stacks import RowStacks
 from surgery.signals import check_signal_reads
 from surgery.sites import Site, hook_site
 from surgery.step import Step
@@ -153,7 +153,7 @@ class Trace:
         """Generate with every attached block active; options as :func:`surgery.generate`.
 
         ``stacks``: one list per prompt of the attached blocks that prompt carries (a stack per
-        row, :mod:`surgery.row_stacks`): a block acts on, and records, only the rows that carry
+        row, :mod:`surgery.decode.row_stacks`): a block acts on, and records, only the rows that carry
         it, and each prompt gets what it gets alone under its own stack. A block's
         :meth:`~surgery.blocks.Block.by_row` then has an entry for every prompt (empty where
         the prompt does not carry it). None: every prompt carries every block.
@@ -270,7 +270,7 @@ def apply_blocks(site: str, value: Tensor, step: Step, interventions, probes, st
     """Pass one site's value through its blocks for one forward: the interventions edit it in
     order, then the probes see the result (not on a re-run). ``step`` is aligned to the value's
     positions first (:meth:`~surgery.step.Step.tail`). With ``stacks`` (a stack per row) each
-    block sees its own rows only and edits only those (:mod:`surgery.row_stacks`)."""
+    block sees its own rows only and edits only those (:mod:`surgery.decode.row_stacks`)."""
     step = step.tail(value.shape[1])
     for block in interventions:
         if stacks is None:

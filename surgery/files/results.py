@@ -2,7 +2,7 @@
 
 Probe results are typed dataclasses holding tensors, numpy arrays, networkx graphs, nested
 dataclasses and plain values. :meth:`SavedResult.save` writes one ``.safetensors`` file
-(:mod:`surgery.storage`): every tensor and array as a named tensor, everything else as JSON in
+(:mod:`surgery.files.storage`): every tensor and array as a named tensor, everything else as JSON in
 the header (graphs in networkx's node-link form, nested dataclasses by their registered type
 name). Loading builds only the types registered here (every :class:`SavedResult` subclass, and
 the dataclasses marked :func:`result_part`), so a results file cannot make the reader run code.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from surgery import storage
+from surgery.files import storage
 
 __all__ = ["SavedResult", "result_part"]
 
@@ -89,7 +89,7 @@ def _encode(value, tensors: dict[str, Tensor], key: str):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         name = type(value).__qualname__
         if _TYPES.get(name) is not type(value):
-            raise TypeError(f"{name} cannot be saved in a result: mark it @surgery.results.result_part")
+            raise TypeError(f"{name} cannot be saved in a result: mark it @surgery.files.results.result_part")
         fields = {f.name: _encode(getattr(value, f.name), tensors, f"{key}.{f.name}") for f in dataclasses.fields(value)}
         return {"$type": name, "fields": fields}
     if isinstance(value, tuple):

@@ -14,7 +14,7 @@ The capacity is the run's number of decode steps, carried by every :class:`~surg
 (``step.capacity``); records of a forward outside the engine's loop (``surgery.run``: capacity
 0) are kept like the prefill's.
 
-Under continuous batching (:mod:`surgery.slots`) each row writes at its own column (its own
+Under continuous batching (:mod:`surgery.decode.slots`) each row writes at its own column (its own
 step index, ``step.index_on_device`` ``[batch, 1]``); :meth:`admit` forgets the records of the
 slots that new rows take, and :meth:`retire` moves a finished row's record, read back on the
 host, to the rows kept for :meth:`per_row`, which then lists the run's prompts in order.

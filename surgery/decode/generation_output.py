@@ -1,7 +1,7 @@
 """What a generation returns, and the hand-off of each token choice to the blocks.
 
-Shared by the fixed-batch loop (:mod:`surgery.engine`) and continuous batching
-(:mod:`surgery.slots`), so both return the same :class:`GenerationOutput`.
+Shared by the fixed-batch loop (:mod:`surgery.decode.engine`) and continuous batching
+(:mod:`surgery.decode.slots`), so both return the same :class:`GenerationOutput`.
 
 Example:
     >>> out = GenerationOutput(texts=["4"], token_ids=[[19]], lengths=[1], prompt_lengths=[3], stop_reasons=["length"])
@@ -34,7 +34,7 @@ class GenerationOutput:
         prompt_lengths: number of prompt tokens per row (padding excluded).
         stop_reasons: ``"eos"``, ``"stop_string"``, ``"length"``, or ``"block"`` (a block
             ended the row, e.g. thinking-token insertion after its answer budget, on a token
-            that would not have stopped it; see :mod:`surgery.stopping`).
+            that would not have stopped it; see :mod:`surgery.decode.stopping`).
         timings: seconds for ``prefill_s``, ``decode_s``, ``total_s``, plus ``new_tokens`` and
             ``tokens_per_s`` (new tokens over total time).
     """

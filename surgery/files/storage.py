@@ -1,6 +1,6 @@
 """The one file format of the toolkit: tensors as safetensors, everything else as JSON in its header.
 
-Saved blocks (:mod:`surgery.saving`) and probe results (:mod:`surgery.results`) are each one
+Saved blocks (:mod:`surgery.files.saving`) and probe results (:mod:`surgery.files.results`) are each one
 ``.safetensors`` file. Its tensors are plain named tensors; its header holds three strings:
 ``format`` (what the file is, e.g. ``"surgery.result"``), ``version`` (an integer, raised when the
 layout changes) and ``json`` (the rest of the document). Reading never unpickles anything, so

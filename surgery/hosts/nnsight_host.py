@@ -4,7 +4,7 @@
 causal LM) here. nnsight wraps the HF module without copying it and, outside its own traces,
 passes every call straight through; the engine runs that module with the toolkit's hooks, so
 tokens and states are those of the same HF model (bit for bit). To use our blocks inside
-nnsight's own ``lm.generate(...)`` / ``lm.trace(...)``, see :mod:`surgery.nnsight_blocks`.
+nnsight's own ``lm.generate(...)`` / ``lm.trace(...)``, see :mod:`surgery.hosts.nnsight_blocks`.
 
 What runs where: a local, dispatched model runs here. Remote execution (NDIF) and vLLM-backed
 models run the model somewhere the toolkit's hooks cannot reach: wrapping one is a clear error,
@@ -18,6 +18,8 @@ Example::
 """
 
 from __future__ import annotations
+
+from surgery.model import Model
 
 __all__ = ["is_nnsight", "wrap_nnsight"]
 
@@ -34,8 +36,6 @@ def wrap_nnsight(lm, tokenizer=None, *, name: str | None = None):
     or still on the meta device), one without a tokenizer, and a non-HF module inside.
     """
     from transformers import PreTrainedModel
-
-    from surgery.model import Model
 
     kind = type(lm).__name__
     if any(c.__name__ == "VLLM" for c in type(lm).__mro__):
@@ -54,7 +54,7 @@ def wrap_nnsight(lm, tokenizer=None, *, name: str | None = None):
             f"this nnsight {kind} is not loaded locally (its weights are on the meta device: a model "
             "meant for remote execution, or one not dispatched yet). surgery runs the model here: build "
             "it with LanguageModel(name, dispatch=True) or around a loaded HF model; for remote (NDIF) "
-            "runs, use our blocks inside nnsight's own trace (surgery.nnsight_blocks)"
+            "runs, use our blocks inside nnsight's own trace (surgery.hosts.nnsight_blocks)"
         )
     tokenizer = tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None)
     if tokenizer is None:

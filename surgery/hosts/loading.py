@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from surgery.model import Model, wrap
+from surgery.model import Model
+from surgery.hosts.wrapping import wrap
 
 __all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_gguf_path", "hub_unreachable", "load", "load_from_config",
            "read_config", "shrink_config"]
