@@ -22,7 +22,7 @@ each row carrying its condition's (a stack per row, :mod:`surgery.decode.row_sta
 the study's probes carried by every row; a finished row's slot is taken at once by the next
 pair, whatever its condition, and each wave's records are appended when it ends. Each record
 equals what the condition's own batches store (tested). Conditions that cannot share a pool
-(the released TTTS passes) run in batches per condition as before.
+(the released TTTS passes, recycling's released coin) run in batches per condition as before.
 
 Example::
 
@@ -50,7 +50,7 @@ from experiments.study_config import StudyConfig
 from interventions.released_ttts import ReleasedTTTSOutput, trace_generate
 from surgery.files.storage import atomic_path
 
-__all__ = ["WAVE_SLOTS", "block_names", "run_batch", "run_pool", "run_study", "study_problems", "tensor_path"]
+__all__ = ["WAVE_SLOTS", "block_names", "poolable", "run_batch", "run_pool", "run_study", "study_problems", "tensor_path"]
 
 #: A wave of the slot pool holds this many times ``generation.batch_size`` (problem, condition)
 #: pairs: long enough that few slots idle at its end, short enough that a kill loses little.
@@ -114,10 +114,13 @@ def run_batch(config: StudyConfig, condition: str, problems: Sequence[Problem], 
 
 
 def poolable(config: StudyConfig, condition: str, model: surgery.Model) -> bool:
-    """Whether ``condition`` can share a slot pool: every block follows rows through slots and
-    none runs the released TTTS passes (three text-joined generations of their own)."""
+    """Whether ``condition`` can share a slot pool: every block follows rows through slots, none
+    runs the released TTTS passes (three text-joined generations of their own) and none draws
+    from one random stream per run (recycling's released coin, whose draws depend on the rows
+    beside it: its condition keeps its own batches, as the release ran)."""
     blocks = config.build_blocks(condition, model)
-    released = any(getattr(getattr(block, "config", None), "joins", None) == "released" for block in blocks)
+    settings = [getattr(block, "config", None) for block in blocks]
+    released = any(getattr(c, "joins", None) == "released" or getattr(c, "coin", None) == "released" for c in settings)
     return not released and all(block.follows_rows for block in blocks)
 
 

@@ -171,6 +171,18 @@ def test_a_wave_mixes_conditions_in_one_trace(tmp_path, monkeypatch):
     assert seen == [["mask", "plain", "seal"]]  # 15 pairs, one wave of 2 slots x 8
 
 
+def test_conditions_whose_draws_depend_on_their_batch_keep_their_own_batches(tmp_path):
+    from experiments.runner import poolable
+
+    study = write_study(tmp_path, conditions=["plain", "tts"])
+    text = study.read_text().replace("[probes]", '[conditions.rr_released]\nblocks = [{ type = "representation_recycling", '
+                                      'layer = 1, coin = "released" }]\n[probes]')
+    study.write_text(text)
+    config = load_study_config(study)
+    model = config.model.load()
+    assert [poolable(config, c, model) for c in ("plain", "tts", "rr_released")] == [True, True, False]
+
+
 def test_a_stopped_run_resumes_and_a_finished_one_does_nothing(reference, tmp_path, monkeypatch):
     _, _, want = reference
     config = load_study_config(write_study(tmp_path))
