@@ -54,7 +54,7 @@ __all__ = ["WAVE_SLOTS", "block_names", "poolable", "run_batch", "run_pool", "ru
 
 #: A wave of the slot pool holds this many times ``generation.batch_size`` (problem, condition)
 #: pairs: long enough that few slots idle at its end, short enough that a kill loses little.
-WAVE_SLOTS = 8
+WAVE_SLOTS = 4
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 

@@ -168,7 +168,7 @@ def test_a_wave_mixes_conditions_in_one_trace(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_pool", spy)
     config = load_study_config(write_study(tmp_path, conditions=["plain", "seal", "mask"]))
     run_study(config, progress=False)
-    assert seen == [["mask", "plain", "seal"]]  # 15 pairs, one wave of 2 slots x 8
+    assert seen == [["plain", "seal"], ["mask", "seal"]]  # 15 pairs in waves of 2 slots x 4: 8, then 7
 
 
 def test_conditions_whose_draws_depend_on_their_batch_keep_their_own_batches(tmp_path):
