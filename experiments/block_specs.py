@@ -229,7 +229,7 @@ def _check_range(path: str, block: Block, given: dict, shape: ModelShape, model_
         sites = []
     layer = getattr(block.config, "layer", None)
     if isinstance(layer, int) and not isinstance(layer, bool):
-        sites.append(Site("resid_pre", layer, written=f"layer {layer}"))
+        sites.insert(0, Site("resid_pre", layer, written=f"layer {layer}"))  # named as given, before the sites it implies
     n = shape.n_layers
     for site in sites:
         if site.layer is not None and not -n <= site.layer < n:

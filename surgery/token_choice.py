@@ -6,8 +6,10 @@ blocks follow (read, replace, force, stop, recompute).
 
 Example:
     >>> import torch
-    >>> choice = TokenChoice(0, None, torch.zeros(2, 4), torch.tensor([1, 2]), torch.tensor([False, False]),
-    ...                      torch.tensor([False, False]), torch.tensor([False, False]), _eos=torch.tensor([3]))
+    >>> from surgery.step import Step
+    >>> step = Step.prefill(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.bool))
+    >>> no = torch.tensor([False, False])
+    >>> choice = TokenChoice(0, step, torch.zeros(2, 4), torch.tensor([1, 2]), no, no, no, _eos=torch.tensor([3]))
     >>> choice.replace(torch.tensor([True, False]), torch.tensor([3, 3]))
     >>> choice.chosen.tolist(), choice.stops.tolist(), choice.indices.tolist()
     ([3, 2], [True, False], [0, 0])
