@@ -99,6 +99,42 @@ def test_triton_non_contiguous_inputs(needs_triton):
     assert torch.equal(hidden, before)
 
 
+# --- one vector per row (a per-row parameter table) -------------------------------------------
+
+
+def _per_row(shape, dtype, seed=3):
+    hidden, mask, _ = _inputs(shape, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    table = torch.randn(shape[0], shape[2], generator=gen).to(dtype=dtype, device=DEVICE)
+    return hidden, mask, table
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_per_row_vectors_equal_each_row_alone(dtype):
+    hidden, mask, table = _per_row((4, 3, 33), dtype)
+    out = reference.masked_add(hidden, mask, table, 0.5)
+    for row in range(4):  # row r gets masked_add with its own vector, bit for bit
+        alone = reference.masked_add(hidden[row : row + 1], mask[row : row + 1], table[row], 0.5)
+        assert torch.equal(out[row : row + 1], alone)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (4, 3, 33), (3, 1, 2500)], ids=str)
+def test_triton_per_row_vectors_bitwise_equal_to_reference(needs_triton, shape, dtype):
+    hidden, mask, table = _per_row(shape, dtype)
+    for alpha in (1.0, -2.5):
+        out = masked_add(hidden, mask, table, alpha, backend="triton")
+        assert torch.equal(out, reference.masked_add(hidden, mask, table, alpha))
+
+
+def test_per_row_vectors_need_one_row_per_batch_row():
+    hidden, mask, table = _per_row((4, 3, 8), torch.float32)
+    with pytest.raises(ValueError, match="one row per batch row, got 3 rows for a batch of 4"):
+        masked_add(hidden, mask, table[:3])
+    with pytest.raises(ValueError, match=r"\[d_model\] \(one for every row\) or \[batch, d_model\]"):
+        masked_add(hidden, mask, table[:, None, :])
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 16), (2, 0, 16), (0, 0, 8)], ids=str)
 def test_triton_empty(needs_triton, shape):
     hidden, mask, vector = _inputs(shape, torch.float32)

@@ -57,18 +57,25 @@ def _check_masked_add_inputs(hidden: Tensor, mask: Tensor, vector: Tensor, alpha
             f"[batch, pos] = {(batch, pos)}; the mask needs one entry per (batch, position) of "
             f"hidden (hidden is {tuple(hidden.shape)})"
         )
-    if vector.ndim != 1:
+    if vector.ndim not in (1, 2):
         hint = ""
         if vector.numel() == d_model:
             hint = " Remove the extra dims with vector.reshape(-1)."
         raise ValueError(
-            f"masked_add: vector must be 1-D [d_model], got shape {tuple(vector.shape)}.{hint}"
+            f"masked_add: vector must be [d_model] (one for every row) or [batch, d_model] (one per "
+            f"row), got shape {tuple(vector.shape)}.{hint}"
         )
-    if vector.shape[0] != d_model:
+    if vector.shape[-1] != d_model:
         raise ValueError(
-            f"masked_add: vector width {vector.shape[0]} does not match hidden's last dim "
+            f"masked_add: vector width {vector.shape[-1]} does not match hidden's last dim "
             f"d_model={d_model}; the vector must live in the same residual stream as hidden "
             "(same model, same hidden size)"
+        )
+    if vector.ndim == 2 and vector.shape[0] != batch:
+        hint = " For one vector on every row, remove the extra dim with vector.reshape(-1)." if len(vector) == 1 else ""
+        raise ValueError(
+            f"masked_add: a per-row vector needs one row per batch row, got {vector.shape[0]} rows for a "
+            f"batch of {batch}.{hint}"
         )
     for name, value in (("mask", mask), ("vector", vector)):
         if value.device != hidden.device:
@@ -101,7 +108,8 @@ def masked_add(
     Args:
         hidden: Hidden states ``[batch, pos, d_model]`` with a floating dtype.
         mask: Boolean ``[batch, pos]`` on ``hidden``'s device; True where to add.
-        vector: ``[d_model]`` with ``hidden``'s dtype and device.
+        vector: ``[d_model]``, or ``[batch, d_model]`` (one vector per row: a per-row
+            parameter table, :mod:`surgery.decode.row_tables`), with ``hidden``'s dtype and device.
         alpha: Scale applied to ``vector`` (a Python number).
         backend: ``"torch"``, ``"triton"``, or None to let :func:`kernel_backend` choose.
             ``"triton"`` also accepts CPU tensors when triton runs in its interpreter
@@ -124,6 +132,9 @@ def masked_add(
         >>> out[:, :, 0]
         tensor([[0.5000, 0.0000],
                 [0.0000, 0.5000]])
+        >>> masked_add(hidden, mask, torch.tensor([[1.0, 1, 1], [2, 2, 2]]))[:, :, 0]  # one vector per row
+        tensor([[1., 0.],
+                [0., 2.]])
     """
     if backend is not None and backend not in _BACKENDS:
         raise ValueError(f"masked_add: backend must be 'torch', 'triton' or None, got {backend!r}")

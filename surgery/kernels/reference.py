@@ -17,7 +17,7 @@ __all__ = ["centred_gaussian_gram", "mask_logits", "masked_add", "nearest_centro
 def masked_add(
     hidden: Float[Tensor, "batch pos d_model"],
     mask: Bool[Tensor, "batch pos"],
-    vector: Float[Tensor, " d_model"],
+    vector: Float[Tensor, " d_model"] | Float[Tensor, "batch d_model"],
     alpha: float = 1.0,
 ) -> Float[Tensor, "batch pos d_model"]:
     """Add ``alpha * vector`` to the hidden states at the positions selected by ``mask``.
@@ -31,7 +31,8 @@ def masked_add(
     Args:
         hidden: Hidden states, ``[batch, pos, d_model]``, any floating dtype.
         mask: Boolean ``[batch, pos]``; True where the vector is added.
-        vector: The direction to add, ``[d_model]``, same dtype and device as ``hidden``.
+        vector: The direction to add, ``[d_model]``, or one per row, ``[batch, d_model]``; same
+            dtype and device as ``hidden``.
         alpha: Scale applied to ``vector`` before adding.
 
     Returns:
@@ -47,6 +48,8 @@ def masked_add(
                  [2., 4.]]])
     """
     scaled = vector * alpha  # rounded to hidden's dtype before the add
+    if scaled.ndim == 2:  # one vector per row
+        scaled = scaled.unsqueeze(1)
     return torch.where(mask.unsqueeze(-1), hidden + scaled, hidden)
 
 

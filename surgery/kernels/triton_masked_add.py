@@ -38,17 +38,21 @@ def _masked_add_kernel(
     out_ptr,
     alpha,
     d_model,
+    pos,
+    vector_row_stride,
     BLOCK: tl.constexpr,
 ):
-    # One program per (batch * pos) row of a contiguous [rows, d_model] view.
+    # One program per (batch * pos) row of a contiguous [rows, d_model] view; the vector is
+    # shared (vector_row_stride 0) or one per batch row (vector_row_stride d_model).
     row = tl.program_id(0).to(tl.int64)
     base = row * d_model
+    vector_base = (row // pos) * vector_row_stride
     selected = tl.load(mask_ptr + row) != 0
     for start in range(0, d_model, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < d_model
         h = tl.load(hidden_ptr + base + cols, mask=in_row, other=0.0)
-        v = tl.load(vector_ptr + cols, mask=in_row, other=0.0)
+        v = tl.load(vector_ptr + vector_base + cols, mask=in_row, other=0.0)
         # alpha * v is rounded to the storage dtype first, as in the reference.
         scaled = to_storage(v.to(tl.float32) * alpha, h.dtype)
         added = to_storage(h.to(tl.float32) + scaled.to(tl.float32), h.dtype)
@@ -69,7 +73,7 @@ def masked_add_triton(hidden: Tensor, mask: Tensor, vector: Tensor, alpha: float
     Args:
         hidden: ``[batch, pos, d_model]`` float16, bfloat16 or float32 tensor.
         mask: Boolean ``[batch, pos]`` tensor on the same device.
-        vector: ``[d_model]`` tensor with ``hidden``'s dtype and device.
+        vector: ``[d_model]`` or ``[batch, d_model]`` (one per row) with ``hidden``'s dtype and device.
         alpha: Scale applied to ``vector`` before adding.
 
     Returns:
@@ -101,6 +105,8 @@ def masked_add_triton(hidden: Tensor, mask: Tensor, vector: Tensor, alpha: float
             out,
             float(alpha),
             d_model,
+            pos,
+            d_model if vector_c.ndim == 2 else 0,
             BLOCK=block,
             # No fused multiply-add: keeps float32 results identical to the torch reference.
             enable_fp_fusion=False,
