@@ -78,6 +78,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import random
 from dataclasses import dataclass, field
 
@@ -91,7 +92,7 @@ from interventions.recycling_triggers import (  # noqa: F401  (all still importa
     released_trigger_ids,
     trigger_ids_for_words,
 )
-from surgery.blocks import Intervention, per_row, register_block
+from surgery.blocks import Intervention, per_row, pick_rows, register_block, retired_rows
 from surgery.decode.kv_cache import last_entry, restore_last_entry, rollback
 from surgery.step import Step
 from surgery.triggers import Trigger
@@ -186,8 +187,8 @@ class RepresentationRecycling(Intervention):
         words = sorted({t.strip() for t in model.vocabulary_texts if t.strip().isalpha()})[:64]
         return cls(layer=model.n_layers // 2, trigger_words=words, probability=0.0 if identity else 0.5, seed=1)
 
-    def by_row(self) -> list[list[int]]:
-        return self.fired()
+    def by_row(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        return self.fired(rows)
 
     @property
     def rerun_layer(self) -> int | None:
@@ -330,9 +331,9 @@ class RepresentationRecycling(Intervention):
         under continuous batching, rows of different prompts in one pool step too)."""
         return self._reruns
 
-    def fired(self) -> list[list[int]]:
-        """Per row of the last run, the position ids that were recycled (after a continuous run:
-        per prompt, in prompt order)."""
+    def fired(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """Per row of the last run (or of ``rows``, :meth:`~surgery.blocks.Block.by_row`), the
+        position ids that were recycled (after a continuous run: per prompt, in prompt order)."""
         if self._retired:
-            return [self._retired[row] for row in range(len(self._retired))]
-        return per_row(self._records)
+            return retired_rows(self._retired, rows)
+        return pick_rows(per_row(self._records), rows)

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,16 +122,31 @@ class ResidualAdd(Intervention):
             self._fired.add(step, step.positions, fire)  # device tensors: no sync while decoding
         return masked_add(value, fire, self.vector, self.config.alpha)
 
-    def fired(self) -> list[list[int]]:
-        """Per row of the last run, the position ids where the vector was added, in order.
+    # ---- a per-row table: rows with different vectors or alphas at one site, one masked add ----
+    def table_key(self):
+        return (ResidualAdd, self.config.site, self.config.when)
+
+    def table_row(self) -> Tensor:
+        return self.vector * self.config.alpha  # rounded to the model's dtype, as masked_add does
+
+    def table_edit(self, site: str, value: Tensor, step: Step, table: Tensor) -> tuple[Tensor, Tensor]:
+        fire = self.config.when(step)
+        return masked_add(value, fire, table), fire
+
+    def keep_fired(self, row: int, positions: list[int]) -> None:
+        self._fired.keep(row, positions)
+
+    def fired(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """Per row of the last run (or of ``rows``, :meth:`~surgery.blocks.Block.by_row`), the
+        position ids where the vector was added, in order.
 
         Position ``p`` is the row's ``p``-th token (0-based, padding not counted): a prompt
         token when ``p < prompt_length``, else generated token ``p - prompt_length``.
         """
-        return self._fired.per_row()
+        return self._fired.per_row(rows)
 
-    def by_row(self) -> list[list[int]]:
-        return self.fired()
+    def by_row(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        return self.fired(rows)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"vector": self.vector}

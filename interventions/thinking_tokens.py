@@ -41,12 +41,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention, per_row, register_block
+from surgery.blocks import Intervention, per_row, pick_rows, register_block, retired_rows
 
 __all__ = ["JOINS", "ThinkingTokenInsertion", "ThinkingTokenInsertionConfig"]
 
@@ -114,8 +115,8 @@ class ThinkingTokenInsertion(Intervention):
         return cls(words=(" Wait", " Hmm"), budget=0 if identity else 5, max_insertions=2, answer_prompt=" So",
                    answer_tokens=2, first_budget=4)
 
-    def by_row(self) -> list[list[int]]:
-        return self.insertions()
+    def by_row(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        return self.insertions(rows)
 
     def __init__(
         self,
@@ -270,11 +271,12 @@ class ThinkingTokenInsertion(Intervention):
         if not self._answer_length:  # no answer to force: the budget's last token ends the row
             choice.forced_stop = choice.forced_stop | (active & (self._phase == EXTENDED) & (self._extra >= config.budget))
 
-    def insertions(self) -> list[list[int]]:
-        """Per row of the last run, the generated-token indices where a thinking word starts
-        (``joins="released"``: the first pass's token count, its stop token excluded)."""
+    def insertions(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """Per row of the last run (or of ``rows``, :meth:`~surgery.blocks.Block.by_row`), the
+        generated-token indices where a thinking word starts (``joins="released"``: the first
+        pass's token count, its stop token excluded)."""
         if self.config.joins == "released":
-            return [list(row) for row in self._released_insertions]
+            return pick_rows([list(row) for row in self._released_insertions], rows)
         if self._retired:
-            return [self._retired[row] for row in range(len(self._retired))]
-        return per_row(self._records)
+            return retired_rows(self._retired, rows)
+        return pick_rows(per_row(self._records), rows)

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 from dataclasses import dataclass, field
 
@@ -128,13 +129,14 @@ class TokenMask(Intervention):
     def retire(self, slot: int, row: int) -> None:
         self._fired.retire(slot, row)
 
-    def fired(self) -> list[list[int]]:
-        """Per row of the last run, the position ids whose top token the mask penalised or forbade
-        (the logits there are those of the next token: position ``p`` chooses token ``p + 1``)."""
-        return self._fired.per_row()
+    def fired(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """Per row of the last run (or of ``rows``, :meth:`~surgery.blocks.Block.by_row`), the
+        position ids whose top token the mask penalised or forbade (the logits there are those
+        of the next token: position ``p`` chooses token ``p + 1``)."""
+        return self._fired.per_row(rows)
 
-    def by_row(self) -> list[list[int]]:
-        return self.fired()
+    def by_row(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        return self.fired(rows)
 
     def bind(self, model) -> None:
         fold = (lambda s: s) if self.config.case_sensitive else str.lower

@@ -23,6 +23,8 @@ Example:
     >>> tokens.observe(step)
     >>> tokens.rows()
     [([5], [8]), ([6, 7], [])]
+    >>> tokens.rows([1])
+    [([6, 7], [])]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from surgery.blocks import retired_rows
 from surgery.step import Step
 
 __all__ = ["FedTokens"]
@@ -53,6 +56,7 @@ class FedTokens:
         self.prompts: dict[int, tuple[Tensor, Tensor]] = {}  # per slot: prompt ids and valid mask, [pos]
         self.fed: list[tuple[Tensor, Tensor]] = []  # per decode step: the fed ids and their valid mask, [batch]
         self.retired: dict[int, tuple[list[int], list[int] | None]] = {}  # per finished row (continuous batching)
+        self.pooled = False  # rows pass through slots (admit): rows(rows) reads retired rows only
 
     def observe(self, step: Step) -> None:
         """Keep the prompt (a prefill: of the slots it admits) or the fed tokens (a decode step)."""
@@ -70,6 +74,7 @@ class FedTokens:
         not valid, and the decode steps with no valid token left are dropped (one host sync), so
         memory follows the live rows, not the whole run.
         """
+        self.pooled = True
         for slot in rows.nonzero().flatten().tolist():
             self.prompts.pop(slot, None)
         self.fed = [(ids, valid & ~rows) for ids, valid in self.fed]
@@ -86,13 +91,27 @@ class FedTokens:
         prompt, generated = self._read([slot])[0]
         self.retired[row] = (prompt, generated if generated else None)
 
-    def rows(self) -> list[tuple[list[int], list[int] | None]]:
+    def rows(self, rows: Sequence[int] | None = None) -> list[tuple[list[int], list[int] | None]]:
         """Per row, its prompt's ids and the generated ids fed back (in prompt order after a
         continuous run). The second is None where no decode step ran (``tr.run``, or a
-        ``tr.generate`` that stopped at the first token), else the valid fed ids."""
-        if self.retired:
-            return [self.retired[row] for row in range(len(self.retired))]
-        return self._read(range(len(self.prompts)))
+        ``tr.generate`` that stopped at the first token), else the valid fed ids.
+
+        Args:
+            rows: prompt indices (default: every row of the last run); under continuous
+                batching a row is readable as soon as it has retired, before the run ends.
+
+        Raises:
+            ValueError: a row of ``rows`` that has not retired yet (continuous batching), or
+                that the last (fixed) batch does not have.
+        """
+        if self.retired or (self.pooled and rows is not None):  # mid-run, before any row retired too
+            return retired_rows(self.retired, rows)
+        if rows is None:
+            return self._read(range(len(self.prompts)))
+        missing = [row for row in rows if row not in self.prompts]
+        if missing:
+            raise ValueError(f"row {missing[0]} is not a row of the last run ({len(self.prompts)} rows)")
+        return self._read(rows)
 
     def _read(self, slots: Sequence[int]) -> list[tuple[list[int], list[int] | None]]:
         """``(prompt ids, fed ids or None)`` of ``slots``, read back on the host."""

@@ -185,7 +185,7 @@ class MIEstimator(Probe):
     Under continuous batching (``generate(..., batch_size=N)``) each slot holds the answer of
     the prompt in it (:class:`~probes.mi_rows.SlotAnswers`), a row's series and signals start
     empty when it is admitted, and :meth:`result` lists every prompt in prompt order, each as
-    it is alone.
+    it is alone (``result(rows=[i])``: prompt ``i`` alone, readable as soon as it has retired).
 
     Example::
 
@@ -237,8 +237,9 @@ class MIEstimator(Probe):
         # one answer per prompt, made from the prompt alone (a row's answer is the same alone or batched)
         return cls(answers=[f"The answer is {len(prompt) % 10}." for prompt in prompts] or None)
 
-    def by_row(self) -> list[Tensor]:
-        return self.result().values
+    def by_row(self, rows: Sequence[int] | None = None) -> list[Tensor]:
+        """Per row, its MI values (:attr:`MIResult.values`); ``rows`` as in :meth:`result`."""
+        return self.result(rows=rows).values
 
     def sites(self) -> tuple[str, ...]:
         return (self.config.site,)
@@ -314,7 +315,8 @@ class MIEstimator(Probe):
             mi = _nhsic_given_factors(value[:, -1], *ry, config.sigma, config.epsilon)
             converged = torch.ones_like(mi, dtype=torch.bool)
         if self._series is None:
-            self._series = RowSeries(mi.shape[0], step.capacity or 8, mi.device, growable=step.capacity == 0)
+            self._series = RowSeries(mi.shape[0], step.capacity or 8, mi.device, growable=step.capacity == 0,
+                                     pooled=self._slots is not None)
         valid = step.valid[:, -1]
         series = self._series
         if self.signals_read:  # nobody reads them: no sort of the history per step
@@ -327,7 +329,7 @@ class MIEstimator(Probe):
             self.signal_board.publish("peak", valid & (series.count >= config.warmup) & (mi > fence), step)
         series.append(mi, converged, valid)
 
-    def result(self, out=None) -> MIResult:
+    def result(self, out=None, rows: Sequence[int] | None = None) -> MIResult:
         """Per-row MI values (one per generated token), peaks and statistics of the last run.
 
         A step's record belongs to a row when the step feeds the row a valid token: such a step
@@ -336,16 +338,27 @@ class MIEstimator(Probe):
 
         Args:
             out: the run's :class:`~surgery.decode.engine.GenerationOutput`; when given, it is checked
-                against the values (one per generated token of each row).
+                against the values (one per generated token of each row; with ``rows``, of those
+                rows: ``out.lengths[r]``).
+            rows: prompt indices (default: every row of the last run); under continuous batching
+                a row is readable as soon as it has retired (``tr.generate(..., on_row=...)``),
+                before the run ends. The lists of the result then hold those rows, in that order.
+
+        Raises:
+            ValueError: under continuous batching, a row of ``rows`` that has not retired yet; with
+                ``rows=None``, a run of fewer prompts than answers.
         """
         config = self.config
         described = dict(peak_rule=config.peak_rule, top_k=config.top_k if config.peak_rule == "top_k" else None,
                          ratio_steps=config.ratio_steps, precision=config.precision)
         if self._series is None:
+            if rows:
+                raise ValueError(f"MIEstimator has recorded nothing for row {rows[0]} yet: read a row once it has run")
             return MIResult([], [], [], **described)
-        if self._slots is not None and self._slots.admitted != len(config.answers):  # fewer prompts
+        # fewer prompts than answers: only a whole run's result can tell (mid-run, some are still to come)
+        if rows is None and self._slots is not None and self._slots.admitted != len(config.answers):
             raise self._wrong_count(self._slots.admitted)
-        values, converged = self._series.rows()
+        values, converged = self._series.rows(rows)
         unconverged = sum(int((~c).sum()) for c in converged)
         if unconverged:
             warnings.warn(
@@ -353,11 +366,13 @@ class MIEstimator(Probe):
                 "pivoted-Cholesky columns; their values are those of the rank-limited kernel. Raise kernel_rank.",
                 stacklevel=2,
             )
-        if out is not None and any(len(v) not in (0, n) for v, n in zip(values, out.lengths, strict=True)):
-            raise ValueError(
-                f"out does not match this probe's last run: lengths {out.lengths}, "
-                f"recorded {[len(v) for v in values]} values per row"
-            )
+        if out is not None:
+            lengths = list(out.lengths) if rows is None else [out.lengths[row] for row in rows]
+            if any(len(v) not in (0, n) for v, n in zip(values, lengths, strict=True)):
+                raise ValueError(
+                    f"out does not match this probe's last run: lengths {lengths}, "
+                    f"recorded {[len(v) for v in values]} values per row"
+                )
         none = (torch.zeros(0, dtype=torch.long), PeakStats(0, float("nan"), None, None, None, float("nan"), float("nan"), None))
         if config.peak_rule == "tukey":  # below: a row that does not carry the probe (stacks) has no values
             found = [tukey_peaks(v, config.ratio_steps) if len(v) else none for v in values]

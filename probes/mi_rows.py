@@ -26,6 +26,8 @@ Example:
     >>> series.retire(slot=0, row=2)
     >>> [v.tolist() for v in series.rows()[0]]
     [[2.0], [6.0], [1.0, 3.0]]
+    >>> [v.tolist() for v in series.rows([2, 0])[0]]   # chosen prompts only, in that order
+    [[1.0, 3.0], [2.0]]
     >>> answers = SlotAnswers((torch.tensor([[10.0], [11.0], [12.0]]),), slots=2)  # 3 prompts' answers
     >>> answers.admit(torch.tensor([True, True]), [0, 1])
     >>> answers.admit(torch.tensor([True, False]), [2])   # prompt 2 takes slot 0
@@ -35,9 +37,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from surgery.blocks import retired_rows
 
 __all__ = ["RowSeries", "SlotAnswers"]
 
@@ -55,15 +61,18 @@ class RowSeries:
         capacity: values a row may hold (the most tokens a row generates).
         device: where the buffers live.
         growable: double the buffers when a forward would not fit (a host's own loop).
+        pooled: the rows pass through slots (continuous batching): :meth:`rows` lists retired
+            prompts only. :meth:`admit` sets it too.
     """
 
-    def __init__(self, batch: int, capacity: int, device: torch.device, growable: bool):
+    def __init__(self, batch: int, capacity: int, device: torch.device, growable: bool, pooled: bool = False):
         self.values = torch.zeros(batch, capacity, dtype=torch.float64, device=device)
         self.converged = torch.ones(batch, capacity, dtype=torch.bool, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
         self.growable = growable
         self.appends = 0  # forwards seen (counted only when growable): an upper bound of every row's count
         self.retired: dict[int, tuple[Tensor, Tensor]] = {}  # prompt index -> (values, converged), CPU
+        self.pooled = pooled  # continuous batching: rows are read once retired
         if device.type == "cuda":  # graph replays write here: the addresses must not move
             for buffer in (self.values, self.converged, self.count):
                 torch._dynamo.mark_static_address(buffer)
@@ -85,6 +94,7 @@ class RowSeries:
 
     def admit(self, rows: Bool[Tensor, " batch"]) -> None:
         """New rows take the slots where ``rows`` holds: their series start empty (in place)."""
+        self.pooled = True
         self.values.masked_fill_(rows[:, None], 0.0)
         self.converged.masked_fill_(rows[:, None], True)
         self.count.masked_fill_(rows, 0)
@@ -95,15 +105,24 @@ class RowSeries:
         # a copy (on a CPU run .cpu() is a view of the buffers the slot's next row overwrites)
         self.retired[row] = (self.values[slot, :n].to("cpu", copy=True), self.converged[slot, :n].to("cpu", copy=True))
 
-    def rows(self) -> tuple[list[Tensor], list[Tensor]]:
+    def rows(self, rows: Sequence[int] | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """Per row, its values and convergence flags (CPU); after a continuous run, per prompt
-        in prompt order (the retired rows)."""
-        if self.retired:
-            kept = [self.retired[row] for row in range(len(self.retired))]
+        in prompt order (the retired rows).
+
+        Args:
+            rows: prompt indices (default: every row of the last run); under continuous
+                batching a row is readable as soon as it has retired, before the run ends.
+
+        Raises:
+            ValueError: under continuous batching, a row of ``rows`` that has not retired yet.
+        """
+        if self.retired or (self.pooled and rows is not None):  # mid-run, before any row retired too
+            kept = retired_rows(self.retired, rows)
             return [values for values, _ in kept], [converged for _, converged in kept]
         counts = self.count.tolist()
         values, converged = self.values.cpu(), self.converged.cpu()
-        return [values[i, :n] for i, n in enumerate(counts)], [converged[i, :n] for i, n in enumerate(counts)]
+        chosen = range(len(counts)) if rows is None else rows
+        return [values[i, : counts[i]] for i in chosen], [converged[i, : counts[i]] for i in chosen]
 
 
 class SlotAnswers:

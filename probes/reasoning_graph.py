@@ -124,7 +124,7 @@ class ReasoningGraph(Probe):
 
     Under continuous batching (``generate(..., batch_size=N)``) the probe follows rows through
     their slots (:meth:`admit`, :meth:`retire`): :meth:`result` lists every prompt in order, each
-    as it is alone.
+    as it is alone (``result(rows=[i])``: prompt ``i`` alone, readable as soon as it has retired).
 
     Args:
         site: the site to pool. ``None`` (default) picks ``resid_pre.{int(0.9 * n_layers)}``
@@ -268,41 +268,65 @@ class ReasoningGraph(Probe):
         """Bytes of device state the probe holds now (what the benchmark measures)."""
         return self._recorder().held_bytes()
 
-    def result(self) -> StepVectors:
+    def result(self, rows: Sequence[int] | None = None) -> StepVectors:
         """Step vectors per row: ``[n_steps_i, d]`` float32 tensors on the model's device.
 
         Streaming: includes each row's unfinished trailing step when it is long enough (see the
-        class). Released: one forward per row, on the first call after a run.
-        """
-        if self._steps is None and self._released is not None:
-            inputs, c = self.released_inputs(), self.config  # first: it says when the probe has not run
-            self._steps = released_step_vectors(self._model, *inputs, site=self._site, min_chars=c.min_chars,
-                                                prompt_line=c.prompt_line, drop_last_step=c.drop_last_step,
-                                                max_length=c.max_length, template=c.template)
-        if self._steps is None:
-            if self._streamed is None:
-                raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
-            self._steps = self._streamed.rows()
-        return StepVectors(list(self._steps), self._site, self.config.steps)
+        class). Released: one forward per row, on the first call after a run (with ``rows``: per
+        call, for those rows only, unless a whole result is already at hand).
 
-    def released_inputs(self) -> tuple[list[str], list[str]]:
+        Args:
+            rows: prompt indices (default: every row of the last run); under continuous batching
+                a row is readable as soon as it has retired (``tr.generate(..., on_row=...)``),
+                before the run ends. The result then holds those rows, in that order.
+
+        Raises:
+            ValueError: under continuous batching, a row of ``rows`` that has not retired yet.
+        """
+        if rows is None:
+            if self._steps is None:
+                self._steps = self._step_vectors()
+            return StepVectors(list(self._steps), self._site, self.config.steps)
+        if self._steps is not None and self._released is not None:  # the whole run's, at hand: no forward again
+            return StepVectors([self._steps[row] for row in rows], self._site, self.config.steps)
+        # not cached: a partial result (other rows may still run)
+        return StepVectors(self._step_vectors(rows), self._site, self.config.steps)
+
+    def _step_vectors(self, rows: Sequence[int] | None = None) -> list[Tensor]:
+        """The step vectors of ``rows`` (None: every row), re-encoded (released) or as pooled."""
+        if self._released is not None:
+            inputs, c = self.released_inputs(rows), self.config  # first: it says when the probe has not run
+            return released_step_vectors(self._model, *inputs, site=self._site, min_chars=c.min_chars,
+                                         prompt_line=c.prompt_line, drop_last_step=c.drop_last_step,
+                                         max_length=c.max_length, template=c.template)
+        if self._streamed is None:
+            raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
+        return self._streamed.rows(rows)
+
+    def released_inputs(self, rows: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
         """``steps="released"``: the questions and generated texts :meth:`result` re-encodes, per row.
 
         The texts are ``out.texts`` without each row's last token (never fed back: an EOS, or
         the token that hit ``max_new_tokens``; :class:`~probes.released_steps.TextRecorder`).
+
+        Args:
+            rows: prompt indices (default: every row of the last run); under continuous batching
+                a row is readable as soon as it has retired (``tr.generate(..., on_row=...)``),
+                before the run ends.
         """
         if self._released is None:
             raise ValueError("released_inputs() belongs to ReasoningGraph(steps='released')")
         if not hasattr(self, "_model"):
             raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
-        return self._released.inputs(self._model.tokenizer)
+        return self._released.inputs(self._model.tokenizer, rows)
 
     @classmethod
     def example(cls, model, prompts=(), identity: bool = False) -> ReasoningGraph:
         return cls(n_clusters=2, min_chars=1, n_init=1)
 
-    def by_row(self) -> list[Tensor]:
-        return list(self.result())
+    def by_row(self, rows: Sequence[int] | None = None) -> list[Tensor]:
+        """Per row, its step vectors; ``rows`` as in :meth:`result`."""
+        return list(self.result(rows))
 
     def analyse(self, n_clusters: int | None = None, kmeans: str = "sklearn", min_steps: int = 0) -> GraphAnalysis:
         """:func:`probes.graph_metrics.analyse` on :meth:`result` with this probe's K, seed and ``n_init``.

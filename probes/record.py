@@ -9,7 +9,8 @@ follows rows through their slots: each vector is recorded with the row's own ste
 row's vectors are kept under its prompt's index (:meth:`RecordSite.retire`), and the result
 lists them in the order a fixed batch of all the prompts records them: by step, then prompt,
 then position. So each prompt's vectors equal its run alone, and the whole result equals the
-fixed batch's (up to float noise in the values).
+fixed batch's (up to float noise in the values). ``result(rows=[i])`` and ``by_row([i])`` read
+prompt ``i`` as soon as it has retired, while other prompts still run.
 
 Example:
     >>> import surgery
@@ -24,13 +25,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from surgery.blocks import Probe, register_block
+from surgery.blocks import Probe, register_block, retired_rows
 from surgery.files.results import SavedResult
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger
@@ -91,6 +93,7 @@ class RecordSite(Probe):
         self._parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (slots, positions, steps, values)
         self._retired: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}  # prompt -> (positions, steps, values)
         self._batch = 0
+        self._pooled = False  # rows pass through slots (admit): result(rows) reads retired rows only
         self._width: int | None = None
 
     def sites(self) -> tuple[str, ...]:
@@ -105,8 +108,10 @@ class RecordSite(Probe):
         self._parts = []
         self._retired = {}
         self._batch = batch_size
+        self._pooled = False
 
     def admit(self, rows: Tensor, prompts: list[int]) -> None:
+        self._pooled = True
         self._parts = _kept([tuple(t[~rows[slots]] for t in (slots, *rest)) for slots, *rest in self._parts])
 
     def retire(self, slot: int, row: int) -> None:
@@ -118,9 +123,11 @@ class RecordSite(Probe):
     def example(cls, model, prompts=(), identity: bool = False) -> RecordSite:
         return cls("resid_post.-1", when=OnText("\n\n") | StepWindow(2, 4))
 
-    def by_row(self) -> list[tuple[Tensor, Tensor]]:
-        found = self.result()
-        return [found.for_row(row) for row in range(len(self._retired) or self._batch)]
+    def by_row(self, rows: Sequence[int] | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Per row, its ``(positions, values)`` (:meth:`RecordedStates.for_row`); ``rows`` as in
+        :meth:`result`, the entries in that order."""
+        found = self.result(rows)
+        return [found.for_row(row) for row in (range(len(self._retired) or self._batch) if rows is None else rows)]
 
     def observe(self, site: str, value: Tensor, step: Step) -> None:
         fire = self.config.when(step)
@@ -128,22 +135,44 @@ class RecordSite(Probe):
         self._parts.append((rows, step.positions[rows, columns], _own_steps(step, fire)[rows, columns],
                             value[rows, columns].clone()))
 
-    def result(self) -> RecordedStates:
-        """The vectors of the last run (after a continuous run: of every prompt, by prompt index)."""
+    def result(self, rows: Sequence[int] | None = None) -> RecordedStates:
+        """The vectors of the last run (after a continuous run: of every prompt, by prompt index).
+
+        Args:
+            rows: prompt indices (default: every row of the last run); under continuous batching
+                a row is readable as soon as it has retired (``tr.generate(..., on_row=...)``),
+                before the run ends. Only their vectors are kept, in the same order as in the
+                whole result (by step, then row, then position).
+
+        Raises:
+            ValueError: under continuous batching, a row of ``rows`` that has not retired yet.
+        """
         parts = self._parts
-        if self._retired:
+        pooled = bool(self._retired) or (self._pooled and rows is not None)  # mid-run, before any row retired too
+        if pooled:
+            chosen = sorted(self._retired) if rows is None else sorted(set(rows))
+            kept = retired_rows(self._retired, chosen)
             parts = [(torch.full_like(positions, row), positions, steps, values)
-                     for row in sorted(self._retired) for positions, steps, values in self._retired[row]]
+                     for row, row_parts in zip(chosen, kept) for positions, steps, values in row_parts]
+        elif rows is not None:
+            parts = _kept([tuple(t[_among(part[0], rows)] for t in part) for part in parts])
         if not parts:
             empty = torch.zeros(0, dtype=torch.long)
-            return RecordedStates(empty, empty, empty, torch.zeros(0, self._width or 0))
-        rows, positions, steps, values = (torch.cat(column) for column in zip(*parts))
-        if self._retired:  # the fixed batch's order: by step, then row, then position (stable sorts)
+            values = torch.zeros(0, self._width or 0, dtype=getattr(self, "_dtype", None),
+                                 device=getattr(self, "_device", None))  # as the model's, once bound
+            return RecordedStates(empty, empty, empty, values)
+        rows_of, positions, steps, values = (torch.cat(column) for column in zip(*parts))
+        if pooled:  # the fixed batch's order: by step, then row, then position (stable sorts)
             order = positions.sort(stable=True).indices
-            order = order[rows[order].sort(stable=True).indices]
+            order = order[rows_of[order].sort(stable=True).indices]
             order = order[steps[order].sort(stable=True).indices]
-            rows, positions, steps, values = rows[order], positions[order], steps[order], values[order]
-        return RecordedStates(rows, positions, steps, values)
+            rows_of, positions, steps, values = rows_of[order], positions[order], steps[order], values[order]
+        return RecordedStates(rows_of, positions, steps, values)
+
+
+def _among(slots: Tensor, rows: Sequence[int]) -> Tensor:
+    """Where ``slots`` holds one of ``rows`` (bool, as ``slots``)."""
+    return torch.isin(slots, torch.tensor(list(rows), dtype=slots.dtype, device=slots.device))
 
 
 def _own_steps(step: Step, fire: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from probes.fed_tokens import FedTokens
 from surgery.capture import states_at
+from surgery.decode.trace import untraced
 
 __all__ = [
     "RELEASED_TEMPLATE",
@@ -227,7 +228,8 @@ def released_step_vectors(
         if not segments:
             rows.append(empty.clone())
             continue
-        states = states_at(model, resolved, [ids], [[p for segment in segments for p in segment]]).float()
+        with untraced(model):  # also mid-run (a row read as it retires): no block sees this forward
+            states = states_at(model, resolved, [ids], [[p for segment in segments for p in segment]]).float()
         rows.append(torch.stack([chunk.mean(0) for chunk in states.split([len(s) for s in segments])]))
     return rows
 
@@ -310,18 +312,29 @@ class TextRecorder(FedTokens):
                              "once: give one question per prompt")
         super().reset(batch_size)
 
-    def inputs(self, tokenizer) -> tuple[list[str], list[str]]:
-        """``(questions, texts)`` of the last run, one per row."""
-        rows = self.rows()
-        if not rows:
+    def inputs(self, tokenizer, rows: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
+        """``(questions, texts)`` of the last run, one per row.
+
+        Args:
+            tokenizer: the model's tokenizer (decodes the fed tokens, and the prompts).
+            rows: prompt indices (default: every row of the last run); under continuous
+                batching a row is readable as soon as it has retired, before the run ends.
+        """
+        found = self.rows(rows)
+        if not found and rows is None:
             raise RuntimeError("ReasoningGraph has not run: attach it to a trace and generate first")
-        if self.questions is not None and len(self.questions) != len(rows):
-            raise ValueError(f"ReasoningGraph was given {len(self.questions)} questions for a run of {len(rows)} "
-                             "rows: give one question per prompt")
-        texts = tokenizer.batch_decode([generated or [] for _, generated in rows], skip_special_tokens=True)
         if self.questions is not None:
-            return list(self.questions), texts
-        return [prompt_question(tokenizer, prompt) for prompt, _ in rows], texts
+            if rows is None and len(self.questions) != len(found):
+                raise ValueError(f"ReasoningGraph was given {len(self.questions)} questions for a run of {len(found)} "
+                                 "rows: give one question per prompt")
+            beyond = [row for row in rows or () if not 0 <= row < len(self.questions)]
+            if beyond:
+                raise ValueError(f"ReasoningGraph was given {len(self.questions)} questions, none for row {beyond[0]}: "
+                                 "give one question per prompt")
+        texts = tokenizer.batch_decode([generated or [] for _, generated in found], skip_special_tokens=True)
+        if self.questions is not None:
+            return [self.questions[row] for row in (range(len(found)) if rows is None else rows)], texts
+        return [prompt_question(tokenizer, prompt) for prompt, _ in found], texts
 
 
 def _fill(template: str | None, question: str) -> str:

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from surgery.blocks import retired_rows
 from surgery.kernels import segment_mean_update
 from surgery.step import Step
 
@@ -82,6 +83,7 @@ class StreamedSteps:
         self.buffer = torch.zeros(batch_size, _INITIAL_CAPACITY, self.width, dtype=torch.float32, device=self.device)
         self._bound = 0  # host-side upper bound on max(self._n_steps)
         self._retired: dict[int, Tensor] = {}
+        self._pooled = False  # rows pass through slots (admit): rows(rows) reads retired rows only
 
     def observe(self, value: Tensor, step: Step) -> None:
         """Pool a decode step's states ``value`` ``[batch, 1, width]``; a prefill is ignored."""
@@ -97,6 +99,7 @@ class StreamedSteps:
     def admit(self, rows: Tensor) -> None:
         """New rows take the slots where ``rows`` (bool ``[batch]``) holds: clear their running
         step and their step counter (their old vectors are then past the counter, never read)."""
+        self._pooled = True
         for name in ("_sum", "_count", "_chars", "_end", "_n_steps"):
             value = getattr(self, name)
             setattr(self, name, value.masked_fill(rows[:, None] if value.ndim == 2 else rows, 0))
@@ -107,13 +110,21 @@ class StreamedSteps:
         with torch.inference_mode(False):  # ordinary tensors, as rows() reads them outside the engine
             self._retired[row] = self._read([slot])[0]
 
-    def rows(self) -> list[Tensor]:
+    def rows(self, rows: Sequence[int] | None = None) -> list[Tensor]:
         """Per row, ``[n_steps, width]`` float32 on the device, with the unfinished trailing step
         when it is long enough (in prompt order after a continuous run). Read-only: repeatable,
-        and it works outside the engine's inference mode."""
-        if self._retired:
-            return [self._retired[row] for row in range(len(self._retired))]
-        return self._read(range(self._n_steps.shape[0]))
+        and it works outside the engine's inference mode.
+
+        Args:
+            rows: prompt indices (default: every row of the last run); under continuous
+                batching a row is readable as soon as it has retired, before the run ends.
+
+        Raises:
+            ValueError: under continuous batching, a row of ``rows`` that has not retired yet.
+        """
+        if self._retired or (self._pooled and rows is not None):  # mid-run, before any row retired too
+            return retired_rows(self._retired, rows)
+        return self._read(range(self._n_steps.shape[0]) if rows is None else rows)
 
     def _read(self, slots: Sequence[int]) -> list[Tensor]:
         counts = self._n_steps.tolist()

@@ -59,6 +59,7 @@ Example::
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -182,7 +183,8 @@ class ThoughtClassifier(Probe):
     separator (``OnText``) and the fed token ids; :meth:`result` labels the thoughts and pairs
     each with its state. With ``linear_probe`` every recorded state is also labelled on the
     device as it is recorded, reported as ``ClassifiedThought.predicted``. With ``batch_size``
-    (continuous batching) :meth:`result` lists every prompt in order, each as it is alone.
+    (continuous batching) :meth:`result` lists every prompt in order, each as it is alone
+    (``result(rows=[i])``: prompt ``i`` alone, readable as soon as it has retired).
 
     Args:
         site: any site but ``logits`` (default ``"resid_pre.-1"``; SEAL: ``"resid_pre.20"`` for
@@ -238,8 +240,9 @@ class ThoughtClassifier(Probe):
             return {}
         return {"linear_probe.weight": self.linear_probe.weight, "linear_probe.bias": self.linear_probe.bias}
 
-    def by_row(self) -> list:
-        found = self.result()
+    def by_row(self, rows: Sequence[int] | None = None) -> list:
+        """Per row, ``([(label, position, text) per thought], states)``; ``rows`` as in :meth:`result`."""
+        found = self.result(rows)
         return [([(t.label, t.position, t.text) for t in thoughts], states)
                 for thoughts, states in zip(found.thoughts, found.states)]
 
@@ -339,23 +342,37 @@ class ThoughtClassifier(Probe):
         self.signal_board.publish("predicted", torch.where(opens, predicted, -1), step)
         self.signal_board.publish("probability", torch.where(opens, probability, torch.nan), step)
 
-    def result(self) -> ClassifiedThoughts:
-        tokens = self._tokens.rows()
-        if self._model is None or not tokens:
+    def result(self, rows: Sequence[int] | None = None) -> ClassifiedThoughts:
+        """The thoughts of the last run, labelled, each with its state.
+
+        Args:
+            rows: prompt indices (default: every row of the last run); under continuous batching
+                a row is readable as soon as it has retired (``tr.generate(..., on_row=...)``),
+                before the run ends. ``thoughts`` and ``states`` then hold those rows, in that
+                order, and ``n_recorded`` counts their vectors only.
+
+        Raises:
+            RuntimeError: the probe has not run.
+            ValueError: a row of ``rows`` that has not retired yet (continuous batching), or that
+                the last (fixed) batch does not have.
+        """
+        tokens = [] if self._model is None else self._tokens.rows(rows)
+        if self._model is None or (rows is None and not tokens):
             raise RuntimeError("ThoughtClassifier has no result yet: run tr.generate(...) or tr.run(...) in a trace first")
         model, texts = self._model, self._model.vocabulary_texts
-        # after a continuous run, per prompt in prompt order; else per row of the batch
-        hits = [self._retired[i] for i in range(len(tokens))] if self._retired else \
-            [self._of_slot(i, self._gathered()) for i in range(len(tokens))]
-        # no decode step (tr.run, or stopped at the first token): the prompt is the trace
-        prompts = [prompt if fed is not None else [] for prompt, fed in tokens]
-        completions = [fed if fed is not None else prompt for prompt, fed in tokens]
+        chosen = list(range(len(tokens)) if rows is None else rows)
+        # after a continuous run, per prompt (tokens checked above that each has retired); else per row of the batch
+        pooled = bool(self._retired) or (self._tokens.pooled and rows is not None)
+        hits = [self._retired[i] for i in chosen] if pooled else \
+            [self._of_slot(i, self._gathered()) for i in chosen]
         all_thoughts, all_states = [], []
-        for i, (positions, values, predicted) in enumerate(hits):
+        for row, (prompt, fed), (positions, values, predicted) in zip(chosen, tokens, hits):
+            # no decode step (tr.run, or stopped at the first token): the prompt is the trace
+            prompt, completion = (prompt, fed) if fed is not None else ([], prompt)
             where = {position: k for k, position in enumerate(positions.tolist())}
             predicted = predicted.tolist() if predicted is not None else None
-            found = thought_positions(model, prompts[i], completions[i])
-            text = completion_prefix(model, prompts[i]) + "".join(texts[t] for t in completions[i])
+            found = thought_positions(model, prompt, completion)
+            text = completion_prefix(model, prompt) + "".join(texts[t] for t in completion)
             pieces = split_thoughts(text)
             if [label for _, label in found] != [p.label for p in pieces]:  # same rules, same text
                 raise RuntimeError("ThoughtClassifier: thought_positions and split_thoughts disagree; please report this")
@@ -364,8 +381,8 @@ class ThoughtClassifier(Probe):
                 k = where.get(position)
                 if k is None:
                     raise RuntimeError(
-                        f"ThoughtClassifier recorded no state at row {i}, position {position} (a thought's separator); "
-                        "please report this"
+                        f"ThoughtClassifier recorded no state at row {row}, position {position} (a thought's "
+                        "separator); please report this"
                     )
                 keep.append(k)
                 guess = self.linear_probe.classes[predicted[k]] if predicted is not None else None

@@ -63,8 +63,10 @@ __all__ = [
     "TokenChoice",
     "block_class",
     "per_row",
+    "pick_rows",
     "register_block",
     "registered_blocks",
+    "retired_rows",
 ]
 
 _REGISTRY: dict[str, type[Block]] = {}
@@ -225,16 +227,49 @@ class Block:
         """
         raise NotImplementedError(f"{cls.__name__} must offer example(model, identity) for the block contract test")
 
-    def by_row(self) -> list | None:
+    def by_row(self, rows: Sequence[int] | None = None) -> list | None:
         """What the block did (interventions) or saw (probes) in the last run, one entry per row.
 
-        None when it keeps nothing per row. The contract test checks that a row's entry is the
-        same when the row runs alone as in a batch.
+        ``rows``: only these prompts' entries, in that order (default: every row). Under
+        continuous batching a prompt's entry is readable as soon as it has retired
+        (``tr.generate(..., on_row=...)``), while other prompts still run: a study appends each
+        record when its row finishes. None when it keeps nothing per row. The contract test
+        checks that a row's entry is the same when the row runs alone as in a batch, and, read
+        the moment it retires, the same as after the run.
         """
         return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def retired_rows(retired: dict, rows: Sequence[int] | None = None) -> list:
+    """Entries of ``retired`` (prompt index -> entry, kept as each prompt retired from its slot)
+    for ``rows``, in that order; default: every prompt of the finished run.
+
+    Raises:
+        ValueError: a row that has not retired (it is still running, or was never admitted).
+
+    Example:
+        >>> retired_rows({1: "b", 0: "a"}), retired_rows({1: "b"}, [1])
+        (['a', 'b'], ['b'])
+    """
+    if rows is None:
+        return [retired[row] for row in range(len(retired))]
+    missing = [row for row in rows if row not in retired]
+    if missing:
+        raise ValueError(f"row {missing[0]} has not finished yet: read a row once it has retired (on_row)")
+    return [retired[row] for row in rows]
+
+
+def pick_rows(entries: list, rows: Sequence[int] | None = None) -> list:
+    """``entries`` (one per row of a finished batch) for ``rows``, in that order (None: all).
+
+    Example:
+        >>> pick_rows(["a", "b", "c"], [2, 0])
+        ['c', 'a']
+    """
+    return list(entries) if rows is None else [entries[row] for row in rows]
 
 
 def per_row(records: list[tuple[Tensor | int, Tensor]]) -> list[list[int]]:
@@ -310,6 +345,35 @@ class Intervention(Block):
     def edits_tokens(self) -> bool:
         """Whether this class overrides :meth:`choose` (only those get token choices)."""
         return type(self).choose is not Intervention.choose
+
+    # ---- a per-row parameter table (tr.generate(..., stacks=...): surgery.decode.row_tables) ----
+    def table_key(self):
+        """A hashable key, or None (the default: this block always runs on its own).
+
+        Under a stack per row, the blocks at one site whose keys are equal, and of which no
+        prompt carries two, are served by one operation over a per-row parameter table instead
+        of one operation each (:mod:`surgery.decode.row_tables`): the key must hold everything
+        that operation shares (the kind, the site, the trigger), :meth:`table_row` what differs.
+        A block that returns a key implements :meth:`table_row`, :meth:`table_edit` and
+        :meth:`keep_fired`.
+        """
+        return None
+
+    def table_row(self) -> Tensor:
+        """This block's parameters as one row of the table (a tensor of fixed shape)."""
+        raise NotImplementedError
+
+    def table_edit(self, site: str, value: Tensor, step: Step, table: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`edit` with each row's parameters read from ``table`` (``[batch, ...]``, row
+        ``i`` the :meth:`table_row` of the block row ``i`` carries): the edited value and where
+        it fired (bool ``[batch, pos]``, recorded by the table). Called on one block of the group,
+        with ``step`` restricted to the rows that carry any of them."""
+        raise NotImplementedError
+
+    def keep_fired(self, row: int, positions: list[int]) -> None:
+        """Keep ``positions`` (where the table fired on prompt ``row``) as this block's
+        :meth:`~Block.by_row` entry of ``row``."""
+        raise NotImplementedError
 
     @property
     def rerun_layer(self) -> int | None:

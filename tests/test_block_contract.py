@@ -107,10 +107,22 @@ def check_rows_alone_in_slots(model, cls) -> None:
     prompts = [*PROMPTS, PROMPTS[1]]  # a repeated prompt, too
     budgets = [*BUDGETS, 11]
     pooled = cls.example(model, prompts)
+    finished, early = [], {}
+
+    def on_row(row):  # read the moment the row leaves its slot, other rows still running
+        finished.append(row)
+        early[row.row] = pooled.by_row(rows=[row.row])
+
     with surgery.trace(model, pooled) as tr:
-        out = tr.generate(prompts, budgets, chat=True, eos_token_ids=[eos], batch_size=2)
+        out = tr.generate(prompts, budgets, chat=True, eos_token_ids=[eos], batch_size=2, on_row=on_row)
     rows = pooled.by_row()
     assert out.timings["steps"] < sum(budgets)  # slots really were shared
+    assert sorted(row.row for row in finished) == list(range(len(prompts)))
+    for row in finished:
+        assert (row.token_ids, row.text, row.stop_reason) == (out.token_ids[row.row], out.texts[row.row],
+                                                              out.stop_reasons[row.row])
+        if rows is not None:  # an entry read at retirement is the entry read after the run
+            assert_close(early[row.row], [rows[row.row]], precision=torch.float32, path=f"{cls.name}.by_row(rows=[{row.row}])")
     for i, prompt in enumerate(prompts):
         alone = cls.example(model, [prompt])
         with surgery.trace(model, alone) as tr:

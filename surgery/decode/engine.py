@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from surgery.blocks import TokenChoice
 from surgery.decode.forward import Forward, compile_options
-from surgery.decode.generation_output import GenerationOutput, offer_choice
+from surgery.decode.generation_output import FinishedRow, GenerationOutput, offer_choice
 from surgery.decode.kv_cache import check_kind
 from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
@@ -106,6 +106,7 @@ def generate(
     batch_size: int | None = None,
     on_admit: Callable | None = None,
     on_retire: Callable | None = None,
+    on_row: Callable[[FinishedRow], None] | None = None,
     shared_keys: bool = False,
 ) -> GenerationOutput:
     """Generate from a batch of prompts with the toolkit's decode loop.
@@ -163,6 +164,9 @@ def generate(
             sampling what its condition's own batch samples).
         on_admit, on_retire: with ``batch_size``, the row lifecycle the trace passes to its
             blocks (:meth:`~surgery.blocks.Block.admit`, :meth:`~surgery.blocks.Block.retire`).
+        on_row: called with each prompt's :class:`FinishedRow` once it is final: with
+            ``batch_size``, the moment the row leaves its slot (after ``on_retire``), other rows
+            still running, so a caller can save it at once; without, for every row at the end.
 
     Returns:
         A :class:`GenerationOutput`.
@@ -177,7 +181,8 @@ def generate(
             model, prompts, max_new_tokens, batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p,
             seed=seed, row_keys=row_keys, stop_strings=stop_strings, eos_token_ids=eos_token_ids, chat=chat,
             progress=progress, on_step=on_step, on_choose=on_choose, text_patterns=text_patterns, cache=cache,
-            rerun_from=rerun_from, compile=compile, on_admit=on_admit, on_retire=on_retire, shared_keys=shared_keys,
+            rerun_from=rerun_from, compile=compile, on_admit=on_admit, on_retire=on_retire, on_row=on_row,
+            shared_keys=shared_keys,
         )
     if shared_keys:
         raise ValueError("shared_keys (equal row keys) works with batch_size (continuous batching) only")
@@ -233,7 +238,11 @@ def generate(
         forward.close()
         if on_step is not None:
             on_step(None)
-    return _output(model.tokenizer, generated[:, :steps_run], stops, attention_mask, start, prefill_s)
+    out = _output(model.tokenizer, generated[:, :steps_run], stops, attention_mask, start, prefill_s)
+    if on_row is not None:
+        for row in range(batch):
+            on_row(out.row(row))
+    return out
 
 
 def run(

@@ -19,7 +19,29 @@ from torch import Tensor
 
 from surgery.token_choice import TokenChoice
 
-__all__ = ["GenerationOutput", "offer_choice"]
+__all__ = ["FinishedRow", "GenerationOutput", "offer_choice"]
+
+
+@dataclass(frozen=True)
+class FinishedRow:
+    """One prompt's generation, handed to ``generate(..., on_row=...)`` the moment it is final
+    (under continuous batching: when the row leaves its slot, other rows still running).
+
+    Attributes:
+        row: the prompt's index in the run.
+        text, token_ids, prompt_length, stop_reason: as its entries of :class:`GenerationOutput`.
+
+    Example:
+        >>> GenerationOutput(texts=["4"], token_ids=[[19]], lengths=[1], prompt_lengths=[3],
+        ...                  stop_reasons=["eos"]).row(0).stop_reason
+        'eos'
+    """
+
+    row: int
+    text: str
+    token_ids: list[int]
+    prompt_length: int
+    stop_reason: str
 
 
 @dataclass
@@ -45,6 +67,10 @@ class GenerationOutput:
     prompt_lengths: list[int]
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+
+    def row(self, i: int) -> FinishedRow:
+        """Row ``i`` as one :class:`FinishedRow`."""
+        return FinishedRow(i, self.texts[i], list(self.token_ids[i]), self.prompt_lengths[i], self.stop_reasons[i])
 
 
 def offer_choice(on_choose: Callable[[TokenChoice], None], choice: TokenChoice, pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -36,7 +36,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from surgery.blocks import per_row
+from collections.abc import Sequence
+
+from surgery.blocks import per_row, pick_rows, retired_rows
 from surgery.step import Step
 
 __all__ = ["StepRecords"]
@@ -94,7 +96,17 @@ class StepRecords:
 
     def retire(self, slot: int, row: int) -> None:
         """Keep ``slot``'s records as prompt ``row``'s entry of :meth:`per_row`."""
-        self._retired[row] = self._read()[slot]
+        self.keep(row, self.slot(slot))
+
+    def slot(self, slot: int) -> list[int]:
+        """The values recorded in batch row ``slot`` so far, in step order."""
+        rows = self._read()
+        return rows[slot] if slot < len(rows) else []  # nothing recorded at all: no rows
+
+    def keep(self, row: int, values: list[int]) -> None:
+        """Keep ``values`` as prompt ``row``'s entry of :meth:`per_row` (recorded elsewhere: a
+        per-row table records for the blocks it serves, :mod:`surgery.decode.row_tables`)."""
+        self._retired[row] = list(values)
 
     def _read(self) -> list[list[int]]:
         records = list(self._eager)
@@ -103,9 +115,10 @@ class StepRecords:
             records.append((self._values[:, :n], self._mask[:, :n]))
         return per_row(records)
 
-    def per_row(self) -> list[list[int]]:
+    def per_row(self, rows: Sequence[int] | None = None) -> list[list[int]]:
         """Per batch row, the values where the mask was True, in step order (after a continuous
-        run: per prompt, in prompt order)."""
+        run: per prompt, in prompt order). ``rows``: only those (a prompt of a continuous run
+        as soon as it has retired)."""
         if self._retired:
-            return [self._retired[row] for row in range(len(self._retired))]
-        return self._read()
+            return retired_rows(self._retired, rows)
+        return pick_rows(self._read(), rows)

@@ -12,7 +12,9 @@ carries; the trace then keeps, per block, which rows carry it (:class:`RowStacks
   it neither replaces their tokens nor stops them (:meth:`RowStacks.choose`).
 
 A row therefore gets exactly what it gets alone under its own stack, whatever the other rows
-carry. The masks are edited in place, so a compiled step keeps them as device buffers.
+carry. The masks are edited in place, so a compiled step keeps them as device buffers. Blocks of
+one kind at one site with different parameters (a steering vector per request) are served by one
+operation over a per-row table (:mod:`surgery.decode.row_tables`).
 
 Example:
     >>> import torch
@@ -31,6 +33,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
+from surgery.decode.row_tables import find_tables
 from surgery.step import Step
 
 __all__ = ["RowStacks"]
@@ -59,6 +62,8 @@ class RowStacks:
         self.blocks = list(blocks)
         self.carriers = {id(block): torch.zeros(batch, dtype=torch.bool, device=device) for block in self.blocks}
         self._restricted: dict[int, tuple[Step, Step]] = {}  # id(block) -> (step, as it sees it)
+        self.tables = find_tables(self.blocks, stacks, batch)
+        self._table_of = {id(member): table for table in self.tables for member in table.members}
 
     def admit(self, slots: list[int], rows: list[int]) -> None:
         """Prompts ``rows`` take ``slots``: each block's mask says whether they carry it."""
@@ -66,16 +71,43 @@ class RowStacks:
             carrier = self.carriers[id(block)]  # edited in place: a compiled step holds it
             for slot, row in zip(slots, rows):
                 carrier[slot] = id(block) in self.stacks[row]
+        for table in self.tables:
+            table.admit(slots, rows)
+
+    def edit(self, block, site: str, value: Tensor, step: Step) -> Tensor:
+        """Intervention ``block``'s edit of ``value``, on its rows only. A block served by a
+        per-row table (:mod:`surgery.decode.row_tables`): the whole table's edit at its first
+        member, nothing at the others."""
+        table = self._table_of.get(id(block))
+        if table is not None:
+            if block is not table.lead:
+                return value
+            return table.edit(site, value, step, self.step_for(table, step, table.carrier))
+        edited = block.edit(site, value, self.step_for(block, step))
+        return torch.where(self.mask(block).view(-1, *([1] * (value.ndim - 1))), edited, value)
+
+    def retire(self, slot: int, row: int) -> None:
+        """Prompt ``row`` left ``slot``: the tables hand its records to the blocks it carries
+        (after the blocks' own :meth:`~surgery.blocks.Block.retire`)."""
+        for table in self.tables:
+            table.retire(slot, row)
+
+    def finish(self, n_rows: int) -> None:
+        """After a run without slots: the tables hand every row's records over."""
+        for table in self.tables:
+            table.finish(n_rows)
 
     def mask(self, block) -> Tensor:
         """The rows that carry ``block``, bool ``[batch]``."""
         return self.carriers[id(block)]
 
-    def step_for(self, block, step: Step) -> Step:
-        """``step`` as ``block`` sees it: its rows only (valid False, finished True elsewhere)."""
+    def step_for(self, block, step: Step, rows: Tensor | None = None) -> Step:
+        """``step`` as ``block`` sees it: its rows (or ``rows``) only (valid False, finished True
+        elsewhere)."""
         seen = self._restricted.get(id(block))
         if seen is None or seen[0] is not step:  # one restriction per block and step
-            seen = self._restricted[id(block)] = (step, _restrict(step, self.mask(block)))
+            rows = self.mask(block) if rows is None else rows
+            seen = self._restricted[id(block)] = (step, _restrict(step, rows))
         return seen[1]
 
     def choose(self, block, choice) -> None:

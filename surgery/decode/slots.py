@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from surgery.decode.forward import compile_options
-from surgery.decode.generation_output import GenerationOutput, offer_choice
+from surgery.decode.generation_output import FinishedRow, GenerationOutput, offer_choice
 from surgery.model import Model
 from surgery.prompts import encode_prompts
 from surgery.decode.sampling import RowSampler, row_keys_for
@@ -91,10 +91,11 @@ def generate_continuous(
     on_admit: Callable[[list[int], list[int]], None] | None = None,
     shared_keys: bool = False,
     on_retire: Callable[[int, int], None] | None = None,
+    on_row: Callable[[FinishedRow], None] | None = None,
 ):
     """The continuous-batching loop; arguments as :func:`surgery.decode.engine.generate` (which calls it
     when ``batch_size`` is given), plus ``on_admit(slots, rows)`` (prompts ``rows`` are about to take ``slots``) and
-    ``on_retire(slot, row)``."""
+    ``on_retire(slot, row)``, then ``on_row`` with the row's :class:`FinishedRow`."""
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     keys = row_keys_for(input_ids, attention_mask, row_keys, unique=not shared_keys)
     lengths = attention_mask.sum(dim=1).tolist()
@@ -149,11 +150,15 @@ def generate_continuous(
                     kept, reasons = stops.kept[done].tolist(), stops.reason[done].tolist()
                     tokens = generated[done].tolist()
                     for s, n, reason, row_tokens in zip(done, kept, reasons, tokens):
-                        results[slot_row[s]] = (row_tokens[:n], STOP_REASONS[reason])
+                        row = slot_row[s]
+                        results[row] = (row_tokens[:n], STOP_REASONS[reason])
                         if on_retire is not None:
-                            on_retire(s, slot_row[s])
+                            on_retire(s, row)
                         forward.retire(s)
                         slot_row[s] = None
+                        if on_row is not None:
+                            text = model.tokenizer.decode(results[row][0], skip_special_tokens=True)
+                            on_row(FinishedRow(row, text, results[row][0], lengths[row], results[row][1]))
                     bar.update(len(done))
                 if all(r is None for r in slot_row) and not waiting:
                     break

@@ -24,13 +24,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from surgery.decode import engine
+from surgery.decode.generation_output import FinishedRow
 from surgery.blocks import Block, Intervention, Probe
 from surgery.model import Model
 from surgery.decode.row_stacks import RowStacks
@@ -38,7 +40,7 @@ from surgery.signals import check_signal_reads
 from surgery.sites import Site, hook_site
 from surgery.step import Step
 
-__all__ = ["Trace", "add_routes", "apply_blocks", "apply_to_slots", "check_blocks", "refuse_token_choice", "trace"]
+__all__ = ["Trace", "add_routes", "apply_blocks", "apply_to_slots", "check_blocks", "refuse_token_choice", "trace", "untraced"]
 
 
 class Trace:
@@ -148,7 +150,7 @@ class Trace:
 
     def generate(
         self, prompts, max_new_tokens: int | Sequence[int] = 64, *, stacks: Sequence[Sequence[Block]] | None = None,
-        **options,
+        on_row: Callable[[FinishedRow], None] | None = None, **options,
     ) -> engine.GenerationOutput:
         """Generate with every attached block active; options as :func:`surgery.generate`.
 
@@ -156,18 +158,26 @@ class Trace:
         row, :mod:`surgery.decode.row_stacks`): a block acts on, and records, only the rows that carry
         it, and each prompt gets what it gets alone under its own stack. A block's
         :meth:`~surgery.blocks.Block.by_row` then has an entry for every prompt (empty where
-        the prompt does not carry it). None: every prompt carries every block.
+        the prompt does not carry it). Blocks of one kind at one site with different parameters
+        (a steering vector per prompt) run as one operation over a per-row table
+        (:mod:`surgery.decode.row_tables`). None: every prompt carries every block.
+
+        ``on_row``: called with each prompt's :class:`~surgery.decode.generation_output.FinishedRow`
+        once every block has it: under continuous batching the moment the row leaves its slot
+        (read its blocks' entries then with ``block.by_row(rows=[row.row])``: a study saves each
+        record so, and a kill loses only the rows in flight); otherwise for every row at the end.
         """
         self._require_active()
         n_prompts = 1 if isinstance(prompts, str) else len(prompts)
         self._begin(prompts, options.get("batch_size"))
         self._stacks = None
+        pooled = options.get("batch_size") is not None or not isinstance(max_new_tokens, int)  # a slot pool
         if stacks is not None:
             if isinstance(stacks, (str, bytes)) or len(stacks) != n_prompts:
                 raise ValueError(f"stacks needs one list of blocks per prompt ({n_prompts})")
             slots = n_prompts if options.get("batch_size") is None else min(n_prompts, options["batch_size"])
             self._stacks = RowStacks(self.blocks, stacks, slots, self.model.device)
-            if options.get("batch_size") is None and isinstance(max_new_tokens, int):
+            if not pooled:
                 self._stacks.admit(list(range(n_prompts)), list(range(n_prompts)))
         choosers = [b for b in self.blocks if isinstance(b, Intervention) and b.edits_tokens]
 
@@ -188,7 +198,7 @@ class Trace:
                     stacklevel=2,
                 )
                 options = {**options, "compile": False}
-        return engine.generate(
+        out = engine.generate(
             self.model,
             prompts,
             max_new_tokens,
@@ -198,8 +208,15 @@ class Trace:
             rerun_from=min(rerun_layers, default=None),
             on_admit=self._admit,
             on_retire=self._retire,
+            on_row=on_row if pooled else None,
             **options,
         )
+        if self._stacks is not None and not pooled:
+            self._stacks.finish(n_prompts)
+        if on_row is not None and not pooled:  # a fixed batch: every row is final now
+            for row in range(n_prompts):
+                on_row(out.row(row))
+        return out
 
     def _admit(self, slots: list[int], rows: list[int]) -> None:
         """Prompts ``rows`` take ``slots`` (continuous batching): every block forgets those slots."""
@@ -214,6 +231,8 @@ class Trace:
     def _retire(self, slot: int, row: int) -> None:
         for block in self.blocks:
             block.retire(slot, row)
+        if self._stacks is not None:
+            self._stacks.retire(slot, row)
 
     def run(self, prompts, *, chat: bool = False) -> Tensor:
         """One forward pass with every attached block active: logits ``[batch, pos, vocab]``."""
@@ -276,8 +295,7 @@ def apply_blocks(site: str, value: Tensor, step: Step, interventions, probes, st
         if stacks is None:
             value = block.edit(site, value, step)
         else:
-            edited = block.edit(site, value, stacks.step_for(block, step))
-            value = torch.where(stacks.mask(block).view(-1, *([1] * (value.ndim - 1))), edited, value)
+            value = stacks.edit(block, site, value, step)
     if not step.is_rerun:  # probes see a recomputed position's first pass only
         for probe in probes:
             probe.observe(site, value, step if stacks is None else stacks.step_for(probe, step))
@@ -291,6 +309,29 @@ def apply_to_slots(site: str, value: Tensor, step: Step, interventions, probes, 
     index = torch.tensor(step.slots, device=value.device)
     pooled = value.new_zeros((step.batch_size, *value.shape[1:])).index_copy(0, index, value)
     return apply_blocks(site, pooled, step, interventions, probes, stacks).index_select(0, index)
+
+
+@contextlib.contextmanager
+def untraced(model):
+    """Forwards made inside see the plain model, even while a trace of ``model`` generates (a
+    probe reading a finished row mid-run, e.g. ``ReasoningGraph(steps="released")``): the step
+    the engine announced to the trace is withdrawn, so its hooks pass values through untouched
+    (no intervention edits them, no probe records them), and announced again on leaving.
+
+    Example:
+        >>> with untraced(surgery.load()):                    # doctest: +SKIP
+        ...     logits = model.module(ids).logits              # no block sees this forward
+    """
+    active = getattr(model, "_active_trace", None)
+    step = None if active is None else active._step
+    if step is None:
+        yield
+        return
+    active._on_step(None)
+    try:
+        yield
+    finally:
+        active._on_step(step)
 
 
 def trace(model, *blocks) -> Trace:
