@@ -1,11 +1,13 @@
 """What a study keeps of one row of a run: JSON for the record, tensors for a sidecar file.
 
 After a batch of one condition has generated, :func:`summarise_rows` turns the
-:class:`~surgery.decode.engine.GenerationOutput` and the blocks of the trace into one entry per row:
+:class:`~surgery.decode.engine.GenerationOutput` and the blocks of the trace into one entry per row;
+under continuous batching :func:`summarise_row` makes one row's entry the moment it finishes:
 
 * the generation: prompt, its length in tokens (``prompt_tokens``, padding not counted), text,
   token ids, number of tokens, stop reason, seconds (the batch's wall time shared equally
-  between its rows);
+  between its rows; in a pool, the wall time since the previous row finished, so a study's
+  seconds still add up to its wall time);
 * ``fired``: per intervention, where it acted in this row (its ``by_row()``: position ids, 0 at
   the row's first prompt token, so ``position - prompt_tokens`` is a generated-token offset;
   thinking-token insertion gives generated-token indices);
@@ -41,8 +43,9 @@ from torch import Tensor
 
 from probes import MIEstimator, ReasoningGraph, ThoughtClassifier
 from surgery.blocks import Block
+from surgery.decode.generation_output import FinishedRow, GenerationOutput
 
-__all__ = ["RowSummary", "fired_entries", "summarise_rows"]
+__all__ = ["RowSummary", "fired_entry", "summarise_row", "summarise_rows"]
 
 
 @dataclasses.dataclass
@@ -55,7 +58,7 @@ class RowSummary:
 
 def summarise_rows(out, interventions: Mapping[str, Block], probes: Mapping[str, Block], tokenizer,
                    prompts=None, seconds: float | None = None) -> list[RowSummary]:
-    """One :class:`RowSummary` per row of ``out``.
+    """One :class:`RowSummary` per row of ``out`` (:func:`summarise_row` for each).
 
     Args:
         out: the run's :class:`~surgery.decode.engine.GenerationOutput`.
@@ -63,65 +66,79 @@ def summarise_rows(out, interventions: Mapping[str, Block], probes: Mapping[str,
         probes: name -> probe of the trace.
         tokenizer: the model's tokenizer (peak token texts).
         prompts: the prompt texts, kept in the records when given.
-        seconds: the batch's wall time.
+        seconds: the batch's wall time, shared equally between its rows.
     """
     batch = len(out.token_ids)
-    rows = [
-        RowSummary(
-            record={
-                **({"prompt": prompts[row]} if prompts is not None else {}),
-                "prompt_tokens": out.prompt_lengths[row],
-                "text": out.texts[row],
-                "token_ids": list(out.token_ids[row]),
-                "n_tokens": len(out.token_ids[row]),
-                "stop_reason": out.stop_reasons[row],
-                **({"seconds": seconds / batch} if seconds is not None else {}),
-                "fired": {},
-                "probes": {},
-            },
-            tensors={},
-        )
-        for row in range(batch)
-    ]
+    share = None if seconds is None else seconds / batch
+    return [summarise_row(out.row(i), interventions, probes, tokenizer, prompt=None if prompts is None else prompts[i],
+                          seconds=share)
+            for i in range(batch)]
+
+
+def summarise_row(row: FinishedRow, interventions: Mapping[str, Block], probes: Mapping[str, Block], tokenizer,
+                  prompt: str | None = None, seconds: float | None = None) -> RowSummary:
+    """The :class:`RowSummary` of one finished row, read from its blocks with ``rows=[row.row]``:
+    under continuous batching this works the moment the row leaves its slot
+    (``tr.generate(..., on_row=...)``), so a study appends each record as its row finishes.
+
+    Args:
+        row: the row's :class:`~surgery.decode.generation_output.FinishedRow`.
+        interventions, probes, tokenizer: as :func:`summarise_rows`.
+        prompt: the prompt text, kept in the record when given.
+        seconds: the wall time charged to this row.
+    """
+    summary = RowSummary(
+        record={
+            **({"prompt": prompt} if prompt is not None else {}),
+            "prompt_tokens": row.prompt_length,
+            "text": row.text,
+            "token_ids": list(row.token_ids),
+            "n_tokens": len(row.token_ids),
+            "stop_reason": row.stop_reason,
+            **({"seconds": seconds} if seconds is not None else {}),
+            "fired": {},
+            "probes": {},
+        },
+        tensors={},
+    )
     for name, block in interventions.items():
-        for summary, entry in zip(rows, fired_entries(block, batch), strict=True):
-            summary.record["fired"][name] = entry
+        summary.record["fired"][name] = fired_entry(block, row.row)
     for name, probe in probes.items():
-        for summary, (record, tensors) in zip(rows, _probe_rows(probe, out, tokenizer), strict=True):
-            summary.record["probes"][name] = record
-            summary.tensors.update({f"{name}.{key}": value.detach().cpu().contiguous() for key, value in tensors.items()})
-    return rows
+        record, tensors = _probe_row(probe, row, tokenizer)
+        summary.record["probes"][name] = record
+        summary.tensors.update({f"{name}.{key}": value.detach().cpu().contiguous() for key, value in tensors.items()})
+    return summary
 
 
-def fired_entries(block: Block, rows: int) -> list:
-    """Where intervention ``block`` acted in each of the run's ``rows`` rows (its ``by_row()``
-    entries, as JSON), or None per row when it keeps nothing per row."""
-    by_row = block.by_row()
-    return [None] * rows if by_row is None else [_json_ready(entry) for entry in by_row[:rows]]
+def fired_entry(block: Block, row: int):
+    """Where intervention ``block`` acted in prompt ``row`` (its ``by_row`` entry, as JSON), or
+    None when it keeps nothing per row."""
+    by_row = block.by_row(rows=[row])
+    return None if by_row is None else _json_ready(by_row[0])
 
 
-def _probe_rows(probe: Block, out, tokenizer) -> list[tuple[dict, dict[str, Tensor]]]:
+def _probe_row(probe: Block, row: FinishedRow, tokenizer) -> tuple[dict, dict[str, Tensor]]:
+    rows = [row.row]
     if isinstance(probe, MIEstimator):
-        found = probe.result(out)
-        texts = found.peak_token_texts(out, tokenizer)
-        return [
-            ({"values": [_finite(v) for v in values.tolist()], "peaks": peaks.tolist(), "peak_tokens": words,
-              "stats": {key: _finite(value) for key, value in dataclasses.asdict(stats).items()}}, {})
-            for values, peaks, words, stats in zip(found.values, found.peaks, texts, found.stats, strict=True)
-        ]
+        found = probe.result(rows=rows)
+        alone = GenerationOutput([row.text], [list(row.token_ids)], [len(row.token_ids)], [row.prompt_length],
+                                 [row.stop_reason])
+        values, peaks, stats = found.values[0], found.peaks[0], found.stats[0]
+        return ({"values": [_finite(v) for v in values.tolist()], "peaks": peaks.tolist(),
+                 "peak_tokens": found.peak_token_texts(alone, tokenizer)[0],
+                 "stats": {key: _finite(value) for key, value in dataclasses.asdict(stats).items()}}, {})
     if isinstance(probe, ThoughtClassifier):
-        found = probe.result()
-        return [
-            ({"labels": [t.label for t in thoughts], "positions": [t.position for t in thoughts],
-              "counts": dict(Counter(t.label for t in thoughts))}, {"states": states})
-            for thoughts, states in zip(found.thoughts, found.states, strict=True)
-        ]
+        found = probe.result(rows=rows)
+        thoughts, states = found.thoughts[0], found.states[0]
+        return ({"labels": [t.label for t in thoughts], "positions": [t.position for t in thoughts],
+                 "counts": dict(Counter(t.label for t in thoughts))}, {"states": states})
     if isinstance(probe, ReasoningGraph):
-        return [({"n_steps": int(steps.shape[0])}, {"steps": steps}) for steps in probe.result()]
-    by_row = probe.by_row()
+        steps = probe.result(rows=rows)[0]
+        return {"n_steps": int(steps.shape[0])}, {"steps": steps}
+    by_row = probe.by_row(rows=rows)
     if by_row is None:
         raise TypeError(f"{type(probe).__name__} has no per-row results (by_row() is None): a study cannot keep it")
-    return [_generic_row(entry) for entry in by_row]
+    return _generic_row(by_row[0])
 
 
 def _generic_row(entry) -> tuple[dict, dict[str, Tensor]]:

@@ -16,13 +16,16 @@ every n-th problem from the i-th) store what one uninterrupted run stores.
 
 Continuous batching (the default, ``continuous=True``): the pending (problem, condition) pairs
 of every condition whose blocks follow rows through slots go through one slot pool
-(:mod:`surgery.decode.slots`) of ``generation.batch_size`` slots, in waves of :data:`WAVE_SLOTS` times
-that many pairs (:func:`run_pool`): one trace holds the union of the conditions' interventions,
-each row carrying its condition's (a stack per row, :mod:`surgery.decode.row_stacks`), and one set of
-the study's probes carried by every row; a finished row's slot is taken at once by the next
-pair, whatever its condition, and each wave's records are appended when it ends. Each record
-equals what the condition's own batches store (tested). Conditions that cannot share a pool
-(the released TTTS passes, recycling's released coin) run in batches per condition as before.
+(:mod:`surgery.decode.slots`) of ``generation.batch_size`` slots, in one generation
+(:func:`run_pool`): one trace holds the union of the conditions' interventions, each row carrying
+its condition's (a stack per row, :mod:`surgery.decode.row_stacks`; a steering vector per
+condition is one per-row table, :mod:`surgery.decode.row_tables`), and one set of the study's
+probes carried by every row; a finished row's slot is taken at once by the next pair, whatever
+its condition, and its record is appended the moment it finishes (``on_row``): a kill loses only
+the rows in flight. With ``generation.cache = "static"`` and ``compile = true`` the whole study
+is one compile of the decode step. Each record equals what the condition's own batches store
+(tested). Conditions that cannot share a pool (the released TTTS passes, recycling's released
+coin) run in batches per condition as before.
 
 Example::
 
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -44,17 +47,15 @@ from tqdm.auto import tqdm
 import surgery
 from experiments.grading import grade
 from experiments.problems import Problem
-from experiments.row_summaries import fired_entries, summarise_rows
+from experiments.row_summaries import RowSummary, summarise_row, summarise_rows
 from experiments.store import ResultStore
 from experiments.study_config import StudyConfig
 from interventions.released_ttts import ReleasedTTTSOutput, trace_generate
+from surgery.decode.generation_output import FinishedRow
 from surgery.files.storage import atomic_path
 
-__all__ = ["WAVE_SLOTS", "block_names", "poolable", "run_batch", "run_pool", "run_study", "study_problems", "tensor_path"]
-
-#: A wave of the slot pool holds this many times ``generation.batch_size`` (problem, condition)
-#: pairs: long enough that few slots idle at its end, short enough that a kill loses little.
-WAVE_SLOTS = 4
+__all__ = ["block_names", "compile_settings", "poolable", "run_batch", "run_pool", "run_study", "study_problems",
+           "tensor_path"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -102,7 +103,7 @@ def run_batch(config: StudyConfig, condition: str, problems: Sequence[Problem], 
         out = trace_generate(tr, prompts, config.max_new_tokens(condition), chat=config.prompt.engine_chat,
                              do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
                              stop_strings=gen.stop_strings, row_keys=[problem.id for problem in problems],
-                             progress=False)
+                             progress=False, **compile_settings(config))
     seconds = time.perf_counter() - start
     rows = summarise_rows(out, interventions, probes, model.tokenizer, prompts=prompts, seconds=seconds)
     released = out.records() if isinstance(out, ReleasedTTTSOutput) else None
@@ -124,9 +125,14 @@ def poolable(config: StudyConfig, condition: str, model: surgery.Model) -> bool:
     return not released and all(block.follows_rows for block in blocks)
 
 
-def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: surgery.Model):
+def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: surgery.Model,
+             on_row: Callable[[int, RowSummary], None] | None = None) -> list[RowSummary]:
     """Generate ``pairs`` ((problem, condition), any mix of conditions) through one slot pool;
-    one :class:`RowSummary` per pair, in order, each equal to what ``run_batch`` gives it."""
+    one :class:`RowSummary` per pair, in order, each equal to what ``run_batch`` gives it.
+
+    ``on_row(i, summary)`` gets pair ``i``'s summary the moment its row leaves its slot (other
+    rows still running): :func:`run_study` appends its record then.
+    """
     problems = [problem for problem, _ in pairs]
     conditions = list(dict.fromkeys(condition for _, condition in pairs))
     interventions = {c: dict(zip(block_names(config, c), config.build_blocks(c, model), strict=True)) for c in conditions}
@@ -134,21 +140,33 @@ def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: s
     prompts = [config.prompt.render(problem, model.tokenizer) for problem in problems]
     stacks = [[*interventions[condition].values(), *probes.values()] for _, condition in pairs]
     gen = config.generation
-    start = time.perf_counter()
     union = [block for c in conditions for block in interventions[c].values()]
+    summaries: dict[int, RowSummary] = {}
+    clock = [time.perf_counter()]
+
+    def finished(row: FinishedRow) -> None:
+        now = time.perf_counter()  # the pool's wall time, charged to rows as they finish
+        problem, condition = pairs[row.row]
+        summary = summarise_row(row, interventions[condition], probes, model.tokenizer, prompt=prompts[row.row],
+                                seconds=now - clock[0])
+        clock[0] = now
+        summary.record["grade"] = grade(summary.record["text"], problem.answer).to_dict()
+        summaries[row.row] = summary
+        if on_row is not None:
+            on_row(row.row, summary)
+
     with surgery.trace(model, *union, *probes.values()) as tr:
-        out = tr.generate(prompts, [config.max_new_tokens(c) for _, c in pairs], chat=config.prompt.engine_chat,
-                          do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
-                          stop_strings=gen.stop_strings, row_keys=[problem.id for problem in problems],
-                          shared_keys=True, progress=False, batch_size=gen.batch_size, stacks=stacks)
-    seconds = time.perf_counter() - start
-    rows = summarise_rows(out, {}, probes, model.tokenizer, prompts=prompts, seconds=seconds)
-    fired = {id(block): fired_entries(block, len(pairs)) for c in conditions for block in interventions[c].values()}
-    for i, (problem, condition) in enumerate(pairs):
-        for name, block in interventions[condition].items():
-            rows[i].record["fired"][name] = fired[id(block)][i]
-        rows[i].record["grade"] = grade(rows[i].record["text"], problem.answer).to_dict()
-    return rows
+        tr.generate(prompts, [config.max_new_tokens(c) for _, c in pairs], chat=config.prompt.engine_chat,
+                    do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
+                    stop_strings=gen.stop_strings, row_keys=[problem.id for problem in problems], shared_keys=True,
+                    progress=False, batch_size=gen.batch_size, stacks=stacks, on_row=finished, **compile_settings(config))
+    return [summaries[i] for i in range(len(pairs))]
+
+
+def compile_settings(config: StudyConfig) -> dict:
+    """The decode step's cache and compile options of ``config.generation`` (``surgery.generate``'s)."""
+    gen = config.generation
+    return {"cache": gen.cache, "compile": gen.compile} if gen.compile else {"cache": gen.cache}
 
 
 def _save(store: ResultStore, problem: Problem, condition: str, row) -> None:
@@ -194,13 +212,14 @@ def run_study(config: StudyConfig, *, model: surgery.Model | None = None, proble
     pooled = [c for c in todo if todo[c] and continuous and poolable(config, c, model)]
     with tqdm(total=total, unit="run", desc=config.name, disable=not progress, dynamic_ncols=True) as bar:
         pairs = [(problem, condition) for condition in pooled for problem in todo[condition]]
-        wave = batch_size * WAVE_SLOTS
-        for first in range(0, len(pairs), wave):
-            chunk = pairs[first : first + wave]
-            bar.set_postfix_str(", ".join(dict.fromkeys(condition for _, condition in chunk)))
-            for (problem, condition), row in zip(chunk, run_pool(config, chunk, model), strict=True):
-                _save(store, problem, condition, row)
-            bar.update(len(chunk))
+        if pairs:
+            bar.set_postfix_str(", ".join(pooled))
+
+            def save(i: int, row: RowSummary) -> None:  # the moment the row finishes
+                _save(store, *pairs[i], row)
+                bar.update(1)
+
+            run_pool(config, pairs, model, on_row=save)
         for condition, pending in todo.items():
             if condition in pooled:
                 continue

@@ -51,6 +51,8 @@ The format (every key shown; the comments give the defaults and the choices)::
     top_p = 1.0
     seed = 0
     stop_strings = []
+    cache = "dynamic"                       # "static" with compile = true: one compiled decode step
+    compile = false                         # for the whole study (graph-safe blocks)
 
     [conditions.plain]                      # required: at least one condition
     blocks = []
@@ -122,7 +124,8 @@ _SECTIONS = ("conditions", "dataset", "generation", "model", "name", "output", "
 # the fingerprints of existing output folders do not change
 _LATER = {"model": {"config": None, "tokenizer": None, "smoke_shrink": 1, "random_weights": False},
           "dataset": {"hub": None, "split": "test", "subset": None, "question_field": None, "answer_field": None},
-          "prompt": {"system": None}}
+          "prompt": {"system": None},
+          "generation": {"cache": "dynamic", "compile": False}}
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,12 @@ class PromptSpec:
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    """``[generation]``: the decode settings of every condition (:func:`surgery.generate`'s options)."""
+    """``[generation]``: the decode settings of every condition (:func:`surgery.generate`'s options).
+
+    ``cache = "static"`` with ``compile = true`` compiles the decode step once for the whole
+    pool of a study (every condition's blocks in one graph, their parameters in device buffers);
+    blocks that are not graph-safe decode eagerly, with a warning.
+    """
 
     max_new_tokens: int = 256
     batch_size: int = 8
@@ -168,6 +173,8 @@ class GenerationSpec:
     top_p: float = 1.0
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
+    cache: str = "dynamic"
+    compile: bool = False
 
 
 def parse_section(name: str, table, cls: type, base: str | Path = "."):
@@ -298,6 +305,11 @@ def _generation(spec: GenerationSpec) -> GenerationSpec:
     ):
         if not ok:
             raise StudyConfigError(field_path("generation", key), f"must be {rule}, got {getattr(spec, key)!r}")
+    if spec.cache not in ("dynamic", "static"):
+        raise StudyConfigError(field_path("generation", "cache"), f'must be "dynamic" or "static", got {spec.cache!r}')
+    if spec.compile and spec.cache != "static":
+        raise StudyConfigError(field_path("generation", "compile"),
+                               'needs cache = "static" (a compiled step must see the same KV memory every step)')
     return spec
 
 

@@ -148,3 +148,52 @@ def test_a_compiled_pool_gives_each_prompt_its_alone_tokens_in_one_graph(tiny_ll
             single = tr.generate([prompt], POOL_BUDGETS[i], chat=True)
         assert pooled.token_ids[i] == single.token_ids[0] and pooled.stop_reasons[i] == single.stop_reasons[0]
         assert [b.by_row()[i] for b in blocks] == [b.by_row()[0] for b in alone]
+
+
+def test_a_compiled_pool_with_a_steering_vector_per_row_is_one_graph(tiny_llama):
+    """Distinct vectors and alphas per row (a per-row table, surgery/decode/row_tables.py) sit in
+    device buffers written at admission: the pool still compiles once, each row as alone."""
+    def vectors():
+        gen = torch.Generator().manual_seed(1)
+        return [SteeringVector(torch.randn(tiny_llama.d_model, generator=gen) * 5, layer=1, alpha=(0.5, 1.0, -2.0)[i % 3],
+                               when=surgery.OnText("\n\n") | surgery.StepWindow(2, 4)) for i in range(4)]
+
+    blocks = vectors()
+    carried = [i % 5 for i in range(len(POOL_PROMPTS))]  # 4: no vector
+    counters.clear()
+    with surgery.trace(tiny_llama, *blocks) as tr:
+        pooled = tr.generate(POOL_PROMPTS, POOL_BUDGETS, chat=True, cache="static", compile=ON_CPU, batch_size=3,
+                             stacks=[[blocks[c]] if c < 4 else [] for c in carried])
+    assert counters["stats"]["unique_graphs"] <= 1 and sum(counters["graph_break"].values()) == 0
+    for i, prompt in enumerate(POOL_PROMPTS):
+        alone = [vectors()[carried[i]]] if carried[i] < 4 else []
+        with surgery.trace(tiny_llama, *alone) as tr:
+            single = tr.generate([prompt], POOL_BUDGETS[i], chat=True)
+        assert pooled.token_ids[i] == single.token_ids[0] and pooled.stop_reasons[i] == single.stop_reasons[0]
+        if alone:
+            assert blocks[carried[i]].fired()[i] == alone[0].fired()[0]
+
+
+def test_a_study_of_three_conditions_is_one_compile(tmp_path):
+    """``[generation] cache = "static", compile = true``: every condition's rows share one pool and
+    one compiled decode step (inductor on the CPU); each record as in the eager study."""
+    from test_runner import by_key, write_study
+
+    from experiments.runner import run_study
+    from experiments.study_config import load_study_config
+
+    def study(folder, **generation):
+        path = write_study(folder, conditions=["plain", "seal", "mask"], **generation)
+        text = path.read_text()
+        path.write_text(text[: text.index("[probes]")])  # graph-safe interventions only
+        return load_study_config(path)
+
+    (tmp_path / "eager").mkdir()
+    (tmp_path / "compiled").mkdir()
+    eager = by_key(run_study(study(tmp_path / "eager"), progress=False, continuous=False))
+    counters.clear()
+    compiled = by_key(run_study(study(tmp_path / "compiled", cache="static", compile=True), progress=False))
+    assert counters["stats"]["unique_graphs"] == 1 and sum(counters["graph_break"].values()) == 0
+    assert sorted(compiled) == sorted(eager)
+    for key in eager:
+        assert (compiled[key]["token_ids"], compiled[key]["fired"]) == (eager[key]["token_ids"], eager[key]["fired"]), key

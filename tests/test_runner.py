@@ -155,20 +155,28 @@ def test_one_slot_pool_for_every_condition_stores_what_per_condition_batches_sto
             assert_close(ours[name], theirs[name], precision=torch.float32, path=f"{key} {name}")
 
 
-def test_a_wave_mixes_conditions_in_one_trace(tmp_path, monkeypatch):
+def test_one_pool_for_the_study_and_each_record_appended_while_other_rows_still_run(tmp_path, monkeypatch):
     from experiments import runner
 
-    seen = []
-    real = runner.run_pool
+    pools, models, saved = [], [], []
+    real_pool, real_save = runner.run_pool, runner._save
 
-    def spy(config, pairs, model):
-        seen.append(sorted({condition for _, condition in pairs}))
-        return real(config, pairs, model)
+    def pool(config, pairs, model, on_row=None):
+        pools.append(sorted({condition for _, condition in pairs}))
+        models.append(model)
+        return real_pool(config, pairs, model, on_row=on_row)
 
-    monkeypatch.setattr(runner, "run_pool", spy)
+    def save(store, problem, condition, row):
+        saved.append(models[0]._active_trace is not None)  # the generation is still running
+        real_save(store, problem, condition, row)
+
+    monkeypatch.setattr(runner, "run_pool", pool)
+    monkeypatch.setattr(runner, "_save", save)
     config = load_study_config(write_study(tmp_path, conditions=["plain", "seal", "mask"]))
-    run_study(config, progress=False)
-    assert seen == [["plain", "seal"], ["mask", "seal"]]  # 15 pairs in waves of 2 slots x 4: 8, then 7
+    store = run_study(config, progress=False)
+    assert pools == [["mask", "plain", "seal"]]  # 15 pairs, one generation through 2 slots
+    assert len(saved) == 15 and all(saved)  # every record appended inside the generation, as its row ended
+    assert len(list(store.records())) == 15
 
 
 def test_conditions_whose_draws_depend_on_their_batch_keep_their_own_batches(tmp_path):
@@ -228,11 +236,15 @@ def test_another_study_in_the_same_folder_is_refused(reference, tmp_path):
 
 
 KILLED_RUN = """
-import sys
-from experiments.runner import run_study
+import sys, time
+from experiments import runner
 from experiments.study_config import load_study_config
-from experiments.study_sections import ModelSpec
-run_study(load_study_config(sys.argv[1]), progress=False)
+real_save = runner._save
+def slow_save(*args):  # a row's record, then time for the kill to land while other rows run
+    real_save(*args)
+    time.sleep(0.3)
+runner._save = slow_save
+runner.run_study(load_study_config(sys.argv[1]), progress=False)
 """
 
 

@@ -148,6 +148,9 @@ def test_to_dict_is_canonical_json_and_changes_with_any_value(study_folder, mode
     assert fingerprint(study_folder, STUDY.replace("alpha = 2.0", "alpha = 2")) == same
     assert fingerprint(study_folder, STUDY.replace("probability = 0.5 }", "probability = 0.5, seed = 0 }")) == same
     assert fingerprint(study_folder, STUDY.replace("temperature = 1.0", "temperature = 0.7")) != same
+    # generation.cache and compile were added later: at their defaults they leave older fingerprints alone
+    assert fingerprint(study_folder, STUDY.replace("top_p = 1.0", 'top_p = 1.0\ncache = "dynamic"')) == same
+    assert "cache" not in study.to_dict()["generation"]
     assert fingerprint(study_folder, STUDY.replace("stop = 200", "stop = 100")) != same
     save_blocks(study_folder / "vec.safetensors", [SteeringVector(torch.ones(64), layer=2, when=OnText("\n\n"),
                                                                   metadata={"note": "hand-made"})])
@@ -240,6 +243,9 @@ BAD = {
     "missing model folder": (('name = "tiny-llama"', 'name = "./tiny-llama-2"'), "model.name", "no folder or .gguf file"),
     "template field": (("{question}\\n", "{question} {answer}\\n"), "prompt.template", "unknown field(s) {answer}"),
     "temperature": (("temperature = 1.0", "temperature = 0.0"), "generation.temperature", "must be above 0"),
+    "cache": (("top_p = 1.0", 'top_p = 1.0\ncache = "paged"'), "generation.cache", 'must be "dynamic" or "static"'),
+    "compile without a static cache": (("top_p = 1.0", "top_p = 1.0\ncompile = true"), "generation.compile",
+                                       'needs cache = "static"'),
     "no conditions": ((STUDY[STUDY.index("[conditions.plain]"):STUDY.index("[probes]")], ""), "conditions",
                       "add at least one, e.g. [conditions.plain]"),
     "duplicate condition": (("[conditions.mask]", "[conditions.seal]"), "",
