@@ -2,6 +2,7 @@
 
 Run: python benchmarks/bench_batching.py [--rows 32] [--batch 8] [--min-tokens 24] [--max-tokens 96]
                                          [--reps 3] [--compile] [--vectors 1,8,64] [--device cpu]
+                                         [--parts batching,vectors,memory]
 (or ``surgery bench batching -- --rows 32``)
 
 Workload: the first ``--rows`` GSM8K test questions in the chat template on SmolLM2-135M-Instruct,
@@ -20,9 +21,10 @@ Printed per row: useful tokens per second, rows per hour, the slots' idle share 
 produced no useful token), and the ratio to ``fixed``. Before timing, the script checks that every
 prompt's continuous tokens equal its tokens in the fixed batch, cut at its budget.
 
-Then many settings at once: ``--batch`` rows, each with its own steering vector (one
-``SteeringVector`` per distinct vector, each carried by its rows through ``stacks=``), for each
-count in ``--vectors``, against one vector shared by all rows: the cost of distinct settings.
+Then many settings at once: max(``--vectors``) GSM8K prompts in one batch, each steered: one vector shared by all rows (no stacks) against ``n`` distinct vectors (one
+``SteeringVector`` each, carried by its rows through ``stacks=``, so served by one per-row table,
+:mod:`surgery.decode.row_tables`) for each count in ``--vectors``; and, for the largest count, the
+same blocks each run on its own (``--no-table`` row: how the engine did it before the tables).
 
 Then memory: the KV cache of 200 prompts as one fixed batch against ``--batch`` slots.
 """
@@ -72,30 +74,45 @@ def slot_steps(budgets, batch, fixed: bool) -> int:
 
 
 def distinct_vectors(model, prompts, counts, layer, reps):
-    """``len(prompts)`` rows, each steered: one shared vector against ``n`` distinct ones."""
+    """``len(prompts)`` rows, each steered: one shared vector against ``n`` distinct ones (a
+    per-row table), and the largest ``n`` with each block on its own."""
     generator = torch.Generator().manual_seed(0)
     vectors = [torch.randn(model.d_model, generator=generator).to(model.device, model.dtype) for _ in range(max(counts))]
     when = surgery.OnText("\n\n") | surgery.StepWindow(0, None)
 
-    def run_with(n):
+    def run_with(n, table=True):
         blocks = [SteeringVector(vectors[i], layer=layer, alpha=0.5, when=when) for i in range(n)]
+        if not table:  # each block on its own: one masked add (and trigger, and record) per block
+            for block in blocks:
+                block.table_key = lambda: None
 
         def run():
             with surgery.trace(model, *blocks) as tr:
                 stacks = [[blocks[i % n]] for i in range(len(prompts))]
-                return tr.generate(prompts, 32, chat=True, progress=False, stacks=None if n == 1 else stacks)
-        return run
+                out = tr.generate(prompts, 32, chat=True, progress=False, stacks=None if n == 1 else stacks)
+            decode[name].append(out.timings["decode_s"])
+            return out
+        name = f"{n} vector{'s' if n > 1 else ''}" if table else f"{n}, no table"
+        decode[name] = []
+        return name, run
 
-    rows = {f"{n} vector{'s' if n > 1 else ''}": run_with(n) for n in counts}
+    decode: dict[str, list[float]] = {}
+    rows = dict(run_with(n) for n in counts)
+    if max(counts) > 1:
+        rows.update([run_with(max(counts), table=False)])
     for run in rows.values():
         run()
+    for seconds in decode.values():
+        seconds.clear()  # the warm-up's
     times = time_rows(rows, reps)
-    base = statistics.median(times[next(iter(rows))])
-    print(f"\n{len(prompts)} rows steered at resid_pre.{layer}, 32 new tokens, median of {reps}:")
-    print(f"{'setting':<14}{'median s':>10}{'vs 1 vector':>14}")
+    first = next(iter(rows))
+    base, base_decode = statistics.median(times[first]), statistics.median(decode[first])
+    print(f"\n{len(prompts)} rows steered at resid_pre.{layer}, 32 new tokens, median of {reps} "
+          "(whole run with its prefill; decode steps alone):")
+    print(f"{'setting':<16}{'median s':>10}{'vs 1 vector':>13}{'decode s':>10}{'vs 1 vector':>13}")
     for name in rows:
-        median = statistics.median(times[name])
-        print(f"{name:<14}{median:>10.3f}{median / base:>13.2f}x")
+        median, step = statistics.median(times[name]), statistics.median(decode[name])
+        print(f"{name:<16}{median:>10.3f}{median / base:>12.2f}x{step:>10.3f}{step / base_decode:>12.2f}x")
 
 
 def cache_memory(model, batch):
@@ -130,42 +147,46 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time cache='static', compile=True")
     parser.add_argument("--vectors", default="1,8,64", help="distinct steering-vector counts (empty: skip)")
     parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--parts", default="batching,vectors,memory", help="which parts to run")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
 
     model = surgery.load(device=args.device)
     prompts = gsm8k_questions(args.rows)
     draw = random.Random(0)
     budgets = [draw.randint(args.min_tokens, args.max_tokens) for _ in prompts]
 
-    ways = {"fixed": fixed_batches, "continuous": continuous}
-    options = {"": {}}
-    if args.compile:
-        options["+compile"] = {"cache": "static", "compile": True}
-    rows = {}
-    for suffix, extra in options.items():
-        for name, way in ways.items():
-            rows[name + suffix] = (lambda way=way, extra=extra: way(model, prompts, budgets, args.batch, **extra))
-    reference = rows["fixed"]()
-    for name, run in rows.items():  # warm-up (and the compiles), and the exactness check
-        assert run() == reference, f"{name}: a prompt's tokens differ from its tokens in the fixed batches"
-    times = time_rows(rows, args.reps)
+    if "batching" in parts:
+        ways = {"fixed": fixed_batches, "continuous": continuous}
+        options = {"": {}}
+        if args.compile:
+            options["+compile"] = {"cache": "static", "compile": True}
+        rows = {}
+        for suffix, extra in options.items():
+            for name, way in ways.items():
+                rows[name + suffix] = (lambda way=way, extra=extra: way(model, prompts, budgets, args.batch, **extra))
+        reference = rows["fixed"]()
+        for name, run in rows.items():  # warm-up (and the compiles), and the exactness check
+            assert run() == reference, f"{name}: a prompt's tokens differ from its tokens in the fixed batches"
+        times = time_rows(rows, args.reps)
 
-    useful = sum(budgets)
-    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; {args.rows} GSM8K prompts, {args.batch} slots, "
-          f"budgets {min(budgets)}-{max(budgets)} tokens ({max(budgets) / min(budgets):.1f}x), median of {args.reps}; "
-          "every prompt's tokens equal across rows: yes")
-    print(f"{'row':<20}{'median s':>10}{'useful tok/s':>14}{'rows/hour':>11}{'idle slots':>12}{'vs fixed':>10}")
-    for name in rows:
-        median = statistics.median(times[name])
-        idle = 1 - useful / (slot_steps(budgets, args.batch, name.startswith("fixed")))
-        base = statistics.median(times["fixed" + name.split("continuous")[-1].split("fixed")[-1]])
-        print(f"{name:<20}{median:>10.2f}{useful / median:>14.1f}{args.rows * 3600 / median:>11.0f}"
-              f"{idle:>11.0%}{base / median:>9.2f}x")
+        useful = sum(budgets)
+        device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; {args.rows} GSM8K prompts, {args.batch} slots, "
+              f"budgets {min(budgets)}-{max(budgets)} tokens ({max(budgets) / min(budgets):.1f}x), median of {args.reps}; "
+              "every prompt's tokens equal across rows: yes")
+        print(f"{'row':<20}{'median s':>10}{'useful tok/s':>14}{'rows/hour':>11}{'idle slots':>12}{'vs fixed':>10}")
+        for name in rows:
+            median = statistics.median(times[name])
+            idle = 1 - useful / (slot_steps(budgets, args.batch, name.startswith("fixed")))
+            base = statistics.median(times["fixed" + name.split("continuous")[-1].split("fixed")[-1]])
+            print(f"{name:<20}{median:>10.2f}{useful / median:>14.1f}{args.rows * 3600 / median:>11.0f}"
+                  f"{idle:>11.0%}{base / median:>9.2f}x")
     counts = [int(n) for n in args.vectors.split(",") if n]
-    if counts:
-        distinct_vectors(model, prompts[: max(counts)], counts, args.layer, args.reps)
-    cache_memory(model, args.batch)
+    if counts and "vectors" in parts:
+        distinct_vectors(model, gsm8k_questions(max(counts)), counts, args.layer, args.reps)
+    if "memory" in parts:
+        cache_memory(model, args.batch)
 
 
 if __name__ == "__main__":
