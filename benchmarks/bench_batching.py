@@ -27,6 +27,14 @@ Then many settings at once: max(``--vectors``) GSM8K prompts in one batch, each 
 same blocks each run on its own (``--no-table`` row: how the engine did it before the tables).
 
 Then memory: the KV cache of 200 prompts as one fixed batch against ``--batch`` slots.
+
+Then one compile per study (``--parts study``): a study of 3 conditions (plain, a steering vector,
+a token mask) on ``--study-problems`` GSM8K problems, ``[generation] cache = "static", compile =
+true``, run once through one slot pool (``run_study``, the default) and once in batches per
+condition (``continuous=False``), each from an empty compile cache: how many graphs were
+compiled, the seconds to the study's first stored record and to its end. ``--study-backend
+eager`` (the default on a CPU: dynamo's tracing without inductor's code generation, which takes
+minutes per graph here) or ``inductor`` (what ``compile = true`` runs).
 """
 
 from __future__ import annotations
@@ -139,6 +147,76 @@ def cache_memory(model, batch):
           f"{batch} slots at most {max(seen) / 1e6:.2f}M ({fixed / max(seen):.0f}x less)")
 
 
+STUDY = """
+name = "bench-compiles"
+output = "out"
+[model]
+name = "embedded"
+device = "{device}"
+[dataset]
+sample = "gsm8k"
+limit = {problems}
+[prompt]
+template = "{{question}}"
+chat = true
+[generation]
+max_new_tokens = 16
+batch_size = {batch}
+cache = "static"
+compile = true
+[conditions.plain]
+blocks = []
+[conditions.steer]
+blocks = [{{ type = "steering_vector", from = "vector.safetensors", alpha = 0.5 }}]
+[conditions.mask]
+blocks = [{{ type = "token_mask", words = ["Wait", "Step"], penalty = -3.0 }}]
+"""
+
+
+def study_compiles(model, problems: int, batch: int, backend: str) -> None:
+    """A study of 3 conditions, compiled: one slot pool against batches per condition."""
+    import tempfile
+    import time
+
+    from torch._dynamo.utils import counters
+
+    from experiments import runner
+    from experiments.study_config import load_study_config
+
+    options = {"backend": "eager", "fullgraph": True} if backend == "eager" else True
+    real_settings, real_save = runner.compile_settings, runner._save
+    runner.compile_settings = lambda config: {**real_settings(config), "compile": options}
+    rows = {}
+    try:
+        for name, continuous in (("one pool", True), ("per condition", False)):
+            with tempfile.TemporaryDirectory() as folder:
+                vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+                SteeringVector(vector, layer=15, when=surgery.OnText("\n\n")).save(Path(folder) / "vector.safetensors")
+                path = Path(folder) / "study.toml"
+                path.write_text(STUDY.format(device=model.device.type, problems=problems, batch=batch))
+                config = load_study_config(path)
+                torch._dynamo.reset()
+                counters.clear()
+                first = []
+
+                def save(*args, first=first):
+                    real_save(*args)
+                    if not first:
+                        first.append(time.perf_counter())
+
+                runner._save = save
+                start = time.perf_counter()
+                runner.run_study(config, model=model, progress=False, continuous=continuous)
+                rows[name] = (counters["stats"]["unique_graphs"], first[0] - start, time.perf_counter() - start)
+    finally:
+        runner.compile_settings, runner._save = real_settings, real_save
+    print(f"\nStudy of 3 conditions x {problems} GSM8K problems, {batch} slots, 16 new tokens, compiled "
+          f"({'dynamo, eager backend' if backend == 'eager' else 'inductor'}), from an empty compile cache:")
+    print(f"{'run':<16}{'graphs':>8}{'first record s':>16}{'whole study s':>15}")
+    for name, (graphs, ttft, total) in rows.items():
+        print(f"{name:<16}{graphs:>8}{ttft:>16.1f}{total:>15.1f}")
+
+
 def main() -> None:
     parser = model_options(__doc__.split("\n")[0], new_tokens=96, reps=3)
     parser.add_argument("--rows", type=int, default=32)
@@ -147,7 +225,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time cache='static', compile=True")
     parser.add_argument("--vectors", default="1,8,64", help="distinct steering-vector counts (empty: skip)")
     parser.add_argument("--layer", type=int, default=15)
-    parser.add_argument("--parts", default="batching,vectors,memory", help="which parts to run")
+    parser.add_argument("--parts", default="batching,vectors,memory,study", help="which parts to run")
+    parser.add_argument("--study-problems", type=int, default=8)
+    parser.add_argument("--study-backend", choices=("eager", "inductor"), default="eager")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
 
@@ -187,6 +267,8 @@ def main() -> None:
         distinct_vectors(model, gsm8k_questions(max(counts)), counts, args.layer, args.reps)
     if "memory" in parts:
         cache_memory(model, args.batch)
+    if "study" in parts:
+        study_compiles(model, args.study_problems, args.batch, args.study_backend)
 
 
 if __name__ == "__main__":

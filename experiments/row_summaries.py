@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from collections import Counter
@@ -113,8 +114,17 @@ def summarise_row(row: FinishedRow, interventions: Mapping[str, Block], probes: 
 def fired_entry(block: Block, row: int):
     """Where intervention ``block`` acted in prompt ``row`` (its ``by_row`` entry, as JSON), or
     None when it keeps nothing per row."""
-    by_row = block.by_row(rows=[row])
+    by_row = _by_row(block, row)
     return None if by_row is None else _json_ready(by_row[0])
+
+
+def _by_row(block: Block, row: int):
+    """``block.by_row(rows=[row])``, or a TypeError saying what a block written before
+    ``rows`` existed lacks."""
+    if "rows" not in inspect.signature(block.by_row).parameters:
+        raise TypeError(f"{type(block).__name__}.by_row() takes no rows argument: a study reads each row as it "
+                        "finishes, so give it by_row(self, rows=None) (see surgery.blocks.Block.by_row)")
+    return block.by_row(rows=[row])
 
 
 def _probe_row(probe: Block, row: FinishedRow, tokenizer) -> tuple[dict, dict[str, Tensor]]:
@@ -135,7 +145,7 @@ def _probe_row(probe: Block, row: FinishedRow, tokenizer) -> tuple[dict, dict[st
     if isinstance(probe, ReasoningGraph):
         steps = probe.result(rows=rows)[0]
         return {"n_steps": int(steps.shape[0])}, {"steps": steps}
-    by_row = probe.by_row(rows=rows)
+    by_row = _by_row(probe, row.row)
     if by_row is None:
         raise TypeError(f"{type(probe).__name__} has no per-row results (by_row() is None): a study cannot keep it")
     return _generic_row(by_row[0])

@@ -34,3 +34,27 @@ def test_rows_hold_the_generation_firing_and_probe_summaries_as_json(tiny_llama)
         positions, values = record.by_row()[i]
         assert torch.equal(row.tensors["states.0"], positions) and torch.equal(row.tensors["states.1"], values)
     assert any(row.record["fired"]["mask"] for row in rows)  # not vacuous
+
+
+def test_a_pooled_row_summarised_as_it_finishes_equals_its_summary_after_the_run(tiny_llama):
+    from experiments.row_summaries import summarise_row
+
+    mask = TokenMask(["e", "."], penalty=-5.0)
+    mi = MIEstimator(answers=[*ANSWERS, ANSWERS[0]])
+    prompts, early = [*PROMPTS, PROMPTS[0]], {}
+    with surgery.trace(tiny_llama, mask, mi) as tr:
+        out = tr.generate(prompts, [4, 12, 6, 9, 3], batch_size=2, on_row=lambda row: early.__setitem__(
+            row.row, summarise_row(row, {"mask": mask}, {"mi": mi}, tiny_llama.tokenizer).record))
+    after = summarise_rows(out, {"mask": mask}, {"mi": mi}, tiny_llama.tokenizer)
+    assert [early[i] for i in range(len(prompts))] == [row.record for row in after]
+
+
+def test_a_block_whose_by_row_takes_no_rows_is_named(tiny_llama):
+    from experiments.row_summaries import fired_entry
+
+    class Old(TokenMask):
+        def by_row(self):
+            return self.fired()
+
+    with pytest.raises(TypeError, match=r"Old.by_row\(\) takes no rows argument"):
+        fired_entry(Old(["e"]), 0)
