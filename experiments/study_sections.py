@@ -9,7 +9,7 @@ Errors are :class:`~experiments.config_checks.StudyConfigError` naming the field
 
 Example:
     >>> parse_section("generation", {"max_new_tokens": 64, "temperature": 1}, GenerationSpec)
-    GenerationSpec(max_new_tokens=64, batch_size=8, do_sample=False, temperature=1.0, top_p=1.0, seed=0, stop_strings=())
+    GenerationSpec(max_new_tokens=64, batch_size=8, do_sample=False, temperature=1.0, top_p=1.0, seed=0, stop_strings=(), cache='dynamic', compile=False)
     >>> parse_section("prompt", {"template": "Solve: {problem}"}, PromptSpec)
     Traceback (most recent call last):
     ...

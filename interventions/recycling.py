@@ -92,7 +92,8 @@ from interventions.recycling_triggers import (  # noqa: F401  (all still importa
     released_trigger_ids,
     trigger_ids_for_words,
 )
-from surgery.blocks import Intervention, per_row, pick_rows, register_block, retired_rows
+from surgery.blocks import Intervention, register_block
+from surgery.row_entries import per_row, pick_rows, retired_rows
 from surgery.decode.kv_cache import last_entry, restore_last_entry, rollback
 from surgery.step import Step
 from surgery.triggers import Trigger

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from surgery.blocks import Intervention, per_row, pick_rows, register_block, retired_rows
+from surgery.blocks import Intervention, register_block
+from surgery.row_entries import per_row, pick_rows, retired_rows
 
 __all__ = ["JOINS", "ThinkingTokenInsertion", "ThinkingTokenInsertionConfig"]
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from surgery.blocks import retired_rows
+from surgery.row_entries import retired_rows
 from surgery.step import Step
 
 __all__ = ["FedTokens"]

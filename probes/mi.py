@@ -345,8 +345,7 @@ class MIEstimator(Probe):
                 before the run ends. The lists of the result then hold those rows, in that order.
 
         Raises:
-            ValueError: under continuous batching, a row of ``rows`` that has not retired yet; with
-                ``rows=None``, a run of fewer prompts than answers.
+            ValueError: a row of ``rows`` not retired yet; with ``rows=None``, fewer prompts than answers.
         """
         config = self.config
         described = dict(peak_rule=config.peak_rule, top_k=config.top_k if config.peak_rule == "top_k" else None,

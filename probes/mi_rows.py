@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from surgery.blocks import retired_rows
+from surgery.row_entries import retired_rows
 
 __all__ = ["RowSeries", "SlotAnswers"]
 

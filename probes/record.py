@@ -32,7 +32,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from surgery.blocks import Probe, register_block, retired_rows
+from surgery.blocks import Probe, register_block
+from surgery.row_entries import retired_rows
 from surgery.files.results import SavedResult
 from surgery.step import Step
 from surgery.triggers import Always, OnText, StepWindow, Trigger

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from surgery.blocks import retired_rows
+from surgery.row_entries import retired_rows
 from surgery.kernels import segment_mean_update
 from surgery.step import Step
 

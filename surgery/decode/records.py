@@ -8,7 +8,7 @@ recompiles each step). :class:`StepRecords` keeps the prefill's record (several 
 run eagerly) aside and writes each decode step's one column into ``[batch, capacity]`` buffers
 allocated once per run, at a column counter held on the device: the same memory every step,
 no host sync, no Python state that changes while decoding. :meth:`per_row` reads them back in
-step order, as :func:`surgery.blocks.per_row` does for a list.
+step order, as :func:`surgery.row_entries.per_row` does for a list.
 
 The capacity is the run's number of decode steps, carried by every :class:`~surgery.step.Step`
 (``step.capacity``); records of a forward outside the engine's loop (``surgery.run``: capacity
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from collections.abc import Sequence
 
-from surgery.blocks import per_row, pick_rows, retired_rows
+from surgery.row_entries import per_row, pick_rows, retired_rows
 from surgery.step import Step
 
 __all__ = ["StepRecords"]
