@@ -6,8 +6,7 @@ under continuous batching :func:`summarise_row` makes one row's entry the moment
 
 * the generation: prompt, its length in tokens (``prompt_tokens``, padding not counted), text,
   token ids, number of tokens, stop reason, seconds (the batch's wall time shared equally
-  between its rows; in a pool, the wall time since the previous row finished, so a study's
-  seconds still add up to its wall time);
+  between its rows; in a pool, the row's time in its slot divided by the number of slots);
 * ``fired``: per intervention, where it acted in this row (its ``by_row()``: position ids, 0 at
   the row's first prompt token, so ``position - prompt_tokens`` is a generated-token offset;
   thinking-token insertion gives generated-token indices);

@@ -142,14 +142,13 @@ def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: s
     gen = config.generation
     union = [block for c in conditions for block in interventions[c].values()]
     summaries: dict[int, RowSummary] = {}
-    clock = [time.perf_counter()]
+    slots = min(gen.batch_size, len(pairs))
 
     def finished(row: FinishedRow) -> None:
-        now = time.perf_counter()  # the pool's wall time, charged to rows as they finish
         problem, condition = pairs[row.row]
+        # its time in a slot, shared with the rows beside it: the pool's wall time split between its rows
         summary = summarise_row(row, interventions[condition], probes, model.tokenizer, prompt=prompts[row.row],
-                                seconds=now - clock[0])
-        clock[0] = now
+                                seconds=row.seconds / slots)
         summary.record["grade"] = grade(summary.record["text"], problem.answer).to_dict()
         summaries[row.row] = summary
         if on_row is not None:

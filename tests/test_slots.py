@@ -163,3 +163,15 @@ def test_each_row_counts_its_own_steps(tiny_llama):
     assert [index for index, _ in seen] == list(range(len(seen)))
     assert any(indices[0] != indices[1] for _, indices in seen)  # rows admitted at different steps
     assert any(0 in indices for _, indices in seen[1:])  # an admitted row starts at its own 0
+
+
+def test_each_row_is_handed_over_as_it_finishes_with_its_time_in_a_slot(tiny_llama):
+    rows = []
+    out = surgery.generate(tiny_llama, MIXED, BUDGETS, chat=True, batch_size=3, on_row=rows.append)
+    assert [row.row for row in rows] != sorted(row.row for row in rows)  # in the order they finished
+    assert sorted(row.row for row in rows) == list(range(len(MIXED)))
+    for row in rows:
+        assert (row.token_ids, row.text, row.stop_reason) == (out.token_ids[row.row], out.texts[row.row],
+                                                              out.stop_reasons[row.row])
+        assert 0 < row.seconds <= out.timings["total_s"]
+    assert sum(row.seconds for row in rows) / 3 <= out.timings["total_s"]  # slot time shared between 3 slots

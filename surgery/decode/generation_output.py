@@ -30,6 +30,8 @@ class FinishedRow:
     Attributes:
         row: the prompt's index in the run.
         text, token_ids, prompt_length, stop_reason: as its entries of :class:`GenerationOutput`.
+        seconds: wall time from the row's admission into its slot (its prefill included) to its
+            end, shared with the rows beside it; None after a fixed batch (the batch's time).
 
     Example:
         >>> GenerationOutput(texts=["4"], token_ids=[[19]], lengths=[1], prompt_lengths=[3],
@@ -42,6 +44,7 @@ class FinishedRow:
     token_ids: list[int]
     prompt_length: int
     stop_reason: str
+    seconds: float | None = None
 
 
 @dataclass

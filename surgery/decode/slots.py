@@ -126,6 +126,7 @@ def generate_continuous(
     results: dict[int, tuple[list[int], str]] = {}
     bar = tqdm(total=len(rows), desc=f"generating ({n_slots} slots)", unit="row", disable=not progress, leave=False)
     start, prefill_s, step_count = time.perf_counter(), 0.0, 0
+    admitted_at = [start] * n_slots  # when each slot's row was admitted (FinishedRow.seconds)
     try:
         with torch.inference_mode():
             if on_admit is not None:
@@ -158,7 +159,8 @@ def generate_continuous(
                         slot_row[s] = None
                         if on_row is not None:
                             text = model.tokenizer.decode(results[row][0], skip_special_tokens=True)
-                            on_row(FinishedRow(row, text, results[row][0], lengths[row], results[row][1]))
+                            on_row(FinishedRow(row, text, results[row][0], lengths[row], results[row][1],
+                                               time.perf_counter() - admitted_at[s]))
                     bar.update(len(done))
                 if all(r is None for r in slot_row) and not waiting:
                     break
@@ -169,6 +171,8 @@ def generate_continuous(
                 if free:
                     admitted = [waiting.popleft() for _ in free]
                     began = time.perf_counter()
+                    for s in free:
+                        admitted_at[s] = began
                     index = torch.tensor(free, device=device)
                     admit_rows = torch.zeros(n_slots, dtype=torch.bool, device=device)
                     admit_rows[index] = True
