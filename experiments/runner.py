@@ -131,7 +131,8 @@ def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: s
     one :class:`RowSummary` per pair, in order, each equal to what ``run_batch`` gives it.
 
     ``on_row(i, summary)`` gets pair ``i``'s summary the moment its row leaves its slot (other
-    rows still running): :func:`run_study` appends its record then.
+    rows still running): :func:`run_study` appends its record then. The summaries are then not
+    kept (a long study's sidecar tensors would pile up in memory): the result is empty.
     """
     problems = [problem for problem, _ in pairs]
     conditions = list(dict.fromkeys(condition for _, condition in pairs))
@@ -150,8 +151,9 @@ def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: s
         summary = summarise_row(row, interventions[condition], probes, model.tokenizer, prompt=prompts[row.row],
                                 seconds=row.seconds / slots)
         summary.record["grade"] = grade(summary.record["text"], problem.answer).to_dict()
-        summaries[row.row] = summary
-        if on_row is not None:
+        if on_row is None:
+            summaries[row.row] = summary
+        else:
             on_row(row.row, summary)
 
     with surgery.trace(model, *union, *probes.values()) as tr:
@@ -159,7 +161,7 @@ def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: s
                     do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
                     stop_strings=gen.stop_strings, row_keys=[problem.id for problem in problems], shared_keys=True,
                     progress=False, batch_size=gen.batch_size, stacks=stacks, on_row=finished, **compile_settings(config))
-    return [summaries[i] for i in range(len(pairs))]
+    return [summaries[i] for i in sorted(summaries)]
 
 
 def compile_settings(config: StudyConfig) -> dict:
