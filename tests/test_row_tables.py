@@ -108,3 +108,20 @@ def test_a_row_carrying_two_vectors_still_gets_both_in_order(tiny_llama):
         alone = [fresh[[a, b, c].index(block)] for block in stack]
         with surgery.trace(tiny_llama, *alone) as tr:
             assert tr.generate([PROMPTS[i]], 10, chat=True).token_ids[0] == out.token_ids[i]
+
+
+def test_the_same_site_spelled_two_ways_keeps_the_order_between_members(tiny_llama):
+    """A and B at resid_pre.2, X at resid_pre.-2 (the same site of 4 blocks) attached between them:
+    a row carrying X and B gets X's add, then B's, as alone; so A and B share no table."""
+    a, b = vectors(tiny_llama, 2)
+    x = ResidualAdd(torch.full((tiny_llama.d_model,), 0.3), site="resid_pre.-2", when=a.config.when)
+    stacks = [[a], [x, b], [b]]
+    with surgery.trace(tiny_llama, a, x, b) as tr:
+        out = tr.generate(PROMPTS[:3], 10, chat=True, stacks=stacks)
+        assert tr._stacks.tables == []  # the trace matched the sites as resolved
+    assert [t.members for t in find_tables([a, x, b], stacks)] == [[a, b]]  # as written they look apart
+    for i, stack in enumerate(stacks):
+        fresh_a, fresh_b = vectors(tiny_llama, 2)
+        alone = {id(a): fresh_a, id(b): fresh_b, id(x): ResidualAdd(x.vector, site="resid_pre.-2", when=a.config.when)}
+        with surgery.trace(tiny_llama, *[alone[id(block)] for block in stack]) as tr:
+            assert tr.generate([PROMPTS[i]], 10, chat=True).token_ids[0] == out.token_ids[i], f"row {i}"

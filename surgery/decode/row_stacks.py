@@ -47,12 +47,14 @@ class RowStacks:
         stacks: one list per prompt, of the blocks that prompt carries.
         batch: the number of slots.
         device: where the masks live (the model's device).
+        sites: ``id(block)`` -> its resolved sites (the trace's), for :func:`~surgery.decode.row_tables.find_tables`.
 
     Raises:
         ValueError: ``stacks`` does not have one entry per prompt, or names an unattached block.
     """
 
-    def __init__(self, blocks: Sequence[Hashable], stacks: Sequence[Sequence[Hashable]], batch: int, device):
+    def __init__(self, blocks: Sequence[Hashable], stacks: Sequence[Sequence[Hashable]], batch: int, device,
+                 sites: dict | None = None):
         known = {id(block) for block in blocks}
         for i, stack in enumerate(stacks):
             stray = [block for block in stack if id(block) not in known]
@@ -62,7 +64,7 @@ class RowStacks:
         self.blocks = list(blocks)
         self.carriers = {id(block): torch.zeros(batch, dtype=torch.bool, device=device) for block in self.blocks}
         self._restricted: dict[int, tuple[Step, Step]] = {}  # id(block) -> (step, as it sees it)
-        self.tables = find_tables(self.blocks, stacks, batch)
+        self.tables = find_tables(self.blocks, stacks, batch, sites)
         self._table_of = {id(member): table for table in self.tables for member in table.members}
 
     def admit(self, slots: list[int], rows: list[int]) -> None:

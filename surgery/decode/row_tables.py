@@ -103,18 +103,21 @@ class RowTable:
             member.keep_fired(row, positions if member is self.carried[row] else [])
 
 
-def find_tables(blocks: Sequence, stacks: Sequence[Sequence], batch: int = 1) -> list[RowTable]:
+def find_tables(blocks: Sequence, stacks: Sequence[Sequence], batch: int = 1, sites: dict | None = None) -> list[RowTable]:
     """The tables for a run where prompt ``i`` carries ``stacks[i]``: runs of blocks with one
     :meth:`~surgery.blocks.Intervention.table_key`, consecutive at their site, no two carried by one
-    prompt (the module docstring). A block alone stays on its own."""
+    prompt (the module docstring). A block alone stays on its own. ``sites``: ``id(block)`` -> its
+    resolved sites (the trace's, so ``resid_pre.-1`` and ``resid_pre.3`` are one site when they
+    are); default: each block's :meth:`~surgery.blocks.Block.sites` as written."""
     carriers = {id(block): {i for i, stack in enumerate(stacks) if any(b is block for b in stack)} for block in blocks}
     runs: dict[str, list] = {}  # site -> the open run there: [key, members, prompts carrying one]
     closed: list[list] = []
     for block in blocks:
         if not isinstance(block, Intervention):
             continue
-        key = block.table_key() if len(block.sites()) == 1 else None
-        for site in block.sites():
+        where = block.sites() if sites is None else sites[id(block)]
+        key = block.table_key() if len(where) == 1 else None
+        for site in where:
             run = runs.get(site)
             joins = run is not None and key is not None and run[0] == key and not run[2] & carriers[id(block)]
             if joins:

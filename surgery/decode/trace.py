@@ -176,7 +176,7 @@ class Trace:
             if isinstance(stacks, (str, bytes)) or len(stacks) != n_prompts:
                 raise ValueError(f"stacks needs one list of blocks per prompt ({n_prompts})")
             slots = n_prompts if options.get("batch_size") is None else min(n_prompts, options["batch_size"])
-            self._stacks = RowStacks(self.blocks, stacks, slots, self.model.device)
+            self._stacks = RowStacks(self.blocks, stacks, slots, self.model.device, self._sites)
             if not pooled:
                 self._stacks.admit(list(range(n_prompts)), list(range(n_prompts)))
         choosers = [b for b in self.blocks if isinstance(b, Intervention) and b.edits_tokens]
