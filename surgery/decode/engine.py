@@ -53,22 +53,8 @@ def _output(tokenizer, generated: Tensor, stops: StopTracker, attention_mask: Te
     kept = torch.minimum(stops.kept, torch.tensor(generated.shape[1], device=generated.device))
     lengths = kept.tolist()
     token_ids = [row[:n] for row, n in zip(generated.tolist(), lengths)]
-    total_s = time.perf_counter() - start
-    new_tokens = sum(lengths)
-    return GenerationOutput(
-        texts=tokenizer.batch_decode(token_ids, skip_special_tokens=True),
-        token_ids=token_ids,
-        lengths=lengths,
-        prompt_lengths=attention_mask.sum(dim=1).tolist(),
-        stop_reasons=stops.reasons(),
-        timings={
-            "prefill_s": prefill_s,
-            "decode_s": total_s - prefill_s,
-            "total_s": total_s,
-            "new_tokens": float(new_tokens),
-            "tokens_per_s": new_tokens / total_s if total_s > 0 else float("nan"),
-        },
-    )
+    return GenerationOutput.finished(tokenizer, token_ids, attention_mask.sum(dim=1).tolist(), stops.reasons(),
+                                     start, prefill_s)
 
 
 def _validate(max_new_tokens, do_sample, temperature, top_p, stop_strings, cache) -> None:

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +71,30 @@ class GenerationOutput:
     prompt_lengths: list[int]
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def finished(cls, tokenizer, token_ids: list[list[int]], prompt_lengths: list[int], stop_reasons: list[str],
+                 start: float, prefill_s: float, **timings: float) -> GenerationOutput:
+        """The output of a run that began at ``start`` (``time.perf_counter()``) and ends now:
+        texts decoded, lengths and timings derived; ``timings`` adds entries (e.g. ``steps``).
+        Shared by the fixed-batch loop and the slot pool."""
+        total_s = time.perf_counter() - start
+        new_tokens = sum(map(len, token_ids))
+        return cls(
+            texts=tokenizer.batch_decode(token_ids, skip_special_tokens=True),
+            token_ids=token_ids,
+            lengths=[len(t) for t in token_ids],
+            prompt_lengths=prompt_lengths,
+            stop_reasons=stop_reasons,
+            timings={
+                "prefill_s": prefill_s,
+                "decode_s": total_s - prefill_s,
+                "total_s": total_s,
+                "new_tokens": float(new_tokens),
+                "tokens_per_s": new_tokens / total_s if total_s > 0 else float("nan"),
+                **timings,
+            },
+        )
 
     def row(self, i: int) -> FinishedRow:
         """Row ``i`` as one :class:`FinishedRow`."""

@@ -194,21 +194,6 @@ def generate_continuous(
         forward.close()
         if on_step is not None:
             on_step(None)
-    token_ids = [results[r][0] for r in range(len(rows))]
-    total_s = time.perf_counter() - start
-    new_tokens = sum(map(len, token_ids))
-    return GenerationOutput(
-        texts=model.tokenizer.batch_decode(token_ids, skip_special_tokens=True),
-        token_ids=token_ids,
-        lengths=[len(t) for t in token_ids],
-        prompt_lengths=lengths,
-        stop_reasons=[results[r][1] for r in range(len(rows))],
-        timings={
-            "prefill_s": prefill_s,
-            "decode_s": total_s - prefill_s,
-            "total_s": total_s,
-            "new_tokens": float(new_tokens),
-            "tokens_per_s": new_tokens / total_s if total_s > 0 else float("nan"),
-            "steps": float(step_count),
-        },
-    )
+    return GenerationOutput.finished(model.tokenizer, [results[r][0] for r in range(len(rows))], lengths,
+                                     [results[r][1] for r in range(len(rows))], start, prefill_s,
+                                     steps=float(step_count))
