@@ -116,6 +116,8 @@ def test_compile_needs_the_static_cache_and_valid_options(tiny_llama):
         surgery.generate(tiny_llama, PROMPTS, 4, compile=True)
     with pytest.raises(ValueError, match="compile must be True, False or a dict"):
         surgery.generate(tiny_llama, PROMPTS, 4, cache="static", compile="fast")
+    with pytest.raises(ValueError, match=r"compile\['regions'\] must be True or False"):
+        surgery.generate(tiny_llama, PROMPTS, 4, cache="static", compile={"regions": "yes"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing attached: no warning, the plain step compiles
         plain = surgery.generate(tiny_llama, PROMPTS, 8, cache="static", compile=ON_CPU)
@@ -197,3 +199,50 @@ def test_a_study_of_three_conditions_is_one_compile(tmp_path):
     assert sorted(compiled) == sorted(eager)
     for key in eager:
         assert (compiled[key]["token_ids"], compiled[key]["fired"]) == (eager[key]["token_ids"], eager[key]["fired"]), key
+
+
+# ---- each decoder block compiled once for all layers (surgery/decode/block_regions.py) ----
+def capturing(regions: bool):
+    """torch.compile options whose backend keeps each graph dynamo hands it (and runs it as is)."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    return graphs, {"backend": backend, "fullgraph": True, "regions": regions}
+
+
+def region_calls(graph) -> list[str]:
+    """The nested compile region each ``invoke_subgraph`` call of ``graph`` runs, in order."""
+    return [node.args[1] for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+
+
+@pytest.mark.parametrize("site", ["resid_pre.1", "attn_out.1"])
+def test_the_blocks_are_one_region_stamped_out_per_layer_with_eager_tokens(tiny_llama, site):
+    """A hook on a block (resid_pre) leaves every block one region, traced once; a hook inside one
+    (attn_out) makes dynamo inline that block (compiled on its own). Either way the tokens and firings are the eager step's,
+    and after the run the blocks' forwards are their own again."""
+    from interventions import ResidualAdd
+
+    def blocks():
+        vector = torch.randn(tiny_llama.d_model, generator=torch.Generator().manual_seed(2)) * 5
+        return [ResidualAdd(vector, site=site, when=surgery.StepWindow(1, 6)), TokenMask(["Hmm"], penalty=-4.0)]
+
+    with surgery.trace(tiny_llama, *(eager_blocks := blocks())) as tr:
+        eager = tr.generate(PROMPTS, NEW_TOKENS, chat=True, cache="static")
+    torch._dynamo.reset()  # a first compile: a cache length seen before makes dynamo recompile
+    # with dynamic shapes, and such a recompile inlines the blocks again (their own compile each)
+    layers = tiny_llama.architecture.block_list(tiny_llama.module)
+    calls = {}
+    for regions in (True, False):
+        graphs, options = capturing(regions)
+        with surgery.trace(tiny_llama, *(compiled_blocks := blocks())) as tr:
+            compiled = tr.generate(PROMPTS, NEW_TOKENS, chat=True, cache="static", compile=options)
+        assert compiled.token_ids == eager.token_ids
+        assert [b.by_row() for b in compiled_blocks] == [b.by_row() for b in eager_blocks]
+        assert len(graphs) == 1 and not any("forward" in vars(layer) for layer in layers)
+        calls[regions] = region_calls(graphs[0])
+    assert calls[False] == []
+    inside = site.startswith("attn_out")
+    assert len(calls[True]) == len(layers) - inside and len(set(calls[True])) == 1

@@ -137,8 +137,9 @@ def generate(
             True uses ``mode="reduce-overhead"`` on CUDA (the step replays as a CUDA graph) and
             the default mode elsewhere, both with ``fullgraph=True``; a dict gives
             ``torch.compile``'s options outright (``{"backend": "eager", "fullgraph": True}``
-            checks on a CPU that a stack traces into one graph). The prefill and re-runs stay
-            eager. Only blocks that are :attr:`~surgery.blocks.Block.graph_safe` may be
+            checks on a CPU that a stack traces into one graph; its key ``"regions": False``
+            turns off compiling the decoder blocks once for all layers,
+            :mod:`surgery.decode.block_regions`). The prefill and re-runs stay eager. Only blocks that are :attr:`~surgery.blocks.Block.graph_safe` may be
             attached (:meth:`surgery.Trace.generate` decodes eagerly, with a warning, when one
             is not); greedy tokens equal the eager path's (tested on CPU).
         batch_size: continuous batching (:mod:`surgery.decode.slots`): run the prompts through this

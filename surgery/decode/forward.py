@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from surgery.decode.block_regions import mark_block_regions
 from surgery.decode.kv_cache import cache_keyword, new_cache, read_cache_under_either_name, rollback
 from surgery.model import Model
 from surgery.decode.partial_rerun import LayerInputs, supports_partial_rerun
@@ -65,8 +66,14 @@ class Forward:
         self.options = _forward_options(module)
         self.cache_keyword = cache_keyword(module)  # "cache" on transformers >= 5.24
         read_cache_under_either_name(module)  # TransformerLens 4.3 on transformers >= 5.24 (surgery.decode.kv_cache)
-        # the decode step, compiled when asked (the prefill and re-runs stay eager)
-        self.decode = module if compile_options is None else torch.compile(module.forward, **compile_options)
+        # the decode step, compiled when asked (the prefill and re-runs stay eager), its decoder
+        # blocks compiled once for all layers unless the options say "regions": False
+        options = dict(compile_options or {})
+        regions = options.pop("regions", True)
+        self.decode = module if compile_options is None else torch.compile(module.forward, **options)
+        self._unmark = lambda: None
+        if compile_options is not None and regions:
+            self._unmark = mark_block_regions(model.architecture.block_list(module))
         self.static = cache == "static"
         self.cache = new_cache(cache, module.config, attention_mask.shape[1] + max_new_tokens)
         if bool(attention_mask.all()):
@@ -134,7 +141,8 @@ class Forward:
             self._announce(self.step)
 
     def close(self) -> None:
-        """Remove the recording hooks, if any."""
+        """Remove the recording hooks, if any, and the blocks' compile-region marks."""
+        self._unmark()
         if self.inputs is not None:
             self.inputs.remove()
 
@@ -158,4 +166,6 @@ def compile_options(compile, cache: str, device: torch.device) -> dict | None:
         return {"mode": "reduce-overhead", "fullgraph": True} if device.type == "cuda" else {"fullgraph": True}
     if not isinstance(compile, dict):
         raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+    if not isinstance(compile.get("regions", True), bool):
+        raise ValueError(f"compile['regions'] must be True or False, got {compile['regions']!r}")
     return dict(compile)
