@@ -1,14 +1,19 @@
 """Fixed batches against continuous batching, side by side in one process, on rows whose lengths vary.
 
 Run: python benchmarks/bench_batching.py [--rows 32] [--batch 8] [--min-tokens 24] [--max-tokens 96]
-                                         [--reps 3] [--compile] [--vectors 1,8,64] [--device cpu]
-                                         [--parts batching,vectors,memory]
+                                         [--workload budgets|stops] [--reps 3] [--compile]
+                                         [--vectors 1,8,64] [--device cpu]
+                                         [--parts batching,vectors,memory,study]
 (or ``surgery bench batching -- --rows 32``)
 
-Workload: the first ``--rows`` GSM8K test questions in the chat template on SmolLM2-135M-Instruct,
-each with its own budget of new tokens drawn once (seeded) between ``--min-tokens`` and
-``--max-tokens`` (4x apart by default), EOS off so every row runs to its budget: lengths vary as
-reasoning traces do, and the useful tokens are known exactly.
+Workload: the first ``--rows`` GSM8K test questions in the chat template on SmolLM2-135M-Instruct.
+``--workload budgets`` (the default): each row has its own budget of new tokens drawn once
+(seeded) between ``--min-tokens`` and ``--max-tokens`` (4x apart by default), EOS off so every
+row runs to its budget: the spread is set, and the useful tokens are known exactly.
+``--workload stops``: one long budget (``--max-tokens``) and EOS on, so each row ends where the
+model ends it, as reasoning traces do (SmolLM2 on GSM8K at 384 tokens: 33 to 384, 10th to 90th
+percentile about 4x apart, a third of the rows looping to the budget). The printout gives the
+lengths' spread and the most any scheduler could gain on them.
 
 Rows, each timed ``--reps`` times in interleaved order after a warm-up, median reported:
   fixed        batches of ``--batch`` prompts in order, each run to its longest budget (the
@@ -16,10 +21,11 @@ Rows, each timed ``--reps`` times in interleaved order after a warm-up, median r
                longest row of its batch; only its own budget's tokens are useful)
   continuous   ``generate(prompts, budgets, batch_size=--batch)``: a finished row's slot is
                taken by the next prompt at once
-  (with ``--compile``: the same two with ``cache="static", compile=True``, timed once compiled)
+  (``--paths dynamic,static,compiled``: the same two on each decode path, ``+static`` with
+  ``cache="static"``, ``+compile`` with ``cache="static", compile=True``, timed once compiled)
 Printed per row: useful tokens per second, rows per hour, the slots' idle share (slot-steps that
 produced no useful token), and the ratio to ``fixed``. Before timing, the script checks that every
-prompt's continuous tokens equal its tokens in the fixed batch, cut at its budget.
+prompt's tokens are the same in every row (the fixed batches cut at its budget).
 
 Then many settings at once: max(``--vectors``) GSM8K prompts in one batch, each steered: one vector shared by all rows (no stacks) against ``n`` distinct vectors (one
 ``SteeringVector`` each, carried by its rows through ``stacks=``, so served by one per-row table,
@@ -56,29 +62,30 @@ from interventions import SteeringVector  # noqa: E402
 from surgery.decode.slot_forward import SlotForward  # noqa: E402
 
 
-def fixed_batches(model, prompts, budgets, batch, **options):
-    """The engine without continuous batching: batches in order, each to its longest budget;
-    each row's tokens cut at its own budget."""
+def fixed_batches(model, prompts, budgets, batch, eos=(), **options):
+    """The engine without continuous batching: batches in order, each to its longest budget (or
+    until its last row stops); each row's tokens cut at its own budget."""
     tokens = []
     for first in range(0, len(prompts), batch):
         chunk = slice(first, first + batch)
-        out = surgery.generate(model, prompts[chunk], max(budgets[chunk]), chat=True, eos_token_ids=[],
+        out = surgery.generate(model, prompts[chunk], max(budgets[chunk]), chat=True, eos_token_ids=eos,
                                progress=False, **options)
         tokens += [row[:budget] for row, budget in zip(out.token_ids, budgets[chunk])]
     return tokens
 
 
-def continuous(model, prompts, budgets, batch, **options):
-    out = surgery.generate(model, prompts, budgets, chat=True, eos_token_ids=[], batch_size=batch, progress=False,
+def continuous(model, prompts, budgets, batch, eos=(), **options):
+    out = surgery.generate(model, prompts, budgets, chat=True, eos_token_ids=eos, batch_size=batch, progress=False,
                            **options)
     return out.token_ids
 
 
-def slot_steps(budgets, batch, fixed: bool) -> int:
-    """Slot-steps each way spends: fixed batches run every slot to the batch's longest budget."""
+def slot_steps(lengths, batch, fixed: bool) -> int:
+    """Slot-steps each way spends on rows of these lengths: fixed batches run every slot until
+    the batch's longest row ends."""
     if fixed:
-        return sum(max(budgets[i : i + batch]) * len(budgets[i : i + batch]) for i in range(0, len(budgets), batch))
-    return sum(budgets)  # a slot holds a row exactly for its budget (plus idle slots at the very end)
+        return sum(max(lengths[i : i + batch]) * len(lengths[i : i + batch]) for i in range(0, len(lengths), batch))
+    return sum(lengths)  # a slot holds a row exactly for its length (plus idle slots at the very end)
 
 
 def distinct_vectors(model, prompts, counts, layer, reps):
@@ -222,7 +229,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--min-tokens", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--compile", action="store_true", help="also time cache='static', compile=True")
+    parser.add_argument("--workload", choices=("budgets", "stops"), default="budgets",
+                        help="budgets: EOS off, a budget per row drawn between --min-tokens and --max-tokens; "
+                             "stops: one budget of --max-tokens, rows end at EOS")
+    parser.add_argument("--paths", default="dynamic", help="decode paths, each a fixed and a continuous row: "
+                        "dynamic (the default cache), static (cache='static'), compiled (static, compile=True)")
+    parser.add_argument("--compile", action="store_true", help="also the compiled path (--paths ...,compiled)")
     parser.add_argument("--vectors", default="1,8,64", help="distinct steering-vector counts (empty: skip)")
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--parts", default="batching,vectors,memory,study", help="which parts to run")
@@ -234,32 +246,48 @@ def main() -> None:
     model = surgery.load(device=args.device)
     prompts = gsm8k_questions(args.rows)
     draw = random.Random(0)
-    budgets = [draw.randint(args.min_tokens, args.max_tokens) for _ in prompts]
+    if args.workload == "budgets":  # EOS off, each row runs to its own budget
+        budgets, eos = [draw.randint(args.min_tokens, args.max_tokens) for _ in prompts], ()
+    else:  # "stops": one long budget, each row ends where the model stops it (EOS)
+        budgets, eos = [args.max_tokens] * len(prompts), None
 
     if "batching" in parts:
         ways = {"fixed": fixed_batches, "continuous": continuous}
-        options = {"": {}}
-        if args.compile:
-            options["+compile"] = {"cache": "static", "compile": True}
+        paths = {"dynamic": ("", {}), "static": ("+static", {"cache": "static"}),
+                 "compiled": ("+compile", {"cache": "static", "compile": True})}
+        chosen = args.paths.split(",") + (["compiled"] if args.compile and "compiled" not in args.paths else [])
+        options = dict(paths[path] for path in chosen)
         rows = {}
         for suffix, extra in options.items():
             for name, way in ways.items():
-                rows[name + suffix] = (lambda way=way, extra=extra: way(model, prompts, budgets, args.batch, **extra))
-        reference = rows["fixed"]()
+                rows[name + suffix] = (lambda way=way, extra=extra: way(model, prompts, budgets, args.batch, eos, **extra))
+        references, agree = {}, {}  # per path: the fixed batches' tokens; whether they equal the first path's
         for name, run in rows.items():  # warm-up (and the compiles), and the exactness check
-            assert run() == reference, f"{name}: a prompt's tokens differ from its tokens in the fixed batches"
+            tokens, path = run(), name.removeprefix("fixed").removeprefix("continuous")
+            reference = references.setdefault(path, tokens)
+            assert tokens == reference, f"{name}: a prompt's tokens differ from its tokens in the fixed batches"
+            agree[path] = reference == next(iter(references.values()))
         times = time_rows(rows, args.reps)
 
-        useful = sum(budgets)
+        lengths = [len(tokens) for tokens in next(iter(references.values()))]
+        useful, spread = sum(lengths), sorted(lengths)
+        tenth, ninetieth = spread[len(spread) // 10], spread[(9 * len(spread)) // 10]
         device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        workload = (f"budgets {min(budgets)}-{max(budgets)} tokens ({max(budgets) / min(budgets):.1f}x), EOS off"
+                    if args.workload == "budgets" else f"budget {args.max_tokens}, rows stop at EOS")
         print(f"\nSmolLM2-135M-Instruct, {model.dtype}, {device}; {args.rows} GSM8K prompts, {args.batch} slots, "
-              f"budgets {min(budgets)}-{max(budgets)} tokens ({max(budgets) / min(budgets):.1f}x), median of {args.reps}; "
-              "every prompt's tokens equal across rows: yes")
+              f"{workload}, median of {args.reps}; every prompt's tokens equal in fixed and continuous batches: yes"
+              + "".join(f"; {path[1:]} path's equal the first path's: {'yes' if same else 'NO'}"
+                        for path, same in list(agree.items())[1:]))
+        print(f"row lengths: min {spread[0]}, 10th percentile {tenth}, median {statistics.median(spread):.0f}, "
+              f"mean {useful / len(spread):.0f}, 90th percentile {ninetieth}, max {spread[-1]} "
+              f"(90th/10th {ninetieth / tenth:.1f}x); the most any scheduler gains on the decode steps: "
+              f"{slot_steps(lengths, args.batch, True) / useful:.2f}x")
         print(f"{'row':<20}{'median s':>10}{'useful tok/s':>14}{'rows/hour':>11}{'idle slots':>12}{'vs fixed':>10}")
         for name in rows:
             median = statistics.median(times[name])
-            idle = 1 - useful / (slot_steps(budgets, args.batch, name.startswith("fixed")))
-            base = statistics.median(times["fixed" + name.split("continuous")[-1].split("fixed")[-1]])
+            idle = 1 - useful / (slot_steps(lengths, args.batch, name.startswith("fixed")))
+            base = statistics.median(times["fixed" + name.removeprefix("fixed").removeprefix("continuous")])
             print(f"{name:<20}{median:>10.2f}{useful / median:>14.1f}{args.rows * 3600 / median:>11.0f}"
                   f"{idle:>11.0%}{base / median:>9.2f}x")
     counts = [int(n) for n in args.vectors.split(",") if n]
