@@ -246,3 +246,25 @@ def test_the_blocks_are_one_region_stamped_out_per_layer_with_eager_tokens(tiny_
     assert calls[False] == []
     inside = site.startswith("attn_out")
     assert len(calls[True]) == len(layers) - inside and len(set(calls[True])) == 1
+
+
+def test_each_pool_compiles_for_its_own_shape_never_with_symbolic_sizes(tiny_llama):
+    """A pool has one cache shape for its whole run: a second pool of another length in the same
+    process gets a graph of its own sizes (dynamo would otherwise recompile with symbolic sizes,
+    a slower step), with tokens as each prompt alone."""
+    torch._dynamo.reset()
+    seen = []
+    for budgets in (POOL_BUDGETS, [b + 5 for b in POOL_BUDGETS]):
+        graphs, options = capturing(True)
+        with surgery.trace(tiny_llama, *pool_stack(tiny_llama)) as tr:
+            pooled = tr.generate(POOL_PROMPTS, budgets, chat=True, cache="static", compile=options, batch_size=3)
+        assert len(graphs) == 1
+        seen.append([value for value in graphs[0].graph.nodes if value.op == "placeholder"])
+        with surgery.trace(tiny_llama, *pool_stack(tiny_llama)) as tr:
+            single = tr.generate([POOL_PROMPTS[1]], budgets[1], chat=True)
+        assert pooled.token_ids[1] == single.token_ids[0]
+    for placeholders in seen:
+        assert not any(isinstance(node.meta.get("example_value"), torch.SymInt) for node in placeholders)
+        assert not any(isinstance(node.meta.get("example_value"), torch.Tensor) and
+                       any(isinstance(size, torch.SymInt) for size in node.meta["example_value"].shape)
+                       for node in placeholders)

@@ -90,6 +90,28 @@ def test_the_cache_stays_within_the_slots_and_its_bound(tiny_llama, monkeypatch)
     assert shapes[0][2] == max(len(surgery.encode_prompts(tiny_llama, [p])[0][0]) + b for p, b in zip(prompts, budgets))
 
 
+def test_a_dynamic_pool_keeps_only_the_columns_its_live_rows_span(tiny_llama, monkeypatch):
+    """Rows of very different lengths through 3 slots: at every feed the cache's first column is
+    a live row's first (no leading column only finished rows needed), and the cache is exactly as
+    wide as its longest-lived row (prompt plus tokens so far) needs."""
+    prompts = [f"Question {i}: what is {i} + {i % 7}?" + " and more" * (i % 4) for i in range(24)]
+    budgets = [3 + (7 * i) % 29 for i in range(24)]
+    spans = []
+    feed = SlotForward.feed
+
+    def watch(self, *args):
+        live = [start for start in self.starts if start is not None]
+        spans.append((min(live), self.columns, self.cache.layers[0].keys.shape[2]))
+        return feed(self, *args)
+
+    monkeypatch.setattr(SlotForward, "feed", watch)
+    pooled = surgery.generate(tiny_llama, prompts, budgets, batch_size=3)
+    assert spans and all(first == 0 and columns == width for first, columns, width in spans)
+    assert max(columns for _, columns, _ in spans) < spans[0][1] + max(budgets)  # never grows without end
+    for i, single in enumerate(alone(tiny_llama, prompts[:6], budgets[:6])):
+        assert pooled.token_ids[i] == single.token_ids[0]
+
+
 def test_a_static_pool_compacts_in_place(tiny_llama, monkeypatch):
     """With a static cache, admissions and compaction move no buffer: the addresses a compiled
     step captured stay valid."""

@@ -9,9 +9,10 @@ re-runs) for continuous batching (:mod:`surgery.decode.slots`). On top of it:
   :class:`~surgery.step.Step` continues from each admitted row's last prompt position
   (:meth:`Step.splice <surgery.step.Step.splice>`), so the row's next step feeds its first
   token at its own position ``len(prompt)``, as it would alone;
-- :meth:`~SlotForward.make_room` drops the leading columns no live row needs once the pool
-  reaches its bound (:func:`surgery.decode.slot_cache.shift_columns`), so the cache stays at
-  ``batch x bound`` however many rows pass through.
+- :meth:`~SlotForward.make_room` drops the leading columns no live row needs
+  (:func:`surgery.decode.slot_cache.shift_columns`): a static cache once the pool reaches its
+  bound, a dynamic one as soon as the oldest live row's columns start later, so the cache stays
+  at ``batch x bound`` however many rows pass through (a dynamic one at what its live rows span).
 
 The attention mask is always explicit here (rows differ in where they start). With a static
 cache it is one ``[batch, bound]`` tensor edited in place: admitting a row or compacting changes
@@ -89,14 +90,18 @@ class SlotForward(Forward):
         self.starts[slot] = None
 
     def make_room(self) -> None:
-        """Before a feed at the bound: drop the leading columns that no live row attends to."""
-        if self.columns < self.bound:
+        """Before a feed: drop the leading columns that no live row attends to. A static cache
+        does it at the bound (a copy of the cache each time); a dynamic one whenever there are
+        any (re-slicing copies nothing), so each step's attention and cache append run over the
+        columns the live rows need and no more."""
+        if self.static and self.columns < self.bound:
             return
         live = [start for start in self.starts if start is not None]
         drop = min(live) if live else self.columns - 1
-        if drop <= 0:
+        if drop > 0:
+            self._shift(drop)
+        elif self.columns >= self.bound:
             raise RuntimeError(f"a row spans the whole cache of {self.bound} columns: raise the bound")
-        self._shift(drop)
 
     def _shift(self, by: int) -> None:
         shift_columns(self.cache, by)

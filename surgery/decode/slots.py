@@ -113,7 +113,12 @@ def generate_continuous(
     first = encode_prompts(model, [rows[r] for r in range(n_slots)])
     first_ids, first_mask = first[0].to(device), first[1].to(device)
     step = pool_step(Step.prefill(first_ids, first_mask, think_ids, matchers, capacity=capacity))
-    forward = SlotForward(model, step, first_mask, on_step, cache, bound, rerun_from, compile_options(compile, cache, device))
+    options = compile_options(compile, cache, device)
+    if options is not None:
+        # one shape for the whole pool: compile it for that shape, never with symbolic shapes
+        # (dynamo's answer to a second cache length in one process, 1.5x slower on SmolLM2 here)
+        options.setdefault("dynamic", False)
+    forward = SlotForward(model, step, first_mask, on_step, cache, bound, rerun_from, options)
     stops = StopTracker(model.tokenizer, eos, stop_strings, n_slots, capacity)
     stops.admit(list(range(n_slots)), budgets[:n_slots])
     sampler = RowSampler(seed, keys[:n_slots], temperature, top_p) if do_sample else None
