@@ -15,7 +15,8 @@ model ends it, as reasoning traces do (SmolLM2 on GSM8K at 384 tokens: 33 to 384
 percentile about 4x apart, a third of the rows looping to the budget). The printout gives the
 lengths' spread and the most any scheduler could gain on them.
 
-Rows, each timed ``--reps`` times in interleaved order after a warm-up, median reported:
+Rows, each timed ``--reps`` times in interleaved order (the compiled ones after a warm-up run that
+compiles), median reported:
   fixed        batches of ``--batch`` prompts in order, each run to its longest budget (the
                engine today: a row that has reached its budget waits, fed padding, for the
                longest row of its batch; only its own budget's tokens are useful)
@@ -86,6 +87,16 @@ def slot_steps(lengths, batch, fixed: bool) -> int:
     if fixed:
         return sum(max(lengths[i : i + batch]) * len(lengths[i : i + batch]) for i in range(0, len(lengths), batch))
     return sum(lengths)  # a slot holds a row exactly for its length (plus idle slots at the very end)
+
+
+def pool_steps(lengths, batch) -> int:
+    """Decode steps a pool of ``batch`` slots takes over rows of these lengths, admitted in prompt
+    order into the first slot that frees (the order ``generate(..., batch_size=)`` admits them)."""
+    free_at = [0] * batch  # the step at which each slot's row ends
+    for length in lengths:
+        slot = min(range(batch), key=free_at.__getitem__)
+        free_at[slot] += length
+    return max(free_at)
 
 
 def distinct_vectors(model, prompts, counts, layer, reps):
@@ -261,17 +272,24 @@ def main() -> None:
         for suffix, extra in options.items():
             for name, way in ways.items():
                 rows[name + suffix] = (lambda way=way, extra=extra: way(model, prompts, budgets, args.batch, eos, **extra))
+        outputs: dict[str, list] = {name: [] for name in rows}
+        for name, run in rows.items():  # the compiled rows' warm-up: their compile is not timed
+            if name.endswith("+compile"):
+                run()
+        times = time_rows({name: (lambda run=run, name=name: outputs[name].append(run())) for name, run in rows.items()},
+                          args.reps)
         references, agree = {}, {}  # per path: the fixed batches' tokens; whether they equal the first path's
-        for name, run in rows.items():  # warm-up (and the compiles), and the exactness check
-            tokens, path = run(), name.removeprefix("fixed").removeprefix("continuous")
-            reference = references.setdefault(path, tokens)
-            assert tokens == reference, f"{name}: a prompt's tokens differ from its tokens in the fixed batches"
+        for name, runs in outputs.items():  # the exactness check, on every timed run
+            path = name.removeprefix("fixed").removeprefix("continuous")
+            reference = references.setdefault(path, runs[0])
+            assert all(tokens == reference for tokens in runs), f"{name}: a prompt's tokens differ from the fixed batches'"
             agree[path] = reference == next(iter(references.values()))
-        times = time_rows(rows, args.reps)
 
         lengths = [len(tokens) for tokens in next(iter(references.values()))]
         useful, spread = sum(lengths), sorted(lengths)
         tenth, ninetieth = spread[len(spread) // 10], spread[(9 * len(spread)) // 10]
+        fixed_steps = sum(max(lengths[i : i + args.batch]) for i in range(0, len(lengths), args.batch))
+        pooled_steps = pool_steps(lengths, args.batch)
         device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
         workload = (f"budgets {min(budgets)}-{max(budgets)} tokens ({max(budgets) / min(budgets):.1f}x), EOS off"
                     if args.workload == "budgets" else f"budget {args.max_tokens}, rows stop at EOS")
@@ -281,8 +299,10 @@ def main() -> None:
                         for path, same in list(agree.items())[1:]))
         print(f"row lengths: min {spread[0]}, 10th percentile {tenth}, median {statistics.median(spread):.0f}, "
               f"mean {useful / len(spread):.0f}, 90th percentile {ninetieth}, max {spread[-1]} "
-              f"(90th/10th {ninetieth / tenth:.1f}x); the most any scheduler gains on the decode steps: "
-              f"{slot_steps(lengths, args.batch, True) / useful:.2f}x")
+              f"(90th/10th {ninetieth / tenth:.1f}x). Decode steps: fixed batches {fixed_steps}, a pool in "
+              f"prompt order {pooled_steps}, a pool that never empties {useful / args.batch:.0f}: continuous "
+              f"batching gains at most {fixed_steps / pooled_steps:.2f}x on the decode steps here (any "
+              f"scheduler {slot_steps(lengths, args.batch, True) / useful:.2f}x)")
         print(f"{'row':<20}{'median s':>10}{'useful tok/s':>14}{'rows/hour':>11}{'idle slots':>12}{'vs fixed':>10}")
         for name in rows:
             median = statistics.median(times[name])
