@@ -10,11 +10,12 @@ others, still inside ONE graph (what a CUDA graph needs). A hook on a block itse
 checks each reuse, so the tokens never change: tested against the eager step). A recompile with
 dynamic shapes (dynamo's answer to a second cache length in one process, as fixed batches of
 different prompt lengths give) inlines every block as before (seen with torch 2.13: tracing the
-region under symbolic shapes meets side effects, and dynamo falls back to inlining it). Outside a compile the marked
-forward is the block's own forward, called directly.
+region under symbolic shapes meets side effects, and dynamo falls back to inlining it). Outside
+a compile the marked forward is the block's own forward, called directly.
 
 On SmolLM2 on a 2-thread CPU the first inductor compile of a pool of 8 slots with a steering
-vector took about 43 s without the regions and 24 s with them (``benchmarks/RESULTS.md``).
+vector and a token mask took 44 s without the regions and 26 s with them, 10 s from the on-disk
+cache in a second process (``benchmarks/bench_first_compile.py``, ``benchmarks/RESULTS.md``).
 
 Example::
 

@@ -139,9 +139,10 @@ def generate(
             ``torch.compile``'s options outright (``{"backend": "eager", "fullgraph": True}``
             checks on a CPU that a stack traces into one graph; its key ``"regions": False``
             turns off compiling the decoder blocks once for all layers,
-            :mod:`surgery.decode.block_regions`). The prefill and re-runs stay eager. Only blocks that are :attr:`~surgery.blocks.Block.graph_safe` may be
-            attached (:meth:`surgery.Trace.generate` decodes eagerly, with a warning, when one
-            is not); greedy tokens equal the eager path's (tested on CPU).
+            :mod:`surgery.decode.block_regions`). The prefill and re-runs stay eager. Only
+            blocks that are :attr:`~surgery.blocks.Block.graph_safe` may be attached
+            (:meth:`surgery.Trace.generate` decodes eagerly, with a warning, when one is not);
+            greedy tokens equal the eager path's (tested on CPU).
         batch_size: continuous batching (:mod:`surgery.decode.slots`): run the prompts through this
             many slots, each finished row's slot taken by the next waiting prompt; every
             prompt's tokens and records equal its run alone. None (the default): one batch of

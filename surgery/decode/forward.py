@@ -71,9 +71,6 @@ class Forward:
         options = dict(compile_options or {})
         regions = options.pop("regions", True)
         self.decode = module if compile_options is None else torch.compile(module.forward, **options)
-        self._unmark = lambda: None
-        if compile_options is not None and regions:
-            self._unmark = mark_block_regions(model.architecture.block_list(module))
         self.static = cache == "static"
         self.cache = new_cache(cache, module.config, attention_mask.shape[1] + max_new_tokens)
         if bool(attention_mask.all()):
@@ -88,6 +85,9 @@ class Forward:
         if rerun_from is not None and supports_partial_rerun(model.architecture):
             self.inputs = LayerInputs(module, model.architecture, rerun_from % model.n_layers)
         self.n_layers = model.n_layers
+        self._unmark = lambda: None  # last: nothing after it may fail and leave the marks on
+        if compile_options is not None and regions:
+            self._unmark = mark_block_regions(model.architecture.block_list(module))
 
     def _call(self, input_ids: Tensor, step: Step, module=None) -> Tensor:
         with _guard_hooks() if module is not None and module is not self.module else contextlib.nullcontext():
