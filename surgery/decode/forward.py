@@ -68,9 +68,9 @@ class Forward:
         read_cache_under_either_name(module)  # TransformerLens 4.3 on transformers >= 5.24 (surgery.decode.kv_cache)
         # the decode step, compiled when asked (the prefill and re-runs stay eager), its decoder
         # blocks compiled once for all layers unless the options say "regions": False
-        options = dict(compile_options or {})
-        regions = options.pop("regions", True)
-        self.decode = module if compile_options is None else torch.compile(module.forward, **options)
+        torch_options = dict(compile_options or {})
+        regions = torch_options.pop("regions", True)  # ours, not torch.compile's
+        self.decode = module if compile_options is None else torch.compile(module.forward, **torch_options)
         self.static = cache == "static"
         self.cache = new_cache(cache, module.config, attention_mask.shape[1] + max_new_tokens)
         if bool(attention_mask.all()):
