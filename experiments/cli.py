@@ -1,4 +1,4 @@
-"""The ``surgery`` command: ``run``, ``report``, ``demo``, ``extract-vector``, ``extract-thought-probe``, ``bench``.
+"""The ``surgery`` command: ``run``, ``report``, ``demo``, ``extract-vector``, ``extract-thought-probe``, ``bench``, ``serve``.
 
 ``surgery run`` checks the study file first (every error names the field and the fix, before
 any model loads), then runs what the study's output folder lacks with a progress bar (rate and
@@ -26,12 +26,15 @@ Example:
     $ surgery extract-vector runs/traces seal.safetensors --layer 21
     $ surgery extract-thought-probe runs/traces thought_probe.safetensors --site resid_pre.20
     $ surgery bench engine kernels -- --reps 3
+    $ surgery serve --port 8000 --files vectors     # OpenAI-compatible; see experiments.serving
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from experiments.serving.command import add_serve_parser
 
 __all__ = ["main"]
 
@@ -121,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
                     "-- go to every named benchmark, e.g. `surgery bench engine -- --reps 3`.")
     bench.add_argument("names", nargs="*", metavar="NAME", help="which (default: all; --list names them)")
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    add_serve_parser(commands)
     return parser
 
 
@@ -150,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             return _extract_thought_probe(args)
         elif args.command == "bench":
             return _bench(args.names, extra, args.list)
+        elif args.command == "serve":
+            from experiments.serving.command import serve
+
+            return serve(args)
     except (FileNotFoundError, ValueError) as error:
         print(f"surgery {args.command}: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,114 @@
+"""Waves: requests with different stacks share a pool, each row as alone; a bad request fails alone."""
+
+import queue
+
+import pytest
+import torch
+
+import surgery
+from experiments.row_summaries import summarise_row
+from experiments.serving.errors import RequestError
+from experiments.serving.request_blocks import RequestStack, parse_stack
+from experiments.serving.scheduler import Job, Scheduler
+from interventions import TokenMask
+from probes import MIEstimator
+from tolerance import assert_close
+
+PROMPTS = ["So the answer is", "Wait, let me check", "Alternatively"]
+
+
+def _job(model, prompt, stack=RequestStack(), max_tokens=12, n=1, greedy=True, seed=None, stops=()):
+    events = queue.Queue()
+    ids = model.tokenizer(prompt)["input_ids"]
+    job = Job(prompts=[ids], n=n, max_tokens=max_tokens, greedy=greedy, temperature=0.8, top_p=1.0, seed=seed,
+              stops=tuple(stops), stream=False, stack=stack, send=events.put)
+    return job, events
+
+
+def _results(events, timeout=120):
+    rows = {}
+    while True:
+        event = events.get(timeout=timeout)
+        if event[0] == "error":
+            return event[1]
+        if event[0] == "row":
+            rows[event[1].index] = event[1]
+        if event[0] == "done":
+            return [rows[i] for i in sorted(rows)]
+
+
+@pytest.fixture
+def scheduler(tiny_r1):
+    scheduler = Scheduler(tiny_r1, slots=2, max_queue=8)
+    yield scheduler
+    scheduler.close()
+
+
+def test_one_wave_of_different_stacks_equals_each_alone(tiny_r1, scheduler):
+    masked = parse_stack([{"type": "token_mask", "words": [" is"], "penalty": -30.0}],
+                         [{"type": "mi_estimator", "answers": ["5"]}], files=None, model=tiny_r1, rows=1)
+    jobs = [_job(tiny_r1, PROMPTS[0]), _job(tiny_r1, PROMPTS[1], masked), _job(tiny_r1, PROMPTS[2], masked, n=2)]
+    waves = scheduler.stats["waves"]
+    with scheduler.held():
+        for job, _ in jobs:
+            scheduler.submit(job)
+    results = [_results(events) for _, events in jobs]
+    assert scheduler.stats["waves"] == waves + 1
+    plain = surgery.generate(tiny_r1, [PROMPTS[0]], 12)
+    assert results[0][0].token_ids == plain.token_ids[0] and results[0][0].surgery["fired"] == {}
+    for prompt, got in ((PROMPTS[1], results[1]), (PROMPTS[2], results[2])):
+        mask, mi = TokenMask(words=[" is"], penalty=-30.0), MIEstimator(answers=["5"])
+        with surgery.trace(tiny_r1, mask, mi) as tr:
+            alone = tr.generate([prompt], 12)
+        record = summarise_row(alone.row(0), {"token_mask": mask}, {"mi_estimator": mi}, tiny_r1.tokenizer).record
+        assert record["fired"]["token_mask"], "the mask fired"
+        for row in got:
+            assert row.token_ids == alone.token_ids[0]
+            assert row.surgery["fired"] == record["fired"]
+            assert row.surgery["probes"]["mi_estimator"]["peaks"] == record["probes"]["mi_estimator"]["peaks"]
+            assert_close(torch.tensor(row.surgery["probes"]["mi_estimator"]["values"]),
+                         torch.tensor(record["probes"]["mi_estimator"]["values"]), precision=torch.float32)
+    assert len(results[2]) == 2
+
+
+def test_a_request_the_model_refuses_fails_alone(tiny_r1, scheduler):
+    no_answers = parse_stack(None, [{"type": "mi_estimator"}], files=None, model=tiny_r1, rows=1)
+    bad, bad_events = _job(tiny_r1, PROMPTS[0], no_answers)
+    good, good_events = _job(tiny_r1, PROMPTS[1])
+    with scheduler.held():
+        scheduler.submit(bad)
+        scheduler.submit(good)
+    error = _results(bad_events)
+    assert isinstance(error, RequestError) and error.param == "probes[0]" and error.status == 400
+    assert _results(good_events)[0].token_ids == surgery.generate(tiny_r1, [PROMPTS[1]], 12).token_ids[0]
+
+
+def test_seeded_rows_sample_the_same_in_any_wave(tiny_r1, scheduler):
+    alone, events = _job(tiny_r1, PROMPTS[0], greedy=False, seed=5, n=2)
+    scheduler.submit(alone)
+    first = _results(events)
+    crowd = [_job(tiny_r1, p, greedy=False, seed=s) for p, s in ((PROMPTS[1], 1), (PROMPTS[0], 5), (PROMPTS[2], 9))]
+    with scheduler.held():
+        for job, _ in crowd:
+            scheduler.submit(job)
+    again = _results(crowd[1][1])
+    assert again[0].token_ids == first[0].token_ids
+    assert first[0].token_ids != first[1].token_ids  # each choice its own stream
+
+
+def test_the_queue_limit_and_cancelled_requests(tiny_r1):
+    scheduler = Scheduler(tiny_r1, slots=1, max_queue=2)
+    try:
+        with scheduler.held():
+            kept, kept_events = _job(tiny_r1, PROMPTS[0])
+            gone, gone_events = _job(tiny_r1, PROMPTS[1])
+            scheduler.submit(kept)
+            scheduler.submit(gone)
+            with pytest.raises(RequestError) as full:
+                scheduler.submit(_job(tiny_r1, PROMPTS[2])[0])
+            gone.cancelled.set()
+        assert full.value.status == 429
+        assert _results(kept_events)[0].token_ids
+        assert gone_events.empty() and scheduler.stats["finished_rows"] == 1
+    finally:
+        scheduler.close()
