@@ -279,3 +279,34 @@ def _wait_for(condition, seconds=30):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_streams_with_several_choices_and_usage_match_the_whole_response(served):
+    _, client = served
+    request = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Name a fruit."}],
+                   max_tokens=12, temperature=0, n=2)
+    whole = client.chat.completions.create(**request)
+    texts, reasons, usage, entries = ["", ""], [None, None], None, {}
+    for chunk in client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+            if choice.finish_reason:
+                entries[choice.index] = chunk.model_extra["surgery"]["choice"]
+    assert texts == [c.message.content for c in whole.choices] and reasons == [c.finish_reason for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens and usage.prompt_tokens == whole.usage.prompt_tokens
+    assert [entries[0]["index"], entries[1]["index"]] == [0, 1]
+    pieces = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=8,
+                                       temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].text for chunk in pieces)
+    assert streamed == client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                                 max_tokens=8, temperature=0).choices[0].text
+
+
+def test_a_streamed_request_whose_blocks_are_refused_gets_its_400_before_any_event(served):
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, stream=True, extra_body={"probes": [{"type": "mi_estimator"}]})
+    assert refused.value.body["param"] == "probes[0]"

@@ -175,8 +175,14 @@ class Scheduler:
                 wave = [job for job in self.queue if job.sampling == sampling]
                 self.queue = deque(job for job in self.queue if job.sampling != sampling)
             wave = [job for job in wave if not job.cancelled.is_set()]
-            if wave:
-                self._run(wave)
+            try:
+                if wave:
+                    self._run(wave)
+            except Exception as error:  # noqa: BLE001 (the decode thread must outlive any one wave)
+                log.exception("a wave failed")
+                for job in wave:
+                    if job.done_rows < job.rows:
+                        job.send(("error", RequestError(None, f"generation failed: {error}", status=500)))
 
     def _run(self, jobs: list[Job], alone: bool = False) -> None:
         """One wave: every row of ``jobs`` through the pool; a failing request fails alone."""
