@@ -12,7 +12,8 @@ registered anywhere is checked as soon as its module is imported; each offers
    budgets, so rows are admitted into freed slots mid-run): the row lifecycle
    (``admit``/``retire``) leaks nothing from one row into the next in its slot; and with rows
    that carry the block sharing slots with rows that do not (a stack per row), each row gets
-   what it gets alone under its own stack.
+   what it gets alone under its own stack; and with prompts that join the running pool
+   (``late_rows``: a server's requests arriving while it decodes) into a slot that started empty.
 4. Hooks are gone, and the model computes exactly what it did, after an exception in the body.
 
 The last tests plant a bug of each kind in a throwaway block and show the check catches it.
@@ -32,6 +33,7 @@ import interventions  # noqa: F401  (registers the shipped blocks)
 import probes  # noqa: F401
 import surgery
 from surgery.blocks import Block, Intervention, Probe, register_block, registered_blocks
+from surgery.decode.late_rows import LateRow, LateRows
 from surgery.files.saving import load_blocks, save_blocks
 from surgery.triggers import Always, Trigger
 
@@ -154,6 +156,31 @@ def check_mixed_stacks(model, cls) -> None:
             assert_close(alone.by_row()[0], rows[i], precision=torch.float32, path=f"{cls.name}.by_row()[{i}] mixed")
 
 
+def check_late_rows(model, cls) -> None:
+    """Prompts that join the running pool (surgery.decode.late_rows), with and without the block,
+    into a pool whose second slot starts empty: each row as alone under its own stack."""
+    eos = stop_token(model)
+    prompts, budgets = [*PROMPTS, PROMPTS[1]], [*BUDGETS, 11]
+    block = cls.example(model, prompts)
+    carries = [True, True, False, True, False]
+    ids = [surgery.encode_prompts(model, [p], chat=True)[0][0].tolist() for p in prompts]
+    arriving = [LateRow(ids[i], budgets[i], f"late:{i}", [block] if carries[i] else []) for i in range(1, len(prompts))]
+    take = lambda free: [arriving.pop(0) for _ in range(min(free, 1, len(arriving)))]  # noqa: E731 (one per free step)
+    with surgery.trace(model, block) as tr:
+        out = tr.generate(prompts[:1], budgets[:1], chat=True, eos_token_ids=[eos], batch_size=2, stacks=[[block]],
+                          late_rows=LateRows(take, capacity=max(budgets), bound=64))
+    rows = block.by_row()
+    assert len(out.token_ids) == len(prompts) and not arriving
+    for i, prompt in enumerate(prompts):
+        alone = cls.example(model, [prompt])
+        with surgery.trace(model, *([alone] if carries[i] else [])) as tr:
+            single = tr.generate([prompt], budgets[i], chat=True, eos_token_ids=[eos])
+        assert single.token_ids[0] == out.token_ids[i], f"row {i} (late, carries: {carries[i]}): tokens differ"
+        assert single.stop_reasons[0] == out.stop_reasons[i]
+        if rows is not None and carries[i]:
+            assert_close(alone.by_row()[0], rows[i], precision=torch.float32, path=f"{cls.name}.by_row()[{i}] late")
+
+
 def check_hooks_gone_after_an_exception(model, cls) -> None:
     before, hooks = logits_of(model), all_hooks(model.module)
     with pytest.raises(KeyboardInterrupt):
@@ -165,7 +192,7 @@ def check_hooks_gone_after_an_exception(model, cls) -> None:
 
 
 CHECKS = [check_round_trip, check_identity, check_rows_alone, check_rows_alone_in_slots, check_mixed_stacks,
-          check_hooks_gone_after_an_exception]
+          check_late_rows, check_hooks_gone_after_an_exception]
 
 
 @pytest.mark.parametrize("name", contract_blocks())
@@ -176,6 +203,7 @@ def test_contract(tiny, name, tmp_path):
     check_rows_alone(tiny, cls)
     check_rows_alone_in_slots(tiny, cls)
     check_mixed_stacks(tiny, cls)
+    check_late_rows(tiny, cls)
     check_hooks_gone_after_an_exception(tiny, cls)
 
 

@@ -37,6 +37,7 @@ from surgery.blocks import TokenChoice
 from surgery.decode.forward import Forward, compile_options
 from surgery.decode.generation_output import FinishedRow, GenerationOutput, offer_choice
 from surgery.decode.kv_cache import check_kind
+from surgery.decode.late_rows import LateRows
 from surgery.model import Model
 from surgery.prompts import Prompts, check_context, encode_prompts
 from surgery.decode.sampling import RowKey, RowSampler, row_keys_for
@@ -94,6 +95,7 @@ def generate(
     on_retire: Callable | None = None,
     on_row: Callable[[FinishedRow], None] | None = None,
     shared_keys: bool = False,
+    late_rows: LateRows | None = None,
 ) -> GenerationOutput:
     """Generate from a batch of prompts with the toolkit's decode loop.
 
@@ -152,6 +154,8 @@ def generate(
             sampling what its condition's own batch samples).
         on_admit, on_retire: with ``batch_size``, the row lifecycle the trace passes to its
             blocks (:meth:`~surgery.blocks.Block.admit`, :meth:`~surgery.blocks.Block.retire`).
+        late_rows: with ``batch_size``, prompts that join the pool while it runs (a server's
+            requests arriving meanwhile): :mod:`surgery.decode.late_rows`.
         on_row: called with each prompt's :class:`FinishedRow` once it is final: with
             ``batch_size``, the moment the row leaves its slot (after ``on_retire``), other rows
             still running, so a caller can save it at once; without, for every row at the end.
@@ -161,6 +165,8 @@ def generate(
     """
     if batch_size is None and not isinstance(max_new_tokens, int):
         batch_size = 1 if isinstance(prompts, str) else len(prompts)  # one budget per prompt: one pool
+    if late_rows is not None and batch_size is None:
+        raise ValueError("late_rows join a slot pool: give batch_size (the number of slots)")
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer (the number of slots), got {batch_size!r}")
@@ -170,7 +176,7 @@ def generate(
             seed=seed, row_keys=row_keys, stop_strings=stop_strings, eos_token_ids=eos_token_ids, chat=chat,
             progress=progress, on_step=on_step, on_choose=on_choose, text_patterns=text_patterns, cache=cache,
             rerun_from=rerun_from, compile=compile, on_admit=on_admit, on_retire=on_retire, on_row=on_row,
-            shared_keys=shared_keys,
+            shared_keys=shared_keys, late_rows=late_rows,
         )
     if shared_keys:
         raise ValueError("shared_keys (equal row keys) works with batch_size (continuous batching) only")

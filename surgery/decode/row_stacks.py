@@ -67,6 +67,35 @@ class RowStacks:
         self.tables = find_tables(self.blocks, stacks, batch, sites)
         self._table_of = {id(member): table for table in self.tables for member in table.members}
 
+    def extend(self, stacks: Sequence[Sequence[Hashable]]) -> None:
+        """Prompts that join a running pool (:mod:`surgery.decode.late_rows`) carry ``stacks``.
+
+        Raises:
+            ValueError: a stack names an unattached block, or two blocks served by one table.
+        """
+        known = {id(block) for block in self.blocks}
+        for stack in stacks:
+            ids = {id(block) for block in stack}
+            if not ids <= known:
+                raise ValueError("a late row's stack holds a block not attached to this trace: attach it first")
+            for table in self.tables:
+                carried = [member for member in table.members if id(member) in ids]
+                if len(carried) > 1:
+                    raise ValueError("a late row's stack carries two blocks served by one per-row table")
+                table.carried.append(carried[0] if carried else None)
+            self.stacks.append(ids)
+
+    def taking(self, take):
+        """``take`` (a :class:`~surgery.decode.late_rows.LateRows`'s) that also records each late
+        row's stack here (a row without one carries every attached block)."""
+
+        def take_and_record(free: int):
+            rows = take(free)
+            self.extend([self.blocks if row.stack is None else row.stack for row in rows])
+            return rows
+
+        return take_and_record
+
     def admit(self, slots: list[int], rows: list[int]) -> None:
         """Prompts ``rows`` take ``slots``: each block's mask says whether they carry it."""
         for block in self.blocks:

@@ -6,7 +6,8 @@ whenever rows stop, their results are kept and the next waiting prompts are pref
 of their own) and take the free slots, with their own positions, think flags, text matcher
 states, stop tracking, random stream and step counter (:class:`~surgery.decode.slot_forward.SlotForward`
 keeps the KV cache at ``N`` slots of bounded length). Results come back per prompt, in prompt
-order. ``max_new_tokens`` may be one budget per prompt.
+order. ``max_new_tokens`` may be one budget per prompt. Prompts may also join while it runs
+(``late_rows``: a server's requests arriving meanwhile, :mod:`surgery.decode.late_rows`).
 
 Exact per row: a prompt gets the tokens, stop reason and block records it gets alone (up to the
 float noise of a padded batch, as in a fixed batch). The blocks follow rows through the row
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from surgery.decode.forward import compile_options
+from surgery.decode.late_rows import LateRows
 from surgery.decode.generation_output import FinishedRow, GenerationOutput, offer_choice
 from surgery.model import Model
 from surgery.prompts import encode_prompts
@@ -92,10 +94,12 @@ def generate_continuous(
     shared_keys: bool = False,
     on_retire: Callable[[int, int], None] | None = None,
     on_row: Callable[[FinishedRow], None] | None = None,
+    late_rows: LateRows | None = None,
 ):
     """The continuous-batching loop; arguments as :func:`surgery.decode.engine.generate` (which calls it
     when ``batch_size`` is given), plus ``on_admit(slots, rows)`` (prompts ``rows`` are about to take ``slots``) and
-    ``on_retire(slot, row)``, then ``on_row`` with the row's :class:`FinishedRow`."""
+    ``on_retire(slot, row)``, then ``on_row`` with the row's :class:`FinishedRow`; ``late_rows``: prompts that
+    join while it runs (:mod:`surgery.decode.late_rows`)."""
     input_ids, attention_mask = encode_prompts(model, prompts, chat=chat)
     keys = row_keys_for(input_ids, attention_mask, row_keys, unique=not shared_keys)
     lengths = attention_mask.sum(dim=1).tolist()
@@ -104,13 +108,17 @@ def generate_continuous(
     _check_fits(model, lengths, budgets)
     device, n_slots, capacity = model.device, min(batch_size, len(rows)), max(budgets)
     bound = max(n + b for n, b in zip(lengths, budgets))
+    if late_rows is not None:  # every slot from the start; sized for any row that may come
+        n_slots, capacity, bound = batch_size, max(capacity, late_rows.capacity), max(bound, late_rows.bound)
+    n_first = min(n_slots, len(rows))
+    empty = list(range(n_first, n_slots))  # slots that start without a row (late rows take them)
     eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else list(eos_token_ids), dtype=torch.long, device=device)
     pad = torch.tensor(model.pad_token_id, device=device)
     think_ids, matchers = model.think_token_ids, text_matchers(model, text_patterns)
     if progress is None:
         progress = sys.stderr.isatty() and sum(budgets) >= 512
 
-    first = encode_prompts(model, [rows[r] for r in range(n_slots)])
+    first = encode_prompts(model, [rows[r] for r in range(n_first)] + [[model.pad_token_id]] * len(empty))
     first_ids, first_mask = first[0].to(device), first[1].to(device)
     step = pool_step(Step.prefill(first_ids, first_mask, think_ids, matchers, capacity=capacity))
     options = compile_options(compile, cache, device)
@@ -120,13 +128,14 @@ def generate_continuous(
         options.setdefault("dynamic", False)
     forward = SlotForward(model, step, first_mask, on_step, cache, bound, rerun_from, options)
     stops = StopTracker(model.tokenizer, eos, stop_strings, n_slots, capacity)
-    stops.admit(list(range(n_slots)), budgets[:n_slots])
-    sampler = RowSampler(seed, keys[:n_slots], temperature, top_p) if do_sample else None
-    slot_row: list[int | None] = list(range(n_slots))
-    waiting = deque(range(n_slots, len(rows)))
-    budget = torch.tensor(budgets[:n_slots], dtype=torch.long, device=device)
+    stops.admit(list(range(n_slots)), budgets[:n_first] + [1] * len(empty))
+    empty_keys = [f"empty-slot:{slot}" for slot in empty]
+    sampler = RowSampler(seed, keys[:n_first] + empty_keys, temperature, top_p) if do_sample else None
+    slot_row: list[int | None] = [*range(n_first), *[None] * len(empty)]
+    waiting = deque(range(n_first, len(rows)))
+    budget = torch.tensor(budgets[:n_first] + [1] * len(empty), dtype=torch.long, device=device)
     row_index = torch.zeros(n_slots, dtype=torch.long, device=device)
-    finished = torch.zeros(n_slots, dtype=torch.bool, device=device)
+    finished = torch.tensor([slot in empty for slot in range(n_slots)], dtype=torch.bool, device=device)
     generated = torch.full((n_slots, capacity), model.pad_token_id, dtype=torch.long, device=device)
     results: dict[int, tuple[list[int], str]] = {}
     bar = tqdm(total=len(rows), desc=f"generating ({n_slots} slots)", unit="row", disable=not progress, leave=False)
@@ -135,8 +144,10 @@ def generate_continuous(
     try:
         with torch.inference_mode():
             if on_admit is not None:
-                on_admit(list(range(n_slots)), list(range(n_slots)))
+                on_admit(list(range(n_first)), list(range(n_first)))
             logits = forward.prefill(first_ids)
+            for slot in empty:
+                forward.retire(slot)
             prefill_s = time.perf_counter() - start
             while True:
                 chosen = sampler.sample(logits) if sampler is not None else logits.argmax(dim=-1)
@@ -167,6 +178,9 @@ def generate_continuous(
                             on_row(FinishedRow(row, text, results[row][0], lengths[row], results[row][1],
                                                time.perf_counter() - admitted_at[s]))
                     bar.update(len(done))
+                if late_rows is not None:
+                    _take_late(late_rows, sum(r is None for r in slot_row) - len(waiting), model.vocab_size, rows,
+                               lengths, budgets, keys, waiting, bar)
                 if all(r is None for r in slot_row) and not waiting:
                     break
                 if any(r is not None for r in slot_row):
@@ -202,3 +216,18 @@ def generate_continuous(
     return GenerationOutput.finished(model.tokenizer, [results[r][0] for r in range(len(rows))], lengths,
                                      [results[r][1] for r in range(len(rows))], start, prefill_s,
                                      steps=float(step_count))
+
+
+def _take_late(late_rows: LateRows, wanted: int, vocab_size: int, rows: list, lengths: list, budgets: list, keys: list,
+               waiting: deque, bar) -> None:
+    """Up to ``wanted`` late rows join the waiting prompts, with the next prompt indices."""
+    if wanted <= 0:
+        return
+    for late in late_rows.take(wanted)[:wanted]:
+        late_rows.check(late, vocab_size)
+        rows.append(list(late.prompt))
+        lengths.append(len(late.prompt))
+        budgets.append(late.budget)
+        keys.append(late.key)
+        waiting.append(len(rows) - 1)
+        bar.total += 1

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -126,12 +127,12 @@ class Trace:
     def _on_step(self, step: Step | None) -> None:
         self._step = step
 
-    def _begin(self, prompts, batch_size: int | None = None) -> None:
+    def _begin(self, prompts, batch_size: int | None = None, every_slot: bool = False) -> None:
         """Clear every block's per-run state before a run over ``prompts`` (through
-        ``batch_size`` slots under continuous batching)."""
+        ``batch_size`` slots under continuous batching; all of them when late rows may come)."""
         batch = 1 if isinstance(prompts, str) else len(prompts)
         if batch_size is not None:
-            batch = min(batch, batch_size)
+            batch = batch_size if every_slot else min(batch, batch_size)
             lost = [type(block).__name__ for block in self.blocks if not block.follows_rows]
             if lost:
                 raise ValueError(
@@ -169,14 +170,18 @@ class Trace:
         """
         self._require_active()
         n_prompts = 1 if isinstance(prompts, str) else len(prompts)
-        self._begin(prompts, options.get("batch_size"))
+        late = options.get("late_rows")
+        self._begin(prompts, options.get("batch_size"), every_slot=late is not None)
         self._stacks = None
         pooled = options.get("batch_size") is not None or not isinstance(max_new_tokens, int)  # a slot pool
         if stacks is not None:
             if isinstance(stacks, (str, bytes)) or len(stacks) != n_prompts:
                 raise ValueError(f"stacks needs one list of blocks per prompt ({n_prompts})")
             slots = n_prompts if options.get("batch_size") is None else min(n_prompts, options["batch_size"])
+            slots = self._slot_count if late is not None else slots
             self._stacks = RowStacks(self.blocks, stacks, slots, self.model.device, self._sites)
+            if late is not None:  # each late row's stack joins the table of stacks as it comes
+                options = {**options, "late_rows": dataclasses.replace(late, take=self._stacks.taking(late.take))}
             if not pooled:
                 self._stacks.admit(list(range(n_prompts)), list(range(n_prompts)))
         choosers = [b for b in self.blocks if isinstance(b, Intervention) and b.edits_tokens]
