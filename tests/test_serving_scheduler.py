@@ -1,6 +1,7 @@
 """Waves: requests with different stacks share a pool, each row as alone; a bad request fails alone."""
 
 import queue
+import time
 
 import pytest
 import torch
@@ -112,3 +113,31 @@ def test_the_queue_limit_and_cancelled_requests(tiny_r1):
         assert gone_events.empty() and scheduler.stats["finished_rows"] == 1
     finally:
         scheduler.close()
+
+
+def test_requests_arriving_mid_wave_join_it_when_their_blocks_are_already_there(tiny_r1, scheduler):
+    masked = [{"type": "token_mask", "words": [" is"], "penalty": -30.0}]
+    stack = parse_stack(masked, None, files=None, model=tiny_r1, rows=1)
+    other = parse_stack([{**masked[0], "penalty": -10.0}], None, files=None, model=tiny_r1, rows=1)
+    long_plain, long_events = _job(tiny_r1, PROMPTS[0], max_tokens=60)
+    long_masked, masked_events = _job(tiny_r1, PROMPTS[1], stack, max_tokens=60)
+    with scheduler.held():
+        scheduler.submit(long_plain)
+        scheduler.submit(long_masked)
+    while scheduler.busy_slots() == 0:
+        time.sleep(0.001)
+    started = scheduler.stats["waves"]
+    late = {"plain": _job(tiny_r1, PROMPTS[2]), "same stack": _job(tiny_r1, PROMPTS[2], stack),
+            "other stack": _job(tiny_r1, PROMPTS[2], other)}
+    for job, _ in late.values():
+        scheduler.submit(job)
+    results = {name: _results(events)[0] for name, (_, events) in late.items()}
+    assert _results(long_events) and _results(masked_events)
+    assert scheduler.stats["joined_late"] == 2 and scheduler.stats["waves"] == started + 1
+    assert results["plain"].token_ids == surgery.generate(tiny_r1, [PROMPTS[2]], 12).token_ids[0]
+    for name, penalty in (("same stack", -30.0), ("other stack", -10.0)):
+        mask = TokenMask(words=[" is"], penalty=penalty)
+        with surgery.trace(tiny_r1, mask) as tr:
+            alone = tr.generate([PROMPTS[2]], 12)
+        assert results[name].token_ids == alone.token_ids[0]
+        assert results[name].surgery["fired"]["token_mask"] == mask.fired()[0]

@@ -5,8 +5,15 @@ engine samples every row of a run with the same settings) and runs all their row
 ``n``) through one continuous-batching pool of ``slots`` rows (:mod:`surgery.decode.slots`), each
 row under its own request's stack (``tr.generate(..., stacks=...)``, :mod:`surgery.decode.row_stacks`).
 A row gets the tokens it gets alone under its stack, whatever the rows beside it carry, and a
-finished row's slot goes to the next waiting row of the wave at once. Requests that arrive while a
-wave runs wait for the next one.
+finished row's slot goes to the next waiting row of the wave at once.
+
+A request that arrives while a wave runs joins it as soon as a slot is free
+(:mod:`surgery.decode.late_rows`) when it samples as the wave does and its blocks are already
+in the wave: it brings none, or the same blocks (equal configs and files) as a request of the wave
+and no per-row answers, so its rows carry that request's block instances (each row keeps its own
+records). Other requests wait for the next wave. With the static cache a late request must also
+fit the columns and token budget the wave's cache was sized for. A wave holding a probe with
+per-row answers (the MI estimator) takes no late requests: its answers are fixed when it starts.
 
 Per row the server's own block (:class:`~experiments.serving.tap.ServerTap`, carried by every
 row, acting after the request's blocks) streams text, applies the request's stop strings and
@@ -31,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -45,6 +53,7 @@ from experiments.serving.errors import RequestError, queue_full
 from experiments.serving.request_blocks import RequestStack
 from experiments.serving.tap import RowText, ServerTap, cut_at_stop
 from surgery.decode.generation_output import FinishedRow
+from surgery.decode.late_rows import LateRow, LateRows
 
 __all__ = ["Job", "RowResult", "Scheduler"]
 
@@ -119,12 +128,14 @@ class Scheduler:
         slots: rows decoded together.
         max_queue: requests that may wait; one more is refused with 429.
         cache: the decode step's KV cache (``"dynamic"`` or ``"static"``).
+        max_tokens: the largest budget a request may have (late rows of a dynamic-cache wave up to it).
     """
 
-    def __init__(self, model, slots: int, max_queue: int, cache: str = "dynamic"):
+    def __init__(self, model, slots: int, max_queue: int, cache: str = "dynamic", max_tokens: int = 2048):
         self.model, self.slots, self.max_queue, self.cache = model, slots, max_queue, cache
+        self.max_tokens = max_tokens
         self.queue: deque[Job] = deque()
-        self.stats = {"waves": 0, "finished_rows": 0, "cancelled_rows": 0, "refused": 0}
+        self.stats = {"waves": 0, "joined_late": 0, "finished_rows": 0, "cancelled_rows": 0, "refused": 0}
         self._tap: ServerTap | None = None
         self._wake = threading.Condition()
         self._closed = False
@@ -227,7 +238,7 @@ class Scheduler:
                             stacks=stacks, batch_size=self.slots, do_sample=not first.greedy,
                             temperature=first.temperature if not first.greedy else 1.0, top_p=first.top_p, seed=0,
                             row_keys=[job.row_key(k, salt) for job, k in rows], shared_keys=True, on_row=finished,
-                            cache=self.cache, progress=False)
+                            cache=self.cache, progress=False, late_rows=self._late_rows(jobs, rows, built, tap, salt))
         except Exception as error:  # noqa: BLE001 (a request's blocks may raise anything; the server goes on)
             if started:
                 log.exception("a wave failed while decoding")
@@ -240,6 +251,45 @@ class Scheduler:
         finally:
             self._tap = None
 
+    def _late_rows(self, jobs: list[Job], rows: list, built: dict, tap: ServerTap, salt: str) -> LateRows | None:
+        """Requests that join this wave while it runs (the module docstring says which may)."""
+        if any(job.stack.answers for job in jobs):  # a probe's answers are one per row of the wave, fixed at its start
+            return None
+        if self.cache == "static":  # the cache is allocated for the wave's own rows: late ones must fit it
+            capacity = max(job.max_tokens for job in jobs)
+            bound = max(len(prompt) + job.max_tokens for job in jobs for prompt in job.prompts)
+        else:
+            capacity, bound = self.max_tokens, self.model.max_context or 2**31 - 1
+        sampling, carried = jobs[0].sampling, {_signature(job.stack): job for job in jobs}
+        carried.setdefault((), None)
+
+        def take(free: int) -> list[LateRow]:
+            joined = []
+            with self._wake:
+                for job in list(self.queue):
+                    fits = job.max_tokens <= capacity and all(len(p) + job.max_tokens <= bound for p in job.prompts)
+                    signature = None if job.stack.answers else _signature(job.stack)
+                    if job.sampling != sampling or signature not in carried or not fits or job.rows > free:
+                        continue
+                    if job.cancelled.is_set():
+                        self.queue.remove(job)
+                        continue
+                    self.queue.remove(job)
+                    free -= job.rows
+                    template = carried[signature]
+                    built[id(job)] = built[id(template)] if template is not None else ({}, {})
+                    stack = [*built[id(job)][0].values(), *built[id(job)][1].values(), tap]
+                    for k in range(job.rows):
+                        rows.append((job, k))
+                        tap.rows.append(RowText(self.model.tokenizer, job.stops, job.stream, _text_sender(job, k),
+                                                job.cancelled.is_set))
+                        joined.append(LateRow(job.prompts[k // job.n], job.max_tokens, job.row_key(k, salt), stack))
+                    self.stats["joined_late"] += 1
+                    job.send(("started",))
+            return joined
+
+        return LateRows(take, capacity, bound)
+
     def _split(self, jobs: list[Job], error: Exception, alone: bool) -> None:
         """A wave that would not start: alone, its request gets a 400; else each request runs alone."""
         if alone:
@@ -247,6 +297,11 @@ class Scheduler:
             return
         for job in jobs:
             self._run([job], alone=True)
+
+
+def _signature(stack: RequestStack) -> tuple:
+    """What makes two requests' blocks the same: each block's type, config and file (by content)."""
+    return tuple(json.dumps(spec.to_dict(), sort_keys=True) for spec in (*stack.interventions, *stack.probes))
 
 
 def _text_sender(job: Job, index: int) -> Callable[[str], None]:

@@ -96,7 +96,7 @@ class Server:
                 self._preset_stack(name, rows=1)
             except RequestError as error:
                 raise ValueError(f"--stack {name}: {error.param}: {error.message}") from None
-        self.scheduler = Scheduler(self.model, settings.slots, settings.max_queue, settings.cache)
+        self.scheduler = Scheduler(self.model, settings.slots, settings.max_queue, settings.cache, settings.max_tokens)
 
     @property
     def model_ids(self) -> list[str]:
