@@ -141,3 +141,19 @@ def test_requests_arriving_mid_wave_join_it_when_their_blocks_are_already_there(
             alone = tr.generate([PROMPTS[2]], 12)
         assert results[name].token_ids == alone.token_ids[0]
         assert results[name].surgery["fired"]["token_mask"] == mask.fired()[0]
+
+
+def test_a_lone_request_decodes_alone_and_an_arrival_meanwhile_opens_the_next_waves_slots(tiny_r1, scheduler):
+    def slots_of_running_wave(wave):
+        while not (scheduler.stats["waves"] == wave and scheduler.busy_slots() > 0):
+            time.sleep(0.0005)
+        return len(scheduler._tap.slot_rows)
+
+    first, first_events = _job(tiny_r1, PROMPTS[0], max_tokens=60)
+    scheduler.submit(first)
+    assert slots_of_running_wave(1) == 1  # one request, nobody else: one slot decoded
+    second, second_events = _job(tiny_r1, PROMPTS[1], max_tokens=60)
+    scheduler.submit(second)  # arrives mid-wave: the first wave has no open slot, so it waits
+    assert _results(first_events)
+    assert slots_of_running_wave(2) == 2  # requests overlapped: the next wave opens every slot
+    assert _results(second_events) and scheduler.stats["joined_late"] == 0
