@@ -16,8 +16,9 @@ requests one after another, non-streaming. Rows, interleaved per round, medians 
                   steering vector with its own alpha (requests 0, 2, 4...), a token mask (1, 4, 7...),
                   the MI probe with the reference answer (3, 7, 11...); the rest none
 
-Printed: seconds, requests per second and completion tokens per second, and the server's
-throughput as a share of the library's on the same prompts (its overhead: HTTP, JSON, waves).
+Printed: seconds, requests per second and completion tokens per second, the server's throughput
+as a share of the library's on the same prompts (its overhead: HTTP, JSON, waves), and how many
+waves the last round ran and how many requests joined a running wave.
 Every served completion is checked equal to the library's, request by request.
 """
 
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import httpx  # noqa: E402
 import openai  # noqa: E402
 
 import surgery  # noqa: E402
@@ -111,6 +113,7 @@ def main() -> None:
           f"on {model.device}, {torch.get_num_threads()} threads; {args.reps} reps, medians")
     with serve_in_thread(settings, model=model) as base_url:
         client = openai.OpenAI(base_url=base_url, api_key="-", max_retries=0, timeout=3600)
+        stats_url, waves = base_url.removesuffix("/v1") + "/surgery/stats", {}
 
         def served(mode: str, c: int):
             def one(i: int):
@@ -124,12 +127,15 @@ def main() -> None:
                 return [(i, *one(i)) for i in range(k, n, c)]
 
             def run():
+                before = httpx.get(stats_url).json()
                 with ThreadPoolExecutor(c) as pool:
                     done = [row for share in pool.map(client_share, range(c)) for row in share]
                 texts = dict((i, text) for i, text, _ in done)
                 wrong = [i for i in range(n) if texts[i] != expected[mode][i]]
                 if wrong:
                     raise AssertionError(f"serve {mode} x{c}: requests {wrong[:5]} differ from the library's")
+                after = httpx.get(stats_url).json()
+                waves[f"serve {mode} x{c}"] = (after["waves"] - before["waves"], after["joined_late"] - before["joined_late"])
                 return sum(count for _, _, count in done)
             return run
 
@@ -142,12 +148,13 @@ def main() -> None:
                 start = time.perf_counter()
                 counts[name] = run()
                 times[name].append(time.perf_counter() - start)
-    print(f"{'row':<20} {'seconds':>8} {'req/s':>7} {'tok/s':>7}  share of the library's throughput")
+    print(f"{'row':<20} {'seconds':>8} {'req/s':>7} {'tok/s':>7} {'share':>6}  waves / requests that joined one late")
     for name, seconds in times.items():
         median = statistics.median(seconds)
         library_s = statistics.median(times[f"library {name.split()[1]}"])
         share = f"{library_s / median:.2f}x" if name.startswith("serve") else ""
-        print(f"{name:<20} {median:8.2f} {n / median:7.2f} {counts[name] / median:7.1f}  {share}")
+        joined = "{} / {}".format(*waves[name]) if name in waves else ""
+        print(f"{name:<20} {median:8.2f} {n / median:7.2f} {counts[name] / median:7.1f} {share:>6}  {joined}")
     print("every served completion equal to the library's: yes")
 
 
