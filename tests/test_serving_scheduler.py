@@ -157,3 +157,12 @@ def test_a_lone_request_decodes_alone_and_an_arrival_meanwhile_opens_the_next_wa
     assert _results(first_events)
     assert slots_of_running_wave(2) == 2  # requests overlapped: the next wave opens every slot
     assert _results(second_events) and scheduler.stats["joined_late"] == 0
+
+
+def test_unseeded_requests_sample_their_own_streams(tiny_r1, scheduler):
+    jobs = [_job(tiny_r1, PROMPTS[0], greedy=False, max_tokens=16) for _ in range(2)]
+    with scheduler.held():
+        for job, _ in jobs:
+            scheduler.submit(job)
+    first, second = (_results(events)[0].token_ids for _, events in jobs)
+    assert first != second  # one wave, one prompt, row 0 of each: different streams

@@ -111,6 +111,7 @@ class Job:
     send: Callable[[tuple], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     done_rows: int = 0
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def rows(self) -> int:
@@ -121,9 +122,9 @@ class Job:
         """Requests with equal values share a wave."""
         return ("greedy",) if self.greedy else ("sample", self.temperature, self.top_p)
 
-    def row_key(self, index: int, salt: str) -> str:
-        """The random stream's name of row ``index``: the seed's, or this wave's fresh one."""
-        return f"seed:{self.seed}:row:{index}" if self.seed is not None else f"unseeded:{salt}:row:{index}"
+    def row_key(self, index: int) -> str:
+        """The random stream's name of row ``index``: from the seed, or fresh for this request."""
+        return f"seed:{self.seed}:row:{index}" if self.seed is not None else f"unseeded:{self.uid}:row:{index}"
 
 
 class Scheduler:
@@ -223,11 +224,10 @@ class Scheduler:
         tap = ServerTap(texts)
         blocks = [block for job in jobs for part in built[id(job)] for block in part.values()]
         stacks = [[*built[id(job)][0].values(), *built[id(job)][1].values(), tap] for job, _ in rows]
-        salt = uuid.uuid4().hex
         first, started = jobs[0], False
         with self._wake:
             open_slots, self._contended = self._contended or len(rows) >= self.slots, False
-        late_rows = self._late_rows(jobs, rows, built, tap, salt) if open_slots else None
+        late_rows = self._late_rows(jobs, rows, built, tap) if open_slots else None
 
         def finished(row: FinishedRow) -> None:
             job, k = rows[row.row]
@@ -255,7 +255,7 @@ class Scheduler:
                 tr.generate([job.prompts[k // job.n] for job, k in rows], [job.max_tokens for job, _ in rows],
                             stacks=stacks, batch_size=self.slots, do_sample=not first.greedy,
                             temperature=first.temperature if not first.greedy else 1.0, top_p=first.top_p, seed=0,
-                            row_keys=[job.row_key(k, salt) for job, k in rows], shared_keys=True, on_row=finished,
+                            row_keys=[job.row_key(k) for job, k in rows], shared_keys=True, on_row=finished,
                             cache=self.cache, progress=False, late_rows=late_rows)
         except Exception as error:  # noqa: BLE001 (a request's blocks may raise anything; the server goes on)
             if started:
@@ -269,7 +269,7 @@ class Scheduler:
         finally:
             self._tap = None
 
-    def _late_rows(self, jobs: list[Job], rows: list, built: dict, tap: ServerTap, salt: str) -> LateRows | None:
+    def _late_rows(self, jobs: list[Job], rows: list, built: dict, tap: ServerTap) -> LateRows | None:
         """Requests that join this wave while it runs (the module docstring says which may)."""
         if any(job.stack.answers for job in jobs):  # a probe's answers are one per row of the wave, fixed at its start
             return None
@@ -301,7 +301,7 @@ class Scheduler:
                         rows.append((job, k))
                         tap.rows.append(RowText(self.model.tokenizer, job.stops, job.stream, _text_sender(job, k),
                                                 job.cancelled.is_set))
-                        joined.append(LateRow(job.prompts[k // job.n], job.max_tokens, job.row_key(k, salt), stack))
+                        joined.append(LateRow(job.prompts[k // job.n], job.max_tokens, job.row_key(k), stack))
                     self.stats["joined_late"] += 1
                     job.send(("started",))
             return joined

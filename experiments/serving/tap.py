@@ -14,10 +14,13 @@ It reads tokens on the host only while some live row streams or has stop strings
 plain non-streaming requests runs without a device sync per step.
 
 Example:
-    >>> from transformers import AutoTokenizer                      # doctest: +SKIP
-    >>> row = RowText(AutoTokenizer.from_pretrained("gpt2"), stops=("\\n",), stream=True)  # doctest: +SKIP
-    >>> [row.add(t) for t in (15496, 11, 995, 198)], row.text        # doctest: +SKIP
-    ([False, False, False, True], 'Hello, world')
+    >>> class Letters:  # a tokenizer whose tokens are characters
+    ...     def decode(self, ids, skip_special_tokens=True):
+    ...         return "".join(map(chr, ids))
+    >>> pieces = []
+    >>> row = RowText(Letters(), stops=("\\n",), stream=True, on_text=pieces.append)
+    >>> [row.add(ord(c)) for c in "Hi!\\n"], row.text, pieces
+    ([False, False, False, True], 'Hi!', ['H', 'i', '!'])
 """
 
 from __future__ import annotations
