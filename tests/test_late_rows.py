@@ -70,3 +70,5 @@ def test_late_rows_outside_the_pools_limits_are_refused(tiny_r1):
         surgery.generate(tiny_r1, GIVEN, 4, batch_size=3, late_rows=LateRows(lambda free: [row], 16, 64))
     with pytest.raises(ValueError, match="batch_size"):
         surgery.generate(tiny_r1, GIVEN, 4, late_rows=LateRows(lambda free: [], 16, 64))
+    with pytest.raises(ValueError, match="context"):
+        surgery.generate(tiny_r1, GIVEN, 4, batch_size=2, late_rows=LateRows(lambda free: [], 16, 10**9))

@@ -91,7 +91,7 @@ class Server:
         dtype = getattr(torch, settings.dtype) if settings.dtype else None
         self.model = model if model is not None else surgery.load(settings.model, device=settings.device, dtype=dtype)
         self.model_id = settings.model_id or Path(str(self.model.name)).name
-        for name, preset in settings.presets.items():  # refuse a bad preset at start, not per request
+        for name in settings.presets:  # refuse a bad preset at start, not per request
             try:
                 self._preset_stack(name, rows=1)
             except RequestError as error:

@@ -34,8 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from surgery.decode.forward import compile_options
-from surgery.decode.late_rows import LateRows
 from surgery.decode.generation_output import FinishedRow, GenerationOutput, offer_choice
+from surgery.decode.late_rows import LateRows
 from surgery.model import Model
 from surgery.prompts import encode_prompts
 from surgery.decode.sampling import RowSampler, row_keys_for
@@ -109,6 +109,9 @@ def generate_continuous(
     device, n_slots, capacity = model.device, min(batch_size, len(rows)), max(budgets)
     bound = max(n + b for n, b in zip(lengths, budgets))
     if late_rows is not None:  # every slot from the start; sized for any row that may come
+        if model.max_context is not None and late_rows.bound > model.max_context:
+            raise ValueError(f"late_rows.bound is {late_rows.bound} columns, more than the model's context of "
+                             f"{model.max_context}: lower it")
         n_slots, capacity, bound = batch_size, max(capacity, late_rows.capacity), max(bound, late_rows.bound)
     n_first = min(n_slots, len(rows))
     empty = list(range(n_first, n_slots))  # slots that start without a row (late rows take them)
