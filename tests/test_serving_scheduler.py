@@ -166,3 +166,30 @@ def test_unseeded_requests_sample_their_own_streams(tiny_r1, scheduler):
             scheduler.submit(job)
     first, second = (_results(events)[0].token_ids for _, events in jobs)
     assert first != second  # one wave, one prompt, row 0 of each: different streams
+
+
+def test_a_wave_that_fails_mid_run_fails_the_requests_that_joined_it_too(tiny_r1, scheduler, monkeypatch):
+    from experiments.serving.tap import ServerTap
+
+    original = ServerTap.choose
+
+    def choose(tap, choice):
+        if len(tap.rows) > 2:  # a late request has joined
+            raise RuntimeError("boom")
+        original(tap, choice)
+
+    monkeypatch.setattr(ServerTap, "choose", choose)
+    short, short_events = _job(tiny_r1, PROMPTS[0], max_tokens=8)
+    long, long_events = _job(tiny_r1, PROMPTS[1], max_tokens=60)
+    with scheduler.held():
+        scheduler.submit(short)
+        scheduler.submit(long)
+    while scheduler.busy_slots() == 0:
+        time.sleep(0.001)
+    late, late_events = _job(tiny_r1, PROMPTS[2], max_tokens=8)
+    scheduler.submit(late)
+    assert _results(short_events)[0].token_ids
+    for events in (long_events, late_events):
+        error = _results(events)
+        assert isinstance(error, RequestError) and error.status == 500 and "boom" in error.message
+    assert scheduler.stats["joined_late"] == 1

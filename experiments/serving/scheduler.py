@@ -278,7 +278,7 @@ class Scheduler:
             bound = max(len(prompt) + job.max_tokens for job in jobs for prompt in job.prompts)
         else:
             capacity, bound = self.max_tokens, self.model.max_context or 2**31 - 1
-        sampling, carried = jobs[0].sampling, {_signature(job.stack): job for job in jobs}
+        sampling, carried = jobs[0].sampling, {_signature(job.stack): job for job in list(jobs)}
         carried.setdefault((), None)
 
         def take(free: int) -> list[LateRow]:
@@ -293,6 +293,7 @@ class Scheduler:
                         self.queue.remove(job)
                         continue
                     self.queue.remove(job)
+                    jobs.append(job)  # the wave's own now: a failure mid-run reaches it too
                     free -= job.rows
                     template = carried[signature]
                     built[id(job)] = built[id(template)] if template is not None else ({}, {})
