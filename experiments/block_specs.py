@@ -49,7 +49,7 @@ from surgery.blocks import Block, Intervention, Probe, registered_blocks
 from surgery.files.saving import FORMAT, VERSION, load_blocks
 from surgery.sites import Site
 
-__all__ = ["BlockSpec", "parse_block"]
+__all__ = ["BlockSpec", "parse_block", "released_passes"]
 
 RESERVED_KEYS = ("answers_from", "from", "type")
 ANSWER_SOURCES = ("dataset", "solution")  # what answers_from may name: the final answers or the solutions
@@ -102,6 +102,23 @@ class BlockSpec:
             tensors = {name: t.to(device=model.device, dtype=model.dtype if t.is_floating_point() else t.dtype)
                        for name, t in tensors.items()}
         return Block.from_dict({"block": self.type, "config": config}, tensors)
+
+
+def released_passes(config) -> str | None:
+    """The setting (``"joins"`` or ``"coin"``) by which a block's config (a config object or its
+    JSON dict) runs the released code's passes over a whole batch, or None. Such a block cannot
+    share a slot pool: the released TTTS passes are three text-joined generations of their own,
+    and recycling's released coin draws from one random stream per run.
+
+    Example:
+        >>> released_passes({"joins": "released"}), released_passes({"coin": "per_row"})
+        ('joins', None)
+    """
+    for key in ("joins", "coin"):
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if value == "released":
+            return key
+    return None
 
 
 def parse_block(

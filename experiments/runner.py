@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import surgery
+from experiments.block_specs import released_passes
 from experiments.grading import grade
 from experiments.problems import Problem
 from experiments.row_summaries import RowSummary, summarise_row, summarise_rows
@@ -120,9 +121,7 @@ def poolable(config: StudyConfig, condition: str, model: surgery.Model) -> bool:
     from one random stream per run (recycling's released coin, whose draws depend on the rows
     beside it: its condition keeps its own batches, as the release ran)."""
     blocks = config.build_blocks(condition, model)
-    settings = [getattr(block, "config", None) for block in blocks]
-    released = any(getattr(c, "joins", None) == "released" or getattr(c, "coin", None) == "released" for c in settings)
-    return not released and all(block.follows_rows for block in blocks)
+    return all(released_passes(block.config) is None and block.follows_rows for block in blocks)
 
 
 def run_pool(config: StudyConfig, pairs: Sequence[tuple[Problem, str]], model: surgery.Model,

@@ -145,15 +145,20 @@ def check_mixed_stacks(model, cls) -> None:
     with surgery.trace(model, block) as tr:
         out = tr.generate(prompts, budgets, chat=True, eos_token_ids=[eos], batch_size=2,
                           stacks=[[block] if c else [] for c in carries])
-    rows = block.by_row()
+    assert_rows_as_alone(model, cls, prompts, budgets, carries, out, block.by_row(), eos, "mixed")
+
+
+def assert_rows_as_alone(model, cls, prompts, budgets, carries, out, rows, eos, how: str) -> None:
+    """Each prompt of ``out`` has the tokens, stop reason and (where it carries the block) the
+    ``by_row()`` entry of its run alone, under a fresh example block or none."""
     for i, prompt in enumerate(prompts):
         alone = cls.example(model, [prompt])
         with surgery.trace(model, *([alone] if carries[i] else [])) as tr:
             single = tr.generate([prompt], budgets[i], chat=True, eos_token_ids=[eos])
-        assert single.token_ids[0] == out.token_ids[i], f"row {i} (carries: {carries[i]}): tokens differ"
+        assert single.token_ids[0] == out.token_ids[i], f"row {i} ({how}, carries: {carries[i]}): tokens differ"
         assert single.stop_reasons[0] == out.stop_reasons[i]
         if rows is not None and carries[i]:
-            assert_close(alone.by_row()[0], rows[i], precision=torch.float32, path=f"{cls.name}.by_row()[{i}] mixed")
+            assert_close(alone.by_row()[0], rows[i], precision=torch.float32, path=f"{cls.name}.by_row()[{i}] {how}")
 
 
 def check_late_rows(model, cls) -> None:
@@ -169,16 +174,8 @@ def check_late_rows(model, cls) -> None:
     with surgery.trace(model, block) as tr:
         out = tr.generate(prompts[:1], budgets[:1], chat=True, eos_token_ids=[eos], batch_size=2, stacks=[[block]],
                           late_rows=LateRows(take, capacity=max(budgets), bound=64))
-    rows = block.by_row()
     assert len(out.token_ids) == len(prompts) and not arriving
-    for i, prompt in enumerate(prompts):
-        alone = cls.example(model, [prompt])
-        with surgery.trace(model, *([alone] if carries[i] else [])) as tr:
-            single = tr.generate([prompt], budgets[i], chat=True, eos_token_ids=[eos])
-        assert single.token_ids[0] == out.token_ids[i], f"row {i} (late, carries: {carries[i]}): tokens differ"
-        assert single.stop_reasons[0] == out.stop_reasons[i]
-        if rows is not None and carries[i]:
-            assert_close(alone.by_row()[0], rows[i], precision=torch.float32, path=f"{cls.name}.by_row()[{i}] late")
+    assert_rows_as_alone(model, cls, prompts, budgets, carries, out, block.by_row(), eos, "late")
 
 
 def check_hooks_gone_after_an_exception(model, cls) -> None:

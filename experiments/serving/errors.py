@@ -31,7 +31,7 @@ class RequestError(Exception):
     @property
     def kind(self) -> str:
         """OpenAI's error ``type`` for this status."""
-        return {404: "invalid_request_error", 429: "rate_limit_exceeded"}.get(self.status, "invalid_request_error")
+        return "rate_limit_exceeded" if self.status == 429 else "invalid_request_error"
 
     def body(self) -> dict:
         """The JSON body of the response."""

@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.block_specs import BlockSpec, parse_block
+from experiments.block_specs import BlockSpec, parse_block, released_passes
 from experiments.config_checks import StudyConfigError, field_path
 from experiments.model_shape import ModelShape
 from experiments.serving.errors import RequestError
@@ -166,8 +166,7 @@ def _check_poolable(path: str, spec: BlockSpec) -> None:
     if cls.admit is Block.admit or cls.retire is Block.retire:
         raise RequestError(path, f"{spec.type} does not follow rows through the server's shared slots; run it with "
                            "`surgery run` instead")
-    released = {key: spec.config.get(key) for key in ("joins", "coin")}
-    for key, value in released.items():
-        if value == "released":
-            raise RequestError(field_path(path, key), f'{key} = "released" runs its own passes over the whole batch '
-                               'and cannot share the server\'s slots: leave it at the default, or use `surgery run`')
+    key = released_passes(spec.config)
+    if key is not None:
+        raise RequestError(field_path(path, key), f'{key} = "released" runs its own passes over the whole batch '
+                           'and cannot share the server\'s slots: leave it at the default, or use `surgery run`')
